@@ -1,0 +1,10 @@
+_cifarnet_completion() {
+    local IFS=$'
+'
+    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
+                   COMP_CWORD=$COMP_CWORD \
+                   _CIFARNET_COMPLETE=complete_bash $1 ) )
+    return 0
+}
+
+complete -o default -F _cifarnet_completion cifarnet

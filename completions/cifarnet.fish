@@ -1,0 +1,1 @@
+complete --command cifarnet --no-files --arguments "(env _CIFARNET_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) cifarnet)" --condition "env _CIFARNET_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) cifarnet"

@@ -1,0 +1,520 @@
+"""SSL-safe downloads of pinned assets (the CIFAR-10 archive, the ResNet-50 weights).
+
+Order of attempts: (0) local files (``--from-file``, the torch hub cache, the destination), always
+re-hashed; (1) HTTPS with the operating system's trust store plus any CA bundle the user gave;
+(2) the certifi bundle, only after an untrusted-issuer or expired-chain failure; (3) each mirror, with the
+same pins and the same chain; (4) stop with the exact command to finish by hand.
+
+Verification is never switched off unless ``--insecure-transport`` is given for a pinned asset; size and
+SHA-256 are enforced whatever the transport. Bytes stream to ``<dest>.<random>.partial`` next to the
+destination and are renamed into place only after they verify, so nothing unverified sits at the
+destination. ``ssl`` is never patched globally: each attempt builds its own context.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifarnet_cli import paths
+from cifarnet_cli.errors import CifarNetError, UsageError
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    url: str
+    size: int | None
+    sha256: str | None  # None = unpinned (never allowed with --insecure-transport)
+    kind: str  # "dataset" | "weights"
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def pinned(self) -> bool:
+        return self.sha256 is not None and self.size is not None
+
+
+#: The shipped pins. Tests point entries at their own files through this mapping (the internal hook).
+ASSETS: dict[str, Asset] = {
+    "cifar10": Asset(
+        "cifar10",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        170498071,
+        "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        "dataset",
+    ),
+    "resnet50-v1": Asset(
+        "resnet50-v1",
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        102530333,
+        "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
+        "weights",
+    ),
+    "resnet50-v2": Asset(
+        "resnet50-v2",
+        "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+        102540417,
+        "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
+        "weights",
+    ),
+}
+
+MIRROR_ENV = "CIFARNET_MIRROR"
+OFFLINE_ENV = "CIFARNET_OFFLINE"
+CHUNK = 1 << 20
+DEFAULT_TIMEOUT_S = 30.0
+
+Notify = Callable[[str], None]
+Progress = Callable[[int, int | None], None]
+
+
+class DownloadError(CifarNetError):
+    pass
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    from_file: Path | None = None
+    mirrors: tuple[str, ...] = ()
+    ca_bundle: Path | None = None
+    insecure_transport: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def get_asset(name: str) -> Asset:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise UsageError(f"Unknown asset {name!r}; choose one of: {', '.join(ASSETS)}.") from None
+
+
+def default_destination(asset: Asset) -> Path:
+    return paths.torch_hub_checkpoints_dir() if asset.kind == "weights" else paths.default_data_dir()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _matches(path: Path, asset: Asset) -> bool:
+    if asset.size is not None and path.stat().st_size != asset.size:
+        return False
+    return asset.sha256 is None or sha256_file(path) == asset.sha256
+
+
+def _set_aside(path: Path, asset: Asset, notify: Notify) -> None:
+    corrupt = path.with_name(path.name + ".corrupt")
+    os.replace(path, corrupt)
+    notify(
+        f"{path} does not match the pinned {asset.name} (size {asset.size}, SHA-256 {asset.sha256}); "
+        f"moved it to {corrupt} and fetching a fresh copy."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS contexts and failure messages
+
+
+def _extra_ca_files(options: DownloadOptions) -> list[Path]:
+    files = [options.ca_bundle] if options.ca_bundle else []
+    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        value = os.environ.get(var)
+        if value:
+            files.append(Path(value))
+    out = []
+    for f in files:
+        if f is None:
+            continue
+        if not f.is_file():
+            raise UsageError(f"CA bundle {f} does not exist; pass a PEM file with --ca-bundle.")
+        out.append(f)
+    return out
+
+
+def system_context(options: DownloadOptions) -> ssl.SSLContext:
+    """The operating system's trust store (truststore where installed), plus the user's CA bundles."""
+    extra = _extra_ca_files(options)
+    if not extra:
+        try:
+            import truststore
+
+            return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        except ImportError:
+            pass
+    ctx = ssl.create_default_context()
+    for f in extra:
+        try:
+            ctx.load_verify_locations(cafile=str(f))
+        except ssl.SSLError as exc:
+            raise UsageError(f"{f} is not a PEM CA bundle ({exc.reason or exc}).") from exc
+    return ctx
+
+
+def certifi_context() -> ssl.SSLContext | None:
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def insecure_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str  # untrusted | expired | not_yet_valid | hostname | plain_http | tls_version | timeout | http | network | hash | size
+    message: str
+
+
+# OpenSSL X509_V_ERR_* codes
+_UNTRUSTED = {2, 18, 19, 20, 21, 27}
+_EXPIRED = 10
+_NOT_YET_VALID = 9
+_HOSTNAME = 62
+
+
+def classify(exc: BaseException, url: str, timeout_s: float) -> Failure:
+    host = urllib.parse.urlsplit(url).hostname or url
+    reason: object = (
+        exc.reason if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError) else exc
+    )
+    if isinstance(exc, urllib.error.HTTPError):
+        return Failure("http", f"{host} answered HTTP {exc.code} {exc.reason} for {url}.")
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        code = getattr(reason, "verify_code", None)
+        text = str(getattr(reason, "verify_message", "") or reason)
+        if code == _HOSTNAME or "hostname mismatch" in text.lower() or "doesn't match" in text.lower():
+            return Failure(
+                "hostname",
+                f"The certificate {host} presented is for another host name ({text}): possible interception; "
+                "not retrying with another trust store. Check your network or use a mirror you trust.",
+            )
+        if code == _EXPIRED or "expired" in text.lower():
+            return Failure(
+                "expired",
+                f"The certificate chain of {host} has expired ({text}): update the CA store "
+                "(apt install --reinstall ca-certificates, pip install -U certifi) or check the clock.",
+            )
+        if code == _NOT_YET_VALID or "not yet valid" in text.lower():
+            now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+            return Failure(
+                "not_yet_valid",
+                f"The certificate of {host} is not valid yet: this machine's clock says {now}, which is "
+                "probably wrong (Jetson boards often boot with a stale date); set the time "
+                "(sudo timedatectl set-ntp true, or sudo date -s ...) and retry.",
+            )
+        return Failure(
+            "untrusted",
+            f"The certificate of {host} is signed by an issuer this machine does not trust ({text}): a "
+            "TLS-inspecting proxy or a missing CA store. Pass your organisation's CA with --ca-bundle PEM "
+            "(or SSL_CERT_FILE).",
+        )
+    if isinstance(reason, ssl.SSLError):
+        text = f"{reason.reason or ''} {reason}".upper()
+        if any(
+            s in text
+            for s in (
+                "WRONG_VERSION_NUMBER",
+                "RECORD_LAYER_FAILURE",
+                "PACKET_LENGTH_TOO_LONG",
+                "HTTP_REQUEST",
+            )
+        ):
+            return Failure(
+                "plain_http",
+                f"{host} answered plain HTTP on an HTTPS port: a captive portal or a proxy is in the way. "
+                "Log in to the network, or set https_proxy to your proxy.",
+            )
+        if any(
+            s in text for s in ("PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE", "VERSION_TOO_LOW")
+        ):
+            return Failure(
+                "tls_version",
+                f"{host} and this machine share no TLS version ({reason.reason or reason}); "
+                "update OpenSSL/Python or use a mirror.",
+            )
+        return Failure("tls", f"TLS handshake with {host} failed ({reason}).")
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return Failure(
+            "timeout",
+            f"{host} sent nothing for {timeout_s:g} s (timeout); check the network or use a mirror.",
+        )
+    if isinstance(reason, socket.gaierror):
+        return Failure("network", f"Cannot resolve {host} ({reason.strerror or reason}): no network or no DNS.")
+    if isinstance(reason, OSError):
+        return Failure("network", f"Cannot reach {host} ({reason.strerror or reason}).")
+    return Failure("network", f"Download from {host} failed ({reason}).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Transfer
+
+
+class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https to plain http."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if req.full_url.startswith("https:") and not newurl.startswith("https:"):
+            raise urllib.error.URLError(f"refusing redirect from https to {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _VerifyFailed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def _stream(
+    url: str, dest: Path, asset: Asset, ctx: ssl.SSLContext, timeout_s: float, progress: Progress | None
+) -> None:
+    """Download ``url`` to ``dest`` through a random ``.partial`` file; verify; rename."""
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoDowngradeRedirect())
+    request = urllib.request.Request(url, headers={"User-Agent": "cifarnet"})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f"{dest.name}.{secrets.token_hex(6)}.partial")
+    try:
+        with opener.open(request, timeout=timeout_s) as response, partial.open("wb") as out:
+            length = response.headers.get("Content-Length")
+            total = asset.size or (int(length) if length and length.isdigit() else None)
+            h = hashlib.sha256()
+            done = 0
+            while True:
+                chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                if asset.size is not None and done > asset.size:
+                    raise _VerifyFailed(Failure("size", f"{url} sent more than the pinned {asset.size} bytes."))
+                if progress is not None:
+                    progress(done, total)
+        if asset.size is not None and done != asset.size:
+            raise _VerifyFailed(
+                Failure("size", f"{url} ended after {done} of {asset.size} bytes (truncated transfer).")
+            )
+        digest = h.hexdigest()
+        if asset.sha256 is not None and digest != asset.sha256:
+            raise _VerifyFailed(
+                Failure(
+                    "hash",
+                    f"{url} sent {done} bytes with SHA-256 {digest}, but {asset.name} is pinned to "
+                    f"{asset.size} bytes with SHA-256 {asset.sha256}; refusing it.",
+                )
+            )
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def mirror_urls(asset: Asset, mirrors: Sequence[str]) -> list[str]:
+    """A mirror is the URL of the file itself, or a base URL ending in '/' that gets the file name."""
+    env = os.environ.get(MIRROR_ENV, "")
+    out = []
+    for m in [*mirrors, *env.replace(",", " ").split()]:
+        out.append(m + asset.filename if m.endswith("/") else m)
+    return out
+
+
+def _attempts(options: DownloadOptions) -> Iterator[tuple[str, ssl.SSLContext]]:
+    if options.insecure_transport:
+        yield "without certificate verification (--insecure-transport)", insecure_context()
+        return
+    yield "system trust store", system_context(options)
+
+
+def _download(asset: Asset, dest: Path, options: DownloadOptions, notify: Notify, progress: Progress | None) -> None:
+    offline = bool(os.environ.get(OFFLINE_ENV))
+    urls = ([] if offline else [asset.url]) + mirror_urls(asset, options.mirrors)
+    if not urls:
+        raise DownloadError(_manual_message(asset, dest, f"{OFFLINE_ENV} is set, so nothing was fetched"))
+    if options.insecure_transport:
+        if not asset.pinned:
+            raise UsageError(f"--insecure-transport is allowed only for pinned assets; {asset.name} has no pin.")
+        notify(
+            "WARNING: --insecure-transport: the server's certificate is NOT verified; the file is still "
+            "checked against its pinned size and SHA-256."
+        )
+    last: Failure | None = None
+    for url in urls:
+        if not url.lower().startswith("https://") and not options.insecure_transport:
+            notify(f"Skipping {url}: only https URLs are used.")
+            continue
+        contexts = list(_attempts(options))
+        i = 0
+        while i < len(contexts):
+            label, ctx = contexts[i]
+            i += 1
+            try:
+                _stream(url, dest, asset, ctx, options.timeout_s, progress)
+                return
+            except _VerifyFailed as exc:
+                last = exc.failure
+                notify(last.message)
+                break  # the server sent wrong bytes: another trust store will not fix that
+            except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+                last = classify(exc, url, options.timeout_s)
+                notify(f"{last.message} [{label}]")
+                if last.kind in ("untrusted", "expired") and label == "system trust store":
+                    certifi_ctx = certifi_context()
+                    if certifi_ctx is not None:
+                        contexts.append(("certifi CA bundle", certifi_ctx))
+                        notify("Retrying with the certifi CA bundle.")
+    reason = last.message if last is not None else "no usable URL"
+    raise DownloadError(_manual_message(asset, dest, reason))
+
+
+def _manual_message(asset: Asset, dest: Path, reason: str) -> str:
+    size = f"{asset.size} bytes" if asset.size is not None else "size unknown"
+    sha = f"SHA-256 {asset.sha256}" if asset.sha256 else "no pinned SHA-256"
+    return (
+        f"Could not download {asset.name}: {reason.rstrip('.')}. To finish by hand, fetch {asset.url} "
+        f"({size}, {sha}) on any machine and run `cifarnet download {asset.name} --from-file FILE` "
+        f"(it is stored in {dest.parent}); --mirror URL and --ca-bundle PEM are the other ways out."
+    )
+
+
+def fetch(
+    name: str,
+    dest_dir: Path | None = None,
+    options: DownloadOptions = DownloadOptions(),
+    *,
+    notify: Notify = lambda _msg: None,
+    progress: Progress | None = None,
+) -> Path:
+    """Return the verified file of asset ``name``, fetching it if no verified local copy exists."""
+    asset = get_asset(name)
+    dest_dir = dest_dir or default_destination(asset)
+    dest = dest_dir / asset.filename
+    # (0) local copies first
+    if options.from_file is not None:
+        src = options.from_file.expanduser()
+        if not src.is_file():
+            raise CifarNetError(f"--from-file {src}: no such file.")
+        if not _matches(src, asset):
+            digest = sha256_file(src)
+            raise CifarNetError(
+                f"--from-file {src} is not {asset.name}: {src.stat().st_size} bytes with SHA-256 {digest}, "
+                f"expected {asset.size} bytes with SHA-256 {asset.sha256}. Nothing was copied."
+            )
+        if src.resolve() != dest.resolve():
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(f"{dest.name}.{secrets.token_hex(6)}.partial")
+            try:
+                shutil.copyfile(src, partial)
+                os.replace(partial, dest)
+            finally:
+                partial.unlink(missing_ok=True)
+        return dest
+    candidates = [dest]
+    if asset.kind == "weights":
+        hub = paths.torch_hub_checkpoints_dir() / asset.filename
+        if hub != dest:
+            candidates.append(hub)
+    for candidate in candidates:
+        if candidate.is_file():
+            if _matches(candidate, asset):
+                return candidate
+            _set_aside(candidate, asset, notify)
+    # (1)-(4) network
+    _download(asset, dest, options, notify, progress)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 archive
+
+CIFAR_MEMBERS = frozenset(
+    f"cifar-10-batches-py/{n}"
+    for n in (
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+        "readme.html",
+    )
+)
+
+
+def safe_extract_cifar(archive: Path, dest_dir: Path) -> Path:
+    """Extract only the expected regular files of the CIFAR-10 archive into ``dest_dir``; refuse the whole
+    archive if it holds anything else (``..``, absolute paths, links, devices, unexpected names)."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                name = m.name.rstrip("/")
+                if m.isdir() and name == "cifar-10-batches-py":
+                    continue
+                if name not in CIFAR_MEMBERS or not m.isfile():
+                    what = "a link" if (m.issym() or m.islnk()) else ("a directory" if m.isdir() else "an entry")
+                    raise CifarNetError(
+                        f"{archive} holds {what} {m.name!r} that a CIFAR-10 archive does not; refusing to extract it."
+                    )
+            files = [m for m in members if m.isfile()]
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=dest_dir))
+            try:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, members=files, filter="data")
+                else:  # Python without PEP 706; the names were checked above
+                    tar.extractall(staging, members=files)  # noqa: S202
+                target = dest_dir / "cifar-10-batches-py"
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging / "cifar-10-batches-py", target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise CifarNetError(f"{archive} is not a readable CIFAR-10 archive ({exc}).") from exc
+    return target
+
+
+def fetch_cifar10(
+    data_dir: Path,
+    options: DownloadOptions = DownloadOptions(),
+    *,
+    notify: Notify = lambda _msg: None,
+    progress: Progress | None = None,
+) -> Path:
+    """Make ``data_dir/cifar-10-batches-py`` exist, from a verified archive."""
+    archive = fetch("cifar10", data_dir, options, notify=notify, progress=progress)
+    return safe_extract_cifar(archive, data_dir)

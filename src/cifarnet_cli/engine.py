@@ -1,0 +1,439 @@
+"""The training loop: one epoch function, one evaluate function, and ``fit`` that ties them to
+checkpoints. It reports through a callback of events, so it runs the same in tests, notebooks and the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarnet_cli import checkpoint
+from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.data.loader import DeviceLoader
+from cifarnet_cli.devices import Precision, autocast, synchronize
+from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.models import Classifier
+from cifarnet_cli.runs import Run
+
+# --------------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True)
+class EpochStarted:
+    epoch: int  # 1-based
+    epochs: int
+    steps: int  # optimizer steps in this epoch
+    micro_batches: int
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    epoch: int
+    step: int  # optimizer steps done in this epoch
+    steps: int
+    images: int  # images seen in this epoch
+    loss: float
+    accuracy: float
+    lr: float
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    metrics: dict[str, Any]
+    is_best: bool
+
+
+Event = EpochStarted | StepProgress | EpochEnded
+EventCallback = Callable[[Any], None]  # receives Event and the set-up events of training.py
+
+
+def _ignore(_event: Any) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def _is_decayed(name: str, param: nn.Parameter) -> bool:
+    # Weight decay on conv/linear weights only; BN scales/shifts and biases are left alone.
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
+def build_optimizer(model: Classifier, config: TrainConfig) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum; the classifier head gets the peak lr, the body that times
+    ``backbone_lr_scale`` (1.0 when training from scratch)."""
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault((id(param) in head_ids, _is_decayed(name, param)), []).append(param)
+    lr = config.peak_lr
+    param_groups = [
+        {
+            "params": params,
+            "lr": lr if is_head else lr * config.backbone_lr_scale,
+            "weight_decay": config.weight_decay if decayed else 0.0,
+        }
+        for (is_head, decayed), params in sorted(groups.items())
+    ]
+    return torch.optim.SGD(
+        param_groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
+    )
+
+
+def steps_per_epoch(micro_batches: int, accum: int) -> int:
+    return -(-micro_batches // accum)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, config: TrainConfig, epoch_steps: int) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps (the schedule counts optimizer steps,
+    not micro-batches): linear warm-up, then cosine to 0 or step decay at the milestones."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if config.schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    passed = sum(step >= m * epoch_steps for m in config.resolved_milestones())
+    return float(config.gamma**passed)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, epoch_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = config.epochs * epoch_steps
+    warmup = round(config.warmup_epochs * epoch_steps)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps=total, warmup_steps=warmup, config=config, epoch_steps=epoch_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# One epoch, and evaluation
+
+
+def window_sizes(batch_sizes: list[int], accum: int) -> list[int]:
+    """Images per accumulation window; the last window may hold fewer micro-batches (it is stepped,
+    never dropped)."""
+    return [sum(batch_sizes[i : i + accum]) for i in range(0, len(batch_sizes), accum)]
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    optimizer_steps: int
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DeviceLoader | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_sizes: list[int],
+    accum: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device,
+    precision: Precision,
+    label_smoothing: float = 0.0,
+    epoch: int = 1,
+    on_event: EventCallback = _ignore,
+    report_every_s: float = 0.5,
+) -> EpochStats:
+    """One pass over ``loader`` with exact gradient accumulation.
+
+    Each micro-batch's mean loss is weighted by (its size / images in its window), so the summed
+    gradient of a window equals the gradient of the mean loss over all of the window's images: K
+    micro-batches of size b give the update of one batch of K·b, including a short final window.
+    """
+    model.train()
+    freeze_frozen_batchnorm(model)
+    windows = window_sizes(batch_sizes, accum)
+    n_micro = len(batch_sizes)
+    total_steps = len(windows)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    step = 0
+    start = last_report = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        window_images = windows[i // accum]
+        with autocast(device, precision):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        weighted = loss * (y.shape[0] / window_images)
+        if scaler is not None:
+            scaler.scale(weighted).backward()
+        else:
+            weighted.backward()
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+        if (i + 1) % accum == 0 or i + 1 == n_micro:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            if now - last_report >= report_every_s or step == total_steps:
+                last_report = now
+                on_event(
+                    StepProgress(
+                        epoch=epoch,
+                        step=step,
+                        steps=total_steps,
+                        images=seen,
+                        loss=float(loss_sum) / seen,  # one device sync per report, not per step
+                        accuracy=float(correct) / seen,
+                        lr=optimizer.param_groups[-1]["lr"],
+                        images_per_second=seen / max(now - start, 1e-9),
+                    )
+                )
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return EpochStats(float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen, seconds, step)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: Precision,
+    tta: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits (on the CPU) and labels for every batch; ``tta`` averages the logits of each
+    image and its horizontal flip."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for x, y in loader:
+        with autocast(device, precision):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(torch.flip(x, dims=(3,))).float()) / 2
+        all_logits.append(logits.cpu())
+        all_labels.append(y.cpu())
+    if not all_logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    loss: float
+    accuracy: float
+    n: int
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: Precision,
+    tta: bool = False,
+) -> EvalStats:
+    logits, labels = predict_logits(model, loader, device=device, precision=precision, tta=tta)
+    if labels.numel() == 0:
+        return EvalStats(float("nan"), float("nan"), 0)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    return EvalStats(loss, accuracy, int(labels.numel()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone freezing (transfer learning)
+
+
+def set_backbone_trainable(model: Classifier, trainable: bool) -> None:
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(trainable)
+
+
+def freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """A frozen body also keeps its BatchNorm statistics: put BN layers whose parameters are frozen into
+    eval mode after ``model.train()``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+            m.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# fit: epochs, evaluation, checkpoints
+
+
+@dataclass
+class FitState:
+    """What a resumed run restores besides the model: written into every last.pt."""
+
+    epoch: int = 0  # completed epochs
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    epochs: int
+    best_accuracy: float
+    final_accuracy: float
+    images_per_second: float
+    best_epoch: int
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "python" in state:
+        random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def fit(
+    model: Classifier,
+    config: TrainConfig,
+    *,
+    train_loader: DeviceLoader,
+    eval_loader: DeviceLoader | None,
+    device: torch.device,
+    precision: Precision,
+    run: Run,
+    meta: dict[str, Any],
+    resume_from: dict[str, Any] | None = None,
+    on_event: EventCallback = _ignore,
+) -> FitResult:
+    """Train for ``config.epochs`` epochs, evaluating and checkpointing after each.
+
+    ``meta`` (classes, data fingerprint, model kwargs, ...) is stored in every checkpoint so that
+    evaluate/predict/export can rebuild the model from the file alone.
+    """
+    optimizer = build_optimizer(model, config)
+    batch_sizes = train_loader.batch_sizes()
+    epoch_steps = steps_per_epoch(len(batch_sizes), config.accum)
+    scheduler = build_scheduler(optimizer, config, epoch_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    state = FitState()
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        if scaler is not None and resume_from.get("scaler"):
+            scaler.load_state_dict(resume_from["scaler"])
+        state = FitState(**resume_from["fit_state"])
+        set_rng_state(resume_from.get("rng", {}), device)
+        run.truncate_metrics(state.epoch)
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+    def snapshot(kind: str) -> dict[str, Any]:
+        ckpt: dict[str, Any] = {
+            "version": checkpoint.CHECKPOINT_VERSION,
+            "kind": kind,
+            "model": model.state_dict(),
+            "config": config.to_dict(),
+            "meta": meta,
+            "epoch": state.epoch,
+            "fit_state": vars(state).copy(),
+        }
+        if kind == "last":
+            ckpt["optimizer"] = optimizer.state_dict()
+            ckpt["scheduler"] = scheduler.state_dict()
+            ckpt["scaler"] = scaler.state_dict() if scaler is not None else {}
+            ckpt["rng"] = rng_state(device)
+        return ckpt
+
+    if resume_from is None:
+        checkpoint.save_atomic(snapshot("last"), run.last)  # epoch 0: a resume point from the start
+
+    final_accuracy = float("nan")
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        frozen = config.freeze_backbone and (config.unfreeze_at is None or epoch < config.unfreeze_at)
+        if config.freeze_backbone:
+            set_backbone_trainable(model, not frozen)
+        on_event(EpochStarted(epoch, config.epochs, epoch_steps, len(batch_sizes)))
+        train_loader.set_epoch(epoch)
+        stats = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            batch_sizes=batch_sizes,
+            accum=config.accum,
+            scheduler=scheduler,
+            scaler=scaler,
+            device=device,
+            precision=precision,
+            label_smoothing=config.label_smoothing,
+            epoch=epoch,
+            on_event=on_event,
+        )
+        if not math.isfinite(stats.loss):
+            raise CifarNetError(
+                f"The training loss became {stats.loss} in epoch {epoch}; lower --lr (now {config.peak_lr:g}) "
+                f"or use --precision fp32. The last good checkpoint is {run.last}."
+            )
+        ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
+        state.epoch = epoch
+        state.train_images += stats.images
+        state.train_seconds += stats.seconds
+        final_accuracy = ev.accuracy if ev is not None else float("nan")
+        is_best = ev is not None and ev.accuracy > state.best_accuracy
+        if is_best and ev is not None:
+            state.best_accuracy = ev.accuracy
+            state.best_epoch = epoch
+        metrics = {
+            "epoch": epoch,
+            "train_loss": round(stats.loss, 6),
+            "train_accuracy": round(stats.accuracy, 6),
+            "val_loss": round(ev.loss, 6) if ev is not None else None,
+            "val_accuracy": round(ev.accuracy, 6) if ev is not None else None,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
+            "epoch_seconds": round(stats.seconds, 3),
+        }
+        # best.pt first: if interrupted between the two writes, last.pt still points at the older epoch.
+        if is_best or eval_loader is None:
+            checkpoint.save_atomic(snapshot("best"), run.best)
+        checkpoint.save_atomic(snapshot("last"), run.last)
+        run.append_metrics(metrics)
+        on_event(EpochEnded(metrics, is_best))
+
+    return FitResult(
+        epochs=state.epoch,
+        best_accuracy=state.best_accuracy,
+        final_accuracy=final_accuracy,
+        images_per_second=state.train_images / max(state.train_seconds, 1e-9),
+        best_epoch=state.best_epoch,
+    )

@@ -1,0 +1,20 @@
+"""The one exception type a user can cause; the CLI turns it into a red line and an exit code."""
+
+
+class CifarNetError(Exception):
+    """A problem the user can fix: the message says what to do.
+
+    ``exit_code`` is 1 for runtime failures (missing file, no network) and 2 for usage errors
+    (an option value that can never work), following the convention of click/Typer.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(CifarNetError):
+    """An option or argument that is invalid on its face (exit code 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)

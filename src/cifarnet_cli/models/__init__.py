@@ -1,0 +1,63 @@
+"""Model registry: ``get_model(name, **kwargs)`` builds any model cifarnet can train or load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cifarnet_cli.errors import UsageError
+from cifarnet_cli.models._base import Classifier, Normalize
+from cifarnet_cli.models.cifar_resnet import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CifarResNet,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from cifarnet_cli.models.resnet50 import DEFAULT_IMAGE_SIZE, ResNet50Transfer, resnet50
+
+_REGISTRY: dict[str, Callable[..., Classifier]] = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet50": resnet50,
+}
+
+#: Architectures `cifarnet train` builds from scratch; resnet50 comes through `finetune-resnet50`.
+CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_model(name: str, **kwargs: Any) -> Classifier:
+    try:
+        builder = _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"Unknown architecture {name!r}; choose one of: {', '.join(_REGISTRY)}.") from None
+    return builder(**kwargs)
+
+
+def count_parameters(model: Classifier, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR_ARCHS",
+    "DEFAULT_IMAGE_SIZE",
+    "Classifier",
+    "CifarResNet",
+    "Normalize",
+    "ResNet50Transfer",
+    "count_parameters",
+    "get_model",
+    "list_models",
+]

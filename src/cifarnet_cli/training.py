@@ -1,0 +1,339 @@
+"""Setting up a run for the engine: data, split, model, loaders, run folder, resume.
+
+Both `cifarnet train` and `cifarnet finetune-resnet50` come through :func:`train`; they differ only in
+their :class:`TrainConfig` (architecture, weights, freezing, learning rates).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarnet_cli import __version__, checkpoint, paths, pretrained, report, runs
+from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.data.loader import DeviceLoader
+from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
+from cifarnet_cli.data.split import stratified_split
+from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
+from cifarnet_cli.engine import EventCallback, fit
+from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.models import Classifier, count_parameters, get_model
+
+#: Options that may differ when a run is resumed (the machine may have changed); the recipe may not.
+RESUME_OVERRIDABLE = frozenset({"device", "precision", "data_dir"})
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run: str
+    run_dir: str
+    device: str
+    precision: str
+    data: str
+    train_images: int
+    eval_images: int
+    eval_split: str
+    arch: str
+    parameters: int
+    trainable_parameters: int
+    batch_size: int
+    accum: int
+    effective_batch: int
+    peak_lr: float
+    epochs: int
+    start_epoch: int  # completed epochs before this invocation (resume)
+    on_device_data: bool
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: str
+    run_dir: str
+    epochs: int
+    best_accuracy: float
+    final_accuracy: float
+    images_per_second: float
+    checkpoint: str
+    already_finished: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "run_dir": self.run_dir,
+            "epochs": self.epochs,
+            "best_accuracy": self.best_accuracy,
+            "final_accuracy": self.final_accuracy,
+            "images_per_second": self.images_per_second,
+            "checkpoint": self.checkpoint,
+        }
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the run's last.pt holds the last completed epoch."""
+
+    def __init__(self, run: runs.Run, completed_epochs: int) -> None:
+        super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
+        self.run = run
+        self.completed_epochs = completed_epochs
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def data_location(config: TrainConfig) -> Path:
+    return Path(config.data_dir).expanduser() if config.data_dir else paths.default_data_dir()
+
+
+def open_data(
+    config_data_dir: str | None, *, classes: tuple[str, ...] | None = None, on_event: EventCallback
+) -> DataSource:
+    """Load the data set; fetch CIFAR-10 into the default location when nothing is there yet."""
+    from cifarnet_cli import download  # imported late: only needed when data is missing
+
+    location = Path(config_data_dir).expanduser() if config_data_dir else paths.default_data_dir()
+    if find_source(location) is None and config_data_dir is None:
+        on_event(Notice(f"No CIFAR-10 at {location}; downloading it (cifarnet download cifar10)."))
+        download.fetch_cifar10(location)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 10240 == 0:
+            on_event(Notice(f"Decoding images: {done}/{total}"))
+
+    source = load_source(location, classes=classes, progress=progress)
+    for warning in source.warnings:
+        on_event(Notice(warning))
+    return source
+
+
+def default_val_split(n_train: int) -> int:
+    """10% of the training images, at most 5,000 (CIFAR-10's customary 45k/5k split)."""
+    return min(5000, n_train // 10)
+
+
+def split_data(source: DataSource, val_split: int, seed: int) -> tuple[ImageSet, ImageSet | None, str]:
+    """(train set, evaluation set, name of the evaluation split)."""
+    full = source.train
+    if val_split == 0:
+        if not source.has_test:
+            raise UsageError(f"{source.location} has no test split to validate on; hold out images with --val-split N.")
+        return full, source.split("test"), "test"
+    train_idx, val_idx = stratified_split(full.labels, val_split, seed)
+    return full.subset(train_idx), full.subset(val_idx), "val"
+
+
+def validation_set(source: DataSource, meta: dict[str, Any]) -> ImageSet:
+    """Rebuild the validation split recorded in a run's checkpoint metadata."""
+    n_val = int(meta.get("val_split", 0))
+    if n_val == 0:
+        raise CifarNetError("This run validated on the test split (--val-split 0); it has no validation split.")
+    _train, val, _name = split_data(source, n_val, int(meta.get("split_seed", 0)))
+    assert val is not None
+    return val
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(config: TrainConfig, num_classes: int, *, load_weights: bool, on_event: EventCallback) -> Classifier:
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if config.image_size is not None:
+        kwargs["image_size"] = config.image_size
+    model = get_model(config.arch, **kwargs)
+    if load_weights and config.weights and config.weights.lower() != "none":
+        message = pretrained.load_weights(model, config.weights)
+        on_event(Notice(message))
+    return model
+
+
+def model_kwargs(model: Classifier, num_classes: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if hasattr(model, "image_size"):
+        kwargs["image_size"] = int(getattr(model, "image_size"))  # noqa: B009
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _resume_checkpoint(ref: str) -> tuple[runs.Run, dict[str, Any]]:
+    path = Path(ref).expanduser()
+    if path.is_file():
+        run = runs.Run(path.parent.name, path.parent)
+        ckpt_path = path
+    else:
+        run = runs.resolve_run(ref)
+        ckpt_path = run.last
+    ckpt = checkpoint.load(ckpt_path)
+    if not {"optimizer", "scheduler", "fit_state", "config"} <= ckpt.keys():
+        raise CifarNetError(f"{ckpt_path} is not a resumable checkpoint (resume from a run's last.pt).")
+    return run, ckpt
+
+
+def train(
+    config: TrainConfig | None,
+    *,
+    run_name: str | None = None,
+    resume: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    on_event: EventCallback,
+) -> TrainResult:
+    """Start a run from ``config``, or continue the run ``resume`` (a name, a folder or a last.pt)."""
+    ckpt: dict[str, Any] | None = None
+    if resume is not None:
+        run, ckpt = _resume_checkpoint(resume)
+        config = TrainConfig.from_dict(ckpt["config"])
+        changed = {k: v for k, v in (overrides or {}).items() if v is not None}
+        refused = sorted(set(changed) - RESUME_OVERRIDABLE)
+        if refused:
+            names = ", ".join("--" + k.replace("_", "-") for k in refused)
+            raise UsageError(
+                f"{names} cannot change when resuming: the run continues with its recorded recipe. "
+                "Start a new run to train with other settings."
+            )
+        config = config.replace(**changed)
+        fit_state = ckpt["fit_state"]
+        if int(fit_state["epoch"]) >= config.epochs:
+            best = run.best if run.best.is_file() else run.last
+            rows = run.read_metrics()
+            final = rows[-1].get("val_accuracy") if rows else None
+            return TrainResult(
+                run.name,
+                str(run.dir),
+                int(fit_state["epoch"]),
+                float(fit_state["best_accuracy"]),
+                float(final) if final is not None else float("nan"),
+                float(fit_state["train_images"]) / max(float(fit_state["train_seconds"]), 1e-9),
+                str(best),
+                already_finished=True,
+            )
+    else:
+        assert config is not None
+        config.validate()
+
+    device = resolve_device(config.device)
+    precision: Precision = resolve_precision(config.precision, device)
+    source = open_data(config.data_dir, on_event=on_event)
+    if ckpt is not None and ckpt.get("meta", {}).get("data_fingerprint") not in (None, source.fingerprint):
+        on_event(Notice("The data differs from the data this run started with; continuing anyway."))
+    if ckpt is None:
+        n_val = config.val_split if config.val_split is not None else default_val_split(len(source.train))
+        config = config.replace(val_split=n_val, data_dir=config.data_dir)
+    assert config.val_split is not None
+    train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed)
+    if len(train_set) == 0:
+        raise CifarNetError(f"{source.location} has no training images.")
+
+    torch.manual_seed(config.seed)  # model initialization is reproducible
+    model = build_model(config, len(source.classes), load_weights=ckpt is None, on_event=on_event)
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ckpt is None:
+        run = runs.create_run(run_name or _unique_name(config.arch))
+        if config.freeze_backbone:
+            from cifarnet_cli.engine import set_backbone_trainable
+
+            set_backbone_trainable(model, False)
+
+    train_loader = DeviceLoader(
+        train_set,
+        batch_size=config.batch_size,
+        device=device,
+        train=True,
+        seed=config.seed,
+        channels_last=channels_last,
+    )
+    eval_loader = (
+        DeviceLoader(
+            eval_set,
+            batch_size=config.batch_size * 2,
+            device=device,
+            train=False,
+            channels_last=channels_last,
+        )
+        if eval_set is not None
+        else None
+    )
+    meta = {
+        "cifarnet_version": __version__,
+        "arch": config.arch,
+        "model_kwargs": model_kwargs(model, len(source.classes)),
+        "classes": list(source.classes),
+        "input_size": 32,
+        "data_kind": source.kind,
+        "data_location": str(source.location),
+        "data_fingerprint": source.fingerprint,
+        "val_split": config.val_split,
+        "split_seed": config.seed,
+        "eval_split": eval_split,
+    }
+    run.write_config({"config": config.to_dict(), "meta": meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    on_event(
+        RunStarted(
+            run=run.name,
+            run_dir=str(run.dir),
+            device=describe(device),
+            precision=precision.name,
+            data=f"{source.location} ({source.kind})",
+            train_images=len(train_set),
+            eval_images=len(eval_set) if eval_set is not None else 0,
+            eval_split=eval_split,
+            arch=config.arch,
+            parameters=count_parameters(model),
+            trainable_parameters=count_parameters(model, trainable_only=True),
+            batch_size=config.batch_size,
+            accum=config.accum,
+            effective_batch=config.effective_batch,
+            peak_lr=config.peak_lr,
+            epochs=config.epochs,
+            start_epoch=int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0,
+            on_device_data=train_loader.on_device,
+        )
+    )
+    try:
+        result = fit(
+            model,
+            config,
+            train_loader=train_loader,
+            eval_loader=eval_loader,
+            device=device,
+            precision=precision,
+            run=run,
+            meta=meta,
+            resume_from=ckpt,
+            on_event=on_event,
+        )
+    except KeyboardInterrupt:
+        done = checkpoint.load(run.last)["fit_state"]["epoch"] if run.last.is_file() else 0
+        raise TrainingInterrupted(run, int(done)) from None
+    curves = report.plot_curves(run)
+    on_event(Notice(f"Training curves: {curves}" if curves is not None else report.PLOT_HINT))
+    return TrainResult(
+        run.name,
+        str(run.dir),
+        result.epochs,
+        result.best_accuracy,
+        result.final_accuracy,
+        result.images_per_second,
+        str(run.best if run.best.is_file() else run.last),
+    )
+
+
+def _unique_name(arch: str) -> str:
+    base = runs.default_name(arch)
+    name, i = base, 2
+    while (paths.runs_dir() / name).exists():
+        name, i = f"{base}-{i}", i + 1
+    return name

@@ -1,0 +1,290 @@
+"""Terminal rendering with Rich: progress bars when stderr is a terminal, plain log lines when it is
+not (CI logs, pipes), nothing but errors with --quiet. The library never prints; it emits events."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from cifarnet_cli.engine import EpochEnded, EpochStarted, StepProgress
+from cifarnet_cli.training import Notice, RunStarted, TrainResult
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def error(message: str) -> None:
+    err_console.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]{message}[/]", soft_wrap=True)
+
+
+def info(message: str) -> None:
+    err_console.print(message, soft_wrap=True)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{100 * x:.2f}%"
+
+
+class TrainView:
+    """Turns engine events into bars (TTY), log lines (no TTY) or silence (--quiet)."""
+
+    def __init__(self, *, quiet: bool = False, live: bool | None = None, log_every_s: float = 10.0) -> None:
+        self.quiet = quiet
+        self.live = err_console.is_terminal if live is None else live
+        self.log_every_s = log_every_s
+        self._last_log = 0.0
+        self._progress: Progress | None = None
+        self._run_task: TaskID | None = None
+        self._epoch_task: TaskID | None = None
+        self._epochs = 0
+        self.started: RunStarted | None = None
+
+    # context manager so the live display is always torn down (also on Ctrl-C)
+    def __enter__(self) -> TrainView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, Notice):
+            if not self.quiet:
+                self._print(f"[yellow]{event.message}[/]")
+        elif isinstance(event, RunStarted):
+            self.started = event
+            if not self.quiet:
+                self._run_started(event)
+        elif self.quiet:
+            return
+        elif isinstance(event, EpochStarted):
+            self._epoch_started(event)
+        elif isinstance(event, StepProgress):
+            self._step(event)
+        elif isinstance(event, EpochEnded):
+            self._epoch_ended(event)
+
+    def _print(self, text: str) -> None:
+        (self._progress.console if self._progress is not None else err_console).print(text, soft_wrap=True)
+
+    def _run_started(self, e: RunStarted) -> None:
+        verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
+        self._print(f"[bold]{verb}[/] → {e.run_dir}")
+        self._print(f"Device: {e.device}, precision {e.precision}")
+        self._print(
+            f"Data: {e.data}: {e.train_images:,} training images, {e.eval_images:,} for {e.eval_split}"
+            + ("" if e.on_device_data else " (kept in pinned host memory)")
+        )
+        accum = f" × accum {e.accum}" if e.accum > 1 else ""
+        self._print(
+            f"Model: {e.arch}, {e.parameters:,} parameters"
+            + (f" ({e.trainable_parameters:,} trainable)" if e.trainable_parameters != e.parameters else "")
+            + f"; batch {e.batch_size}{accum} = effective batch {e.effective_batch}, peak lr {e.peak_lr:g}, "
+            f"{e.epochs} epochs"
+        )
+        self._epochs = e.epochs
+        if self.live:
+            self._progress = Progress(
+                TextColumn("[bold blue]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=False,
+            )
+            self._progress.start()
+            self._run_task = self._progress.add_task("run", total=e.epochs, completed=e.start_epoch, stats="")
+
+    def _epoch_started(self, e: EpochStarted) -> None:
+        if self._progress is not None:
+            if self._epoch_task is not None:
+                self._progress.remove_task(self._epoch_task)
+            self._epoch_task = self._progress.add_task(f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="")
+
+    def _step(self, e: StepProgress) -> None:
+        stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s"
+        if self._progress is not None and self._epoch_task is not None:
+            self._progress.update(self._epoch_task, completed=e.step, stats=stats)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            err_console.print(f"epoch {e.epoch}/{self._epochs} step {e.step}/{e.steps}  {stats}", soft_wrap=True)
+
+    def _epoch_ended(self, e: EpochEnded) -> None:
+        m = e.metrics
+        best = " [green]best[/]" if e.is_best else ""
+        line = (
+            f"epoch {m['epoch']:>3}/{self._epochs}  train loss {m['train_loss']:.4f} acc {_pct(m['train_accuracy'])}"
+            f"  val loss {m['val_loss'] if m['val_loss'] is not None else float('nan'):.4f}"
+            f" acc {_pct(m['val_accuracy'])}  lr {m['lr']:.4g}  {m['images_per_second']:,.0f} img/s"
+            f"  {m['epoch_seconds']:.1f}s{best}"
+        )
+        self._print(line)
+        if self._progress is not None and self._run_task is not None:
+            self._progress.update(self._run_task, completed=m["epoch"])
+
+
+def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
+    table = Table(title="Training finished" if not result.already_finished else "Run already finished")
+    table.add_column("")
+    table.add_column("")
+    label = f" ({eval_split})" if eval_split else ""
+    table.add_row("run", result.run)
+    table.add_row("epochs", str(result.epochs))
+    table.add_row(f"best accuracy{label}", _pct(result.best_accuracy))
+    table.add_row(f"final accuracy{label}", _pct(result.final_accuracy))
+    table.add_row("training speed", f"{result.images_per_second:,.0f} images/s")
+    table.add_row("checkpoint", result.checkpoint)
+    err_console.print(table)
+
+
+class DownloadView:
+    """A byte progress bar on a terminal; notices (failures, retries, warnings) as yellow lines."""
+
+    def __init__(self, *, quiet: bool = False, description: str = "download") -> None:
+        self.quiet = quiet
+        self.description = description
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> DownloadView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._task = None
+
+    def notify(self, message: str) -> None:
+        # Warnings about verification are printed even with --quiet.
+        if not self.quiet or message.startswith("WARNING"):
+            (self._progress.console if self._progress else err_console).print(f"[yellow]{message}[/]", soft_wrap=True)
+
+    def progress(self, done: int, total: int | None) -> None:
+        if self.quiet or not err_console.is_terminal:
+            return
+        if self._progress is None:
+            from rich.progress import DownloadColumn, TransferSpeedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold blue]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=total)
+        assert self._task is not None
+        self._progress.update(self._task, completed=done, total=total)
+
+
+def eval_tables(report: Any) -> None:
+    """Overall and per-class accuracy, then the confusion matrix (rows: true class)."""
+    head = f"Accuracy on {report.split}: [bold]{_pct(report.accuracy)}[/] of {report.n:,} images"
+    if report.unrestricted_accuracy is not None:
+        head += (
+            f" (over {len(report.classes)} classes; {_pct(report.unrestricted_accuracy)} choosing among all classes)"
+        )
+    if report.tta:
+        head += ", flip TTA"
+    out_console.print(head)
+    out_console.print(f"[dim]{report.checkpoint} on {report.data}[/]")
+    per = Table(title="Per-class accuracy")
+    per.add_column("class")
+    per.add_column("accuracy", justify="right")
+    per.add_column("images", justify="right")
+    for name in report.classes:
+        per.add_row(name, _pct(report.per_class[name]), f"{report.per_class_n[name]:,}")
+    out_console.print(per)
+    cm = Table(title="Confusion matrix (rows: true class, columns: predicted)")
+    cm.add_column("")
+    short = [c[:5] for c in report.classes]
+    for s in short:
+        cm.add_column(s, justify="right")
+    for i, row in enumerate(report.confusion):
+        cm.add_row(
+            report.classes[i],
+            *[f"[bold]{v}[/]" if i == j else (str(v) if v else "[dim]·[/]") for j, v in enumerate(row)],
+        )
+    out_console.print(cm)
+
+
+def prediction_table(predictions: list[Any], top_k: int) -> None:
+    table = Table()
+    table.add_column("file", overflow="fold")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    if top_k > 1:
+        table.add_column("next", overflow="fold")
+    for p in predictions:
+        if p.error is not None:
+            table.add_row(p.path, "[red]error[/]", "", *([f"[red]{p.error}[/]"] if top_k > 1 else []))
+            continue
+        (cls, prob), rest = p.top[0], p.top[1:]
+        extra = ["  ".join(f"{c} {100 * q:.1f}%" for c, q in rest)] if top_k > 1 else []
+        table.add_row(p.path, cls, f"{100 * prob:.1f}%", *extra)
+    out_console.print(table)
+
+
+def info_tables(data: dict[str, Any]) -> None:
+    def gib(x: int | None) -> str:
+        return "—" if x is None else f"{x / 2**30:.1f} GiB"
+
+    t = Table(title="cifarnet", show_header=False)
+    t.add_column()
+    t.add_column()
+    for key in ("cifarnet", "python", "platform", "torch", "torchvision"):
+        t.add_row(key, str(data[key]))
+    t.add_row("CUDA build", f"yes (CUDA {data['cuda_version']})" if data["cuda_build"] else "no (CPU-only torch)")
+    if data["jetson"]:
+        t.add_row("Jetson", data["jetson"])
+    t.add_row("default device", data["default_device"])
+    t.add_row("precisions", "; ".join(f"{k}: {', '.join(v)}" for k, v in data["precisions"].items()))
+    out_console.print(t)
+    d = Table(title="Devices")
+    for col in ("device", "name", "memory", "compute capability"):
+        d.add_column(col)
+    for dev in data["devices"]:
+        if dev["type"] == "cuda":
+            mem = gib(dev["total_memory_bytes"])
+            if dev.get("available_memory_bytes") is not None:
+                mem += f" (unified; {gib(dev['available_memory_bytes'])} available)"
+            elif dev.get("free_memory_bytes") is not None:
+                mem += f" ({gib(dev['free_memory_bytes'])} free)"
+            d.add_row(f"cuda:{dev['index']}", dev["name"], mem, dev["compute_capability"])
+        else:
+            d.add_row(dev["type"], str(dev.get("name", "")), "", "")
+    out_console.print(d)
+    p = Table(title="Files", show_header=False)
+    p.add_column()
+    p.add_column(overflow="fold")
+    for key, value in data["directories"].items():
+        p.add_row(key, value)
+    for key, value in data["assets"].items():
+        p.add_row(key, value or f"[dim]not downloaded (cifarnet download {key})[/]")
+    out_console.print(p)
