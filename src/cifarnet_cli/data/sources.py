@@ -11,6 +11,7 @@ names, sizes and modification times.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib
 import io
@@ -98,6 +99,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes through it
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -105,6 +107,8 @@ class _CifarUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
         if name in ("ndarray", "dtype"):
             return getattr(np, name)
+        if module == "_codecs":
+            return codecs.encode
         # Resolve through numpy itself so both numpy 1.x ("numpy.core") and 2.x ("numpy._core") work.
         return getattr(
             importlib.import_module(

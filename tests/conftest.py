@@ -1,0 +1,126 @@
+"""Shared fixtures: every test gets its own user directories, no network, and tiny data sets."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarnet_cli.data.classes import CIFAR10_CLASSES
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg"
+
+# Each class gets its own dominant colour (plus noise) so tiny models can learn it in an epoch or two.
+_PALETTE = np.array(
+    [[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [230, 30, 230],
+     [30, 230, 230], [250, 150, 40], [120, 60, 20], [250, 250, 250], [20, 20, 20]],
+    dtype=np.float64,
+)
+
+
+def synthetic_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """uint8 N×32×32×3 images whose colour identifies the label."""
+    rng = np.random.default_rng(seed)
+    base = _PALETTE[labels % len(_PALETTE)][:, None, None, :]
+    noise = rng.normal(0, 25, size=(len(labels), 32, 32, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("CIFARNET_HOME", str(home / "cifarnet"))
+    monkeypatch.setenv("CIFARNET_CACHE", str(home / "cache"))
+    monkeypatch.setenv("CIFARNET_DATA", str(home / "no-data-here"))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    monkeypatch.setenv("CIFARNET_OFFLINE", "1")  # nothing in the tests may reach the network
+    for var in ("CIFARNET_MIRROR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    torch.manual_seed(0)
+
+
+def _batch(images: np.ndarray, labels: np.ndarray) -> bytes:
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # CIFAR stores CHW planes per row
+    return pickle.dumps({b"batch_label": b"test", b"labels": labels.tolist(), b"data": data, b"filenames": []}, protocol=2)
+
+
+def write_cifar_folder(root: Path, per_batch: int = 20, test: int = 20, seed: int = 0) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(1, 6):
+        labels = rng.integers(0, 10, per_batch)
+        (folder / f"data_batch_{i}").write_bytes(_batch(synthetic_images(labels, seed + i), labels))
+    labels = rng.integers(0, 10, test)
+    (folder / "test_batch").write_bytes(_batch(synthetic_images(labels, seed + 99), labels))
+    meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_cases_per_batch": per_batch}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def write_cifar_tarball(root: Path, **kwargs: int) -> Path:
+    folder = write_cifar_folder(root / "src", **kwargs)
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive
+
+
+def write_image_folder(
+    root: Path,
+    per_class: int = 10,
+    classes: tuple[str, ...] = CIFAR10_CLASSES,
+    splits: tuple[str, ...] = ("train",),
+    ext: str = "png",
+    seed: int = 0,
+) -> Path:
+    for s_i, split in enumerate(splits):
+        for c_i, name in enumerate(classes):
+            d = root / split / name if split else root / name
+            d.mkdir(parents=True, exist_ok=True)
+            imgs = synthetic_images(np.full(per_class, c_i), seed + 100 * s_i + c_i)
+            for k, img in enumerate(imgs):
+                Image.fromarray(img).save(d / f"{k:04d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def cifar_folder(tmp_path: Path) -> Path:
+    return write_cifar_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def cifar_tarball(tmp_path: Path) -> Path:
+    return write_cifar_tarball(tmp_path / "archive")
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Callable[..., Path]:
+    def make(name: str = "images", **kwargs: object) -> Path:
+        return write_image_folder(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "train").is_dir():
+        pytest.skip("../shared/datasets/cifar10-jpeg is not present (a user's clone has no ../shared)")
+    return SHARED_DATA
+
+
+def real_subset(dest: Path, per_class: int, offset: int = 0) -> Path:
+    """A folder of symlinks to ``per_class`` real JPEGs of each class (train/<class>/...)."""
+    for cls_dir in sorted((SHARED_DATA / "train").iterdir()):
+        out = dest / "train" / cls_dir.name
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls_dir.iterdir())[offset : offset + per_class]:
+            (out / f.name).symlink_to(f)
+    return dest
