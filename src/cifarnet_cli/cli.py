@@ -470,7 +470,7 @@ def download(
             else:
                 path = dl.fetch(asset, data_dir, options, notify=view.notify, progress=view.progress)
         if not quiet:
-            ui.info(f"[green]✓[/] {spec.name} is ready at {path}")
+            ui.success(f"{spec.name} is ready at {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,7 +657,7 @@ def export(
                 }
             )
             return
-        ui.info(f"[green]✓[/] Exported {result.format} to {result.path}")
+        ui.success(f"Exported {result.format} to {result.path}")
         if result.max_abs_diff is not None:
             ui.info(
                 f"Verified with {result.verified_with}: largest absolute logit difference {result.max_abs_diff:.2e} (allowed {result.tolerance:g})"

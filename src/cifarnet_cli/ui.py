@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,15 +27,19 @@ out_console = Console(highlight=False)
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]{message}[/]", soft_wrap=True)
+    err_console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
 
 
 def info(message: str) -> None:
-    err_console.print(message, soft_wrap=True)
+    err_console.print(escape(message), soft_wrap=True)
+
+
+def success(message: str) -> None:
+    err_console.print(f"[green]✓[/] {escape(message)}", soft_wrap=True)
 
 
 def _pct(x: float | None) -> str:
@@ -67,7 +72,7 @@ class TrainView:
     def __call__(self, event: Any) -> None:
         if isinstance(event, Notice):
             if not self.quiet:
-                self._print(f"[yellow]{event.message}[/]")
+                self._print(f"[yellow]{escape(event.message)}[/]")
         elif isinstance(event, RunStarted):
             self.started = event
             if not self.quiet:
@@ -86,10 +91,10 @@ class TrainView:
 
     def _run_started(self, e: RunStarted) -> None:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
-        self._print(f"[bold]{verb}[/] → {e.run_dir}")
+        self._print(f"[bold]{escape(verb)}[/] → {escape(e.run_dir)}")
         self._print(f"Device: {e.device}, precision {e.precision}")
         self._print(
-            f"Data: {e.data}: {e.train_images:,} training images, {e.eval_images:,} for {e.eval_split}"
+            f"Data: {escape(e.data)}: {e.train_images:,} training images, {e.eval_images:,} for {e.eval_split}"
             + ("" if e.on_device_data else " (kept in pinned host memory)")
         )
         accum = f" × accum {e.accum}" if e.accum > 1 else ""
@@ -155,7 +160,7 @@ def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
     table.add_row(f"best accuracy{label}", _pct(result.best_accuracy))
     table.add_row(f"final accuracy{label}", _pct(result.final_accuracy))
     table.add_row("training speed", f"{result.images_per_second:,.0f} images/s")
-    table.add_row("checkpoint", result.checkpoint)
+    table.add_row("checkpoint", escape(result.checkpoint))
     err_console.print(table)
 
 
@@ -180,7 +185,8 @@ class DownloadView:
     def notify(self, message: str) -> None:
         # Warnings about verification are printed even with --quiet.
         if not self.quiet or message.startswith("WARNING"):
-            (self._progress.console if self._progress else err_console).print(f"[yellow]{message}[/]", soft_wrap=True)
+            console = self._progress.console if self._progress else err_console
+            console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
 
     def progress(self, done: int, total: int | None) -> None:
         if self.quiet or not err_console.is_terminal:
@@ -213,7 +219,7 @@ def eval_tables(report: Any) -> None:
     if report.tta:
         head += ", flip TTA"
     out_console.print(head)
-    out_console.print(f"[dim]{report.checkpoint} on {report.data}[/]")
+    out_console.print(f"[dim]{escape(report.checkpoint)} on {escape(report.data)}[/]")
     per = Table(title="Per-class accuracy")
     per.add_column("class")
     per.add_column("accuracy", justify="right")
@@ -239,15 +245,13 @@ def prediction_table(predictions: list[Any], top_k: int) -> None:
     table.add_column("file", overflow="fold")
     table.add_column("class")
     table.add_column("probability", justify="right")
-    if top_k > 1:
-        table.add_column("next", overflow="fold")
+    table.add_column("next" if top_k > 1 else "", overflow="fold")  # errors are explained here too
     for p in predictions:
         if p.error is not None:
-            table.add_row(p.path, "[red]error[/]", "", *([f"[red]{p.error}[/]"] if top_k > 1 else []))
+            table.add_row(escape(p.path), "[red]error[/]", "", f"[red]{escape(p.error)}[/]")
             continue
         (cls, prob), rest = p.top[0], p.top[1:]
-        extra = ["  ".join(f"{c} {100 * q:.1f}%" for c, q in rest)] if top_k > 1 else []
-        table.add_row(p.path, cls, f"{100 * prob:.1f}%", *extra)
+        table.add_row(escape(p.path), cls, f"{100 * prob:.1f}%", "  ".join(f"{c} {100 * q:.1f}%" for c, q in rest))
     out_console.print(table)
 
 
@@ -284,7 +288,7 @@ def info_tables(data: dict[str, Any]) -> None:
     p.add_column()
     p.add_column(overflow="fold")
     for key, value in data["directories"].items():
-        p.add_row(key, value)
+        p.add_row(key, escape(value))
     for key, value in data["assets"].items():
-        p.add_row(key, value or f"[dim]not downloaded (cifarnet download {key})[/]")
+        p.add_row(key, escape(value) if value else f"[dim]not downloaded (cifarnet download {key})[/]")
     out_console.print(p)

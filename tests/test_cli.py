@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifarnet_cli import __version__
+from cifarnet_cli.cli import app
+
+runner = CliRunner()
+
+FAST = ["--epochs", "2", "--batch-size", "16", "--accum", "2", "--val-split", "20", "--warmup-epochs", "0.5"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "finetune-resnet50", "evaluate", "predict", "export", "download", "info"):
+        assert command in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_train_json_and_run_folder(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=6)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "cli", "--json", "--quiet", *FAST])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {"run", "run_dir", "epochs", "best_accuracy", "final_accuracy", "images_per_second", "checkpoint"}
+    assert out["run"] == "cli" and out["epochs"] == 2 and out["images_per_second"] > 0
+    run_dir = Path(out["run_dir"])
+    assert run_dir == Path(os.environ["CIFARNET_HOME"]) / "runs" / "cli"
+    assert {"last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png"} <= {p.name for p in run_dir.iterdir()}
+
+
+def test_train_shows_effective_batch_and_device(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--device", "cpu", *FAST, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "effective batch 32" in result.output and "Device: cpu" in result.output
+    assert "Training finished" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--arch", "resnet18"], 2, "choose one of: resnet20"),
+        (["--accum", "0"], 2, "--accum must be at least 1"),
+        (["--device", "tpu"], 2, "Unknown --device"),
+        (["--schedule", "linear"], 2, "Unknown --schedule"),
+        (["--milestones", "a,b"], 2, "--milestones"),
+    ],
+)
+def test_bad_options_end_in_one_line(image_folder: Callable[..., Path], args: list[str], code: int, message: str) -> None:
+    data = image_folder(per_class=2)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), *args])
+    assert result.exit_code == code
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_dir_is_a_runtime_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "No CIFAR-10 data" in result.output and "cifarnet download cifar10" in result.output
+
+
+def test_no_data_and_no_network_fails_fast_with_instructions() -> None:
+    start = time.monotonic()
+    result = runner.invoke(app, ["train"])  # default location is empty; CIFARNET_OFFLINE=1 in the tests
+    assert result.exit_code == 1
+    assert "--from-file" in result.output and "Traceback" not in result.output
+    assert time.monotonic() - start < 10
+
+
+def test_unreadable_resume_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "last.pt"
+    bad.write_text("nope")
+    result = runner.invoke(app, ["train", "--resume", str(bad)])
+    assert result.exit_code == 1 and "not a readable checkpoint" in result.output
+
+
+def test_resume_refuses_recipe_changes_and_reports_finished_runs(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)
+    assert runner.invoke(app, ["train", "--data-dir", str(data), "--run", "r", "--quiet", *FAST]).exit_code == 0
+    changed = runner.invoke(app, ["train", "--resume", "r", "--lr", "1.0"])
+    assert changed.exit_code == 2 and "--lr cannot change when resuming" in changed.output
+    done = runner.invoke(app, ["train", "--resume", "r"])
+    assert done.exit_code == 0 and "already finished" in done.output
+
+
+def test_module_entry_point_in_a_subprocess(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifarnet_cli", "train", "--data-dir", str(data), "--json", *FAST, "--epochs", "1"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs"] == 1
+    # stderr is not a terminal here: plain log lines, no progress-bar control codes
+    assert "epoch   1/1" in proc.stderr and "\x1b[?25l" not in proc.stderr
+
+
+def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=30)
+    home = Path(os.environ["CIFARNET_HOME"])
+    cmd = [sys.executable, "-m", "cifarnet_cli", "train", "--data-dir", str(data), "--run", "sig",
+           "--epochs", "50", "--batch-size", "8", "--val-split", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    metrics = home / "runs" / "sig" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume sig" in err and "Traceback" not in err
+    saved = torch.load(home / "runs" / "sig" / "last.pt", weights_only=True)
+    assert saved["epoch"] >= 1
+    done_before = saved["epoch"]
+    # resume, then stop again right after it has trained one more epoch
+    proc = subprocess.Popen([sys.executable, "-m", "cifarnet_cli", "train", "--resume", "sig"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and metrics.read_text().count("\n") < done_before + 1:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"Resuming run sig after epoch {done_before}" in err
+    assert torch.load(home / "runs" / "sig" / "last.pt", weights_only=True)["epoch"] > done_before
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # continued, not restarted

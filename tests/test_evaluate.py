@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifarnet_cli.cli import app
+from cifarnet_cli.evaluation import confusion_matrix, metrics_from_logits
+
+runner = CliRunner()
+FAST = ["--epochs", "2", "--batch-size", "16", "--val-split", "40", "--warmup-epochs", "0.5", "--quiet", "--json"]
+
+
+def test_confusion_and_per_class_on_a_known_case() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert confusion_matrix(preds, labels, 3).tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    logits = torch.nn.functional.one_hot(preds, 3).float()
+    acc, per_class, counts, cm = metrics_from_logits(logits, labels, [0, 1, 2], ["a", "b", "c"])
+    assert acc == pytest.approx(4 / 6)
+    assert per_class == {"a": pytest.approx(2 / 3), "b": 0.5, "c": 1.0}
+    assert counts == {"a": 3, "b": 2, "c": 1}
+    assert cm == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_subset_takes_the_argmax_over_the_subset_only() -> None:
+    # true class 0; the model prefers class 2, which is outside the subset {0, 1}
+    logits = torch.tensor([[1.0, 0.5, 3.0]])
+    acc, _per, _n, _cm = metrics_from_logits(logits, torch.tensor([0]), [0, 1], ["a", "b"])
+    assert acc == 1.0
+
+
+@pytest.fixture
+def trained_run(image_folder: Callable[..., Path]) -> tuple[Path, dict[str, object]]:
+    data = image_folder(per_class=20, splits=("train", "test"))
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "ev", *FAST])
+    assert result.exit_code == 0, result.output
+    return data, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_val_reproduces_the_training_split(trained_run: tuple[Path, dict[str, object]]) -> None:
+    _data, reported = trained_run
+    result = runner.invoke(app, ["evaluate", "ev", "--split", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == 40
+    assert out["accuracy"] == pytest.approx(reported["best_accuracy"], abs=1e-9)
+    assert set(out) >= {"accuracy", "n", "per_class", "confusion", "classes"}
+    assert sum(map(sum, out["confusion"])) == 40
+    run_dir = Path(str(reported["run_dir"]))
+    assert json.loads((run_dir / "eval-val.json").read_text())["accuracy"] == out["accuracy"]
+
+
+def test_evaluate_defaults_to_the_latest_run_and_the_test_split(trained_run: tuple[Path, dict[str, object]]) -> None:
+    result = runner.invoke(app, ["evaluate", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["split"] == "test" and out["n"] == 200
+
+
+def test_evaluate_tables(trained_run: tuple[Path, dict[str, object]]) -> None:
+    result = runner.invoke(app, ["evaluate", "ev", "--tta"])
+    assert result.exit_code == 0, result.output
+    assert "Per-class accuracy" in result.output and "Confusion matrix" in result.output and "flip TTA" in result.output
+
+
+def test_voc_style_folder_with_class_subset(trained_run: tuple[Path, dict[str, object]], image_folder: Callable[..., Path]) -> None:
+    voc = image_folder("voc", per_class=5, classes=("aeroplane", "car", "bird", "cat", "dog", "frog", "motorbike"), splits=("",))
+    result = runner.invoke(
+        app, ["evaluate", "ev", "--data-dir", str(voc), "--classes", "aeroplane,car,bird,cat,dog,frog", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["classes"] == ["airplane", "automobile", "bird", "cat", "dog", "frog"]
+    assert out["n"] == 30 and "unrestricted_accuracy" in out
+    assert out["accuracy"] >= out["unrestricted_accuracy"]
+    assert "motorbike" in result.stderr  # the unknown folder is named, not silently mislabelled
+
+
+def test_evaluate_errors(trained_run: tuple[Path, dict[str, object]]) -> None:
+    assert runner.invoke(app, ["evaluate", "nosuchrun"]).exit_code == 1
+    bad_split = runner.invoke(app, ["evaluate", "ev", "--split", "dev"])
+    assert bad_split.exit_code == 2 and "test, val, train" in bad_split.output
+    bad_class = runner.invoke(app, ["evaluate", "ev", "--classes", "unicorn"])
+    assert bad_class.exit_code == 2 and "unicorn" in bad_class.output
+
+
+def test_evaluate_without_runs_says_how_to_train() -> None:
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1 and "cifarnet train" in result.output

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cifarnet_cli.cli import app
+from cifarnet_cli.data.images import ImageDecodeError, load_image
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def run(image_folder: Callable[..., Path]) -> Path:
+    data = image_folder(per_class=8, splits=("train", "test"))
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(data), "--run", "p", "--epochs", "1", "--batch-size", "16", "--val-split", "0",
+              "--warmup-epochs", "0", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    return data
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = {}
+    rgba = np.concatenate([rng.integers(0, 256, (40, 50, 3)), np.full((40, 50, 1), 128)], axis=2).astype(np.uint8)
+    files["alpha.png"] = rgba
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray((rng.integers(0, 65536, (33, 31))).astype(np.uint16)).save(folder / "deep16.png")
+    Image.new("P", (32, 32)).save(folder / "palette.png")
+    Image.new("CMYK", (64, 48), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°
+    Image.new("RGB", (80, 40), (200, 10, 10)).save(folder / "rotated.jpg", exif=exif)
+    Image.new("RGB", (3000, 2000), (10, 10, 200)).save(folder / "huge.jpg", quality=50)
+    Image.new("RGB", (1, 1), (0, 255, 0)).save(folder / "tiny.bmp")
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(folder / "pic.webp")
+    good = folder / "truncated.jpg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    good.write_bytes(good.read_bytes()[:200])
+    (folder / "notes.png").write_text("this is text, not a PNG")
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_load_image_handles_every_mode(tmp_path: Path) -> None:
+    files = _images(tmp_path / "imgs")
+    for name in ("alpha.png", "gray.png", "deep16.png", "palette.png", "cmyk.jpg", "rotated.jpg", "huge.jpg", "tiny.bmp", "pic.webp"):
+        px = load_image(files[name])
+        assert px.shape == (32, 32, 3) and px.dtype == np.uint8, name
+    for name in ("truncated.jpg", "notes.png"):
+        with pytest.raises(ImageDecodeError):
+            load_image(files[name])
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(tmp_path / "mid.png")
+    assert abs(int(load_image(tmp_path / "mid.png")[0, 0, 0]) - 128) <= 1
+
+
+def test_alpha_is_composited_on_white_and_exif_is_applied(tmp_path: Path) -> None:
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png").min() == 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = Image.new("RGB", (64, 32), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 32, 32))  # left half white
+    img.save(tmp_path / "rot.png", exif=exif)  # displayed rotated: the white half ends up on top
+    px = load_image(tmp_path / "rot.png").astype(int)
+    assert px[:16].mean() > px[16:].mean() + 100
+
+
+def test_a_32x32_rgb_image_passes_through(tmp_path: Path) -> None:
+    arr = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    assert np.array_equal(load_image(tmp_path / "x.png"), arr)
+
+
+def test_predict_json_lists_good_and_broken_files(run: Path, tmp_path: Path) -> None:
+    files = _images(tmp_path / "imgs")
+    result = runner.invoke(app, ["predict", str(tmp_path / "imgs"), "--json", "--top-k", "3"])
+    assert result.exit_code == 1  # two files are broken
+    out = json.loads(result.stdout)
+    by_name = {Path(o["path"]).name: o for o in out}
+    assert set(by_name) == set(files)
+    for name in ("truncated.jpg", "notes.png"):
+        assert "error" in by_name[name] and "top" not in by_name[name]
+    good = by_name["alpha.png"]
+    assert len(good["top"]) == 3 and set(good["top"][0]) == {"class", "probability"}
+    probs = [t["probability"] for t in good["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_predict_all_good_exits_zero_and_globs(run: Path) -> None:
+    pattern = str(run / "test" / "cat" / "*.png")
+    result = runner.invoke(app, ["predict", pattern, "--json", "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 8
+
+
+def test_predict_matches_evaluate_on_test_images(run: Path) -> None:
+    result = runner.invoke(app, ["predict", str(run / "test"), "--json", "-k", "1"])
+    preds = json.loads(result.stdout)
+    correct = sum(Path(p["path"]).parent.name == p["top"][0]["class"] for p in preds)
+    evaluation = json.loads(runner.invoke(app, ["evaluate", "p", "--split", "test", "--json"]).stdout)
+    assert evaluation["n"] == len(preds)
+    assert correct / len(preds) == pytest.approx(evaluation["accuracy"])
+
+
+def test_predict_table_and_missing_file(run: Path) -> None:
+    result = runner.invoke(app, ["predict", str(run / "test" / "dog" / "0000.png"), "missing.png"])
+    assert result.exit_code == 1
+    assert "probability" in result.output and "%" in result.output  # the good file got a row
+    assert "no such file" in result.output and "1 of 2 file(s)" in result.output
+
+
+def test_predict_without_runs_explains(tmp_path: Path) -> None:
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    result = runner.invoke(app, ["predict", str(tmp_path / "a.png")])
+    assert result.exit_code == 1 and "cifarnet train" in result.output and "--checkpoint" in result.output
+
+
+def test_predict_with_checkpoint_path(run: Path) -> None:
+    from cifarnet_cli import runs
+
+    best = runs.resolve_run("p").best
+    result = runner.invoke(app, ["predict", str(run / "test" / "cat"), "--checkpoint", str(best), "--json"])
+    assert result.exit_code == 0 and len(json.loads(result.stdout)) == 8
+    both = runner.invoke(app, ["predict", "x.png", "--checkpoint", str(best), "--run", "p"])
+    assert both.exit_code == 2
