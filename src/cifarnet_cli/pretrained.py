@@ -19,7 +19,10 @@ WEIGHTS_CHOICES = ("IMAGENET1K_V1", "IMAGENET1K_V2", "none", "PATH")
 def resolve_weights_file(spec: str, options: download.DownloadOptions | None = None) -> Path:
     key = spec.upper()
     if key in RESNET50_WEIGHTS:
-        return download.fetch(RESNET50_WEIGHTS[key], options=options or download.DownloadOptions())
+        try:
+            return download.fetch(RESNET50_WEIGHTS[key], options=options or download.DownloadOptions())
+        except download.DownloadError as exc:
+            raise download.DownloadError(f"{exc} Or pass --weights PATH to a local weights file.") from exc
     path = Path(spec).expanduser()
     if path.is_file():
         return path

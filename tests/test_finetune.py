@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet50 as tv_resnet50
+from typer.testing import CliRunner
+
+from cifarnet_cli import download, pretrained
+from cifarnet_cli.cli import app
+from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.models import get_model
+
+runner = CliRunner()
+FAST = ["--epochs", "1", "--batch-size", "8", "--accum", "1", "--val-split", "10", "--image-size", "32",
+        "--warmup-epochs", "0", "--quiet", "--json"]
+
+
+@pytest.fixture
+def data(image_folder: Callable[..., Path]) -> Path:
+    return image_folder(per_class=3)
+
+
+@pytest.fixture
+def imagenet_state(tmp_path: Path) -> Path:
+    torch.manual_seed(3)
+    path = tmp_path / "resnet50-random.pth"
+    torch.save(tv_resnet50(weights=None).state_dict(), path)
+    return path
+
+
+def test_random_init_finetune_produces_a_run_evaluate_reads(data: Path) -> None:
+    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "none", "--run", "ft", *FAST])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    ckpt = torch.load(out["checkpoint"], weights_only=True)
+    assert ckpt["meta"]["arch"] == "resnet50" and ckpt["meta"]["model_kwargs"]["image_size"] == 32
+    assert ckpt["config"]["task"] == "finetune-resnet50"
+    evaluated = runner.invoke(app, ["evaluate", "ft", "--split", "val", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(out["best_accuracy"])
+
+
+def test_state_dict_path_is_loaded_strictly_with_a_new_head(data: Path, imagenet_state: Path) -> None:
+    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", str(imagenet_state),
+                                 "--freeze-backbone", "--run", "sd", *FAST])
+    assert result.exit_code == 0, result.output
+    trained = torch.load(json.loads(result.stdout.strip().splitlines()[-1])["checkpoint"], weights_only=True)["model"]
+    source = torch.load(imagenet_state, weights_only=True)
+    # frozen backbone: every body tensor (BN statistics too) is still the loaded one; the head is new
+    for key, value in source.items():
+        if not key.startswith("fc."):
+            assert torch.equal(trained[f"body.{key}"], value), key
+    assert trained["body.fc.weight"].shape == (10, 2048)
+
+
+def test_module_prefixes_are_stripped(imagenet_state: Path, tmp_path: Path) -> None:
+    state = torch.load(imagenet_state, weights_only=True)
+    prefixed = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, prefixed)
+    model = get_model("resnet50", image_size=32)
+    assert "ImageNet weights" in pretrained.load_weights(model, str(prefixed))
+    assert torch.equal(model.body.conv1.weight, state["conv1.weight"])
+
+
+def test_key_mismatch_names_the_keys(imagenet_state: Path, tmp_path: Path) -> None:
+    state = torch.load(imagenet_state, weights_only=True)
+    del state["layer1.0.conv1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    with pytest.raises(CifarNetError, match=r"missing keys: layer1\.0\.conv1\.weight; unexpected keys: extra\.weight"):
+        pretrained.load_weights(get_model("resnet50", image_size=32), str(broken))
+
+
+def test_cifarnet_checkpoint_as_weights(data: Path) -> None:
+    first = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "none", "--run", "a", *FAST])
+    ckpt = json.loads(first.stdout.strip().splitlines()[-1])["checkpoint"]
+    second = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", ckpt, "--run", "b",
+                                 "--epochs", "1", "--batch-size", "8", "--val-split", "10", "--image-size", "32"])
+    assert second.exit_code == 0, second.output
+    assert "Loaded the whole model from the cifarnet checkpoint" in second.output
+
+
+def test_hub_cache_file_with_the_pinned_hash_is_used(data: Path, imagenet_state: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    blob = imagenet_state.read_bytes()
+    pin = download.Asset("resnet50-v1", "https://127.0.0.1:9/models/resnet50-test.pth", len(blob),
+                         hashlib.sha256(blob).hexdigest(), "weights")
+    monkeypatch.setitem(download.ASSETS, "resnet50-v1", pin)
+    hub = Path(__import__("os").environ["TORCH_HOME"]) / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet50-test.pth").write_bytes(blob)
+    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "IMAGENET1K_V1",
+                                 "--run", "hub", *FAST[:-2]])
+    assert result.exit_code == 0, result.output
+    assert f"Loaded ImageNet weights from {hub / 'resnet50-test.pth'}" in result.output.replace("\n", "")
+
+
+def test_imagenet_weights_without_network_fail_fast(data: Path) -> None:
+    start = time.monotonic()
+    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "IMAGENET1K_V1"])
+    assert result.exit_code == 1
+    text = result.output.replace("\n", " ")
+    assert "cifarnet download resnet50-v1 --from-file" in text and "--weights PATH" in text
+    assert "Traceback" not in text and time.monotonic() - start < 10
+    assert not list(Path(__import__("os").environ["CIFARNET_HOME"], "runs").glob("*/last.pt"))
+
+
+def test_unfreeze_needs_freeze(data: Path) -> None:
+    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--unfreeze-at", "2"])
+    assert result.exit_code == 2 and "--freeze-backbone" in result.output
