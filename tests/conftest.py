@@ -18,8 +18,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 # Each class gets its own dominant colour (plus noise) so tiny models can learn it in an epoch or two.
 _PALETTE = np.array(
-    [[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [230, 30, 230],
-     [30, 230, 230], [250, 150, 40], [120, 60, 20], [250, 250, 250], [20, 20, 20]],
+    [
+        [230, 30, 30],
+        [30, 230, 30],
+        [30, 30, 230],
+        [230, 230, 30],
+        [230, 30, 230],
+        [30, 230, 230],
+        [250, 150, 40],
+        [120, 60, 20],
+        [250, 250, 250],
+        [20, 20, 20],
+    ],
     dtype=np.float64,
 )
 
@@ -40,7 +50,14 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("CIFARNET_DATA", str(home / "no-data-here"))
     monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
     monkeypatch.setenv("CIFARNET_OFFLINE", "1")  # nothing in the tests may reach the network
-    for var in ("CIFARNET_MIRROR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "https_proxy", "HTTPS_PROXY"):
+    for var in (
+        "CIFARNET_MIRROR",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "https_proxy",
+        "HTTPS_PROXY",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("COLUMNS", "200")
     torch.manual_seed(0)
@@ -48,7 +65,9 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 
 def _batch(images: np.ndarray, labels: np.ndarray) -> bytes:
     data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # CIFAR stores CHW planes per row
-    return pickle.dumps({b"batch_label": b"test", b"labels": labels.tolist(), b"data": data, b"filenames": []}, protocol=2)
+    return pickle.dumps(
+        {b"batch_label": b"test", b"labels": labels.tolist(), b"data": data, b"filenames": []}, protocol=2
+    )
 
 
 def write_cifar_folder(root: Path, per_batch: int = 20, test: int = 20, seed: int = 0) -> Path:

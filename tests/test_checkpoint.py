@@ -94,7 +94,8 @@ def test_resume_continues_where_it_stopped(image_folder: Callable[..., Path]) ->
 
     resumed: list[int] = []
     result = train(
-        None, resume="stopped",
+        None,
+        resume="stopped",
         on_event=lambda e: resumed.append(e.metrics["epoch"]) if isinstance(e, EpochEnded) else None,
     )
     assert resumed == [3]  # only the remaining epoch ran

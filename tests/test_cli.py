@@ -44,7 +44,15 @@ def test_train_json_and_run_folder(image_folder: Callable[..., Path]) -> None:
     result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "cli", "--json", "--quiet", *FAST])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(out) == {"run", "run_dir", "epochs", "best_accuracy", "final_accuracy", "images_per_second", "checkpoint"}
+    assert set(out) == {
+        "run",
+        "run_dir",
+        "epochs",
+        "best_accuracy",
+        "final_accuracy",
+        "images_per_second",
+        "checkpoint",
+    }
     assert out["run"] == "cli" and out["epochs"] == 2 and out["images_per_second"] > 0
     run_dir = Path(out["run_dir"])
     assert run_dir == Path(os.environ["CIFARNET_HOME"]) / "runs" / "cli"
@@ -69,7 +77,9 @@ def test_train_shows_effective_batch_and_device(image_folder: Callable[..., Path
         (["--milestones", "a,b"], 2, "--milestones"),
     ],
 )
-def test_bad_options_end_in_one_line(image_folder: Callable[..., Path], args: list[str], code: int, message: str) -> None:
+def test_bad_options_end_in_one_line(
+    image_folder: Callable[..., Path], args: list[str], code: int, message: str
+) -> None:
     data = image_folder(per_class=2)
     result = runner.invoke(app, ["train", "--data-dir", str(data), *args])
     assert result.exit_code == code
@@ -111,7 +121,10 @@ def test_module_entry_point_in_a_subprocess(image_folder: Callable[..., Path]) -
     data = image_folder(per_class=4)
     proc = subprocess.run(
         [sys.executable, "-m", "cifarnet_cli", "train", "--data-dir", str(data), "--json", *FAST, "--epochs", "1"],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["epochs"] == 1
@@ -122,8 +135,22 @@ def test_module_entry_point_in_a_subprocess(image_folder: Callable[..., Path]) -
 def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) -> None:
     data = image_folder(per_class=30)
     home = Path(os.environ["CIFARNET_HOME"])
-    cmd = [sys.executable, "-m", "cifarnet_cli", "train", "--data-dir", str(data), "--run", "sig",
-           "--epochs", "50", "--batch-size", "8", "--val-split", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarnet_cli",
+        "train",
+        "--data-dir",
+        str(data),
+        "--run",
+        "sig",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "8",
+        "--val-split",
+        "20",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     metrics = home / "runs" / "sig" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -137,8 +164,13 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
     assert saved["epoch"] >= 1
     done_before = saved["epoch"]
     # resume, then stop again right after it has trained one more epoch
-    proc = subprocess.Popen([sys.executable, "-m", "cifarnet_cli", "train", "--resume", "sig"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifarnet_cli", "train", "--resume", "sig"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and metrics.read_text().count("\n") < done_before + 1:
         time.sleep(0.2)

@@ -72,13 +72,28 @@ def test_image_folder_maps_cifar_names_to_standard_order(tmp_path: Path) -> None
     from .conftest import write_image_folder
 
     # folders in a different order and with aliases still get the standard labels
-    root = write_image_folder(tmp_path / "f", per_class=3, classes=("truck", "Aeroplane", "cars", "bird", "cat",
-                                                                     "deer", "dog", "frog", "horse", "ship"))
+    root = write_image_folder(
+        tmp_path / "f",
+        per_class=3,
+        classes=("truck", "Aeroplane", "cars", "bird", "cat", "deer", "dog", "frog", "horse", "ship"),
+    )
     src = load_source(root)
     assert src.classes == CIFAR10_CLASSES
-    labels = {Path(p).parent.name: int(y) for p, y in zip(src.train.paths or (), src.train.labels.tolist(), strict=True)}
-    assert labels == {"truck": 9, "Aeroplane": 0, "cars": 1, "bird": 2, "cat": 3, "deer": 4, "dog": 5, "frog": 6,
-                      "horse": 7, "ship": 8}
+    labels = {
+        Path(p).parent.name: int(y) for p, y in zip(src.train.paths or (), src.train.labels.tolist(), strict=True)
+    }
+    assert labels == {
+        "truck": 9,
+        "Aeroplane": 0,
+        "cars": 1,
+        "bird": 2,
+        "cat": 3,
+        "deer": 4,
+        "dog": 5,
+        "frog": 6,
+        "horse": 7,
+        "ship": 8,
+    }
 
 
 def test_image_folder_any_size_and_mode_becomes_32x32_rgb(tmp_path: Path) -> None:
@@ -103,7 +118,9 @@ def test_train_and_test_splits_of_a_folder(image_folder: Callable[..., Path]) ->
     assert len(src.train) == 20 and len(src.split("test")) == 20 and src.has_test
 
 
-def test_folder_cache_is_reused_and_invalidated(image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_folder_cache_is_reused_and_invalidated(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = image_folder(per_class=2)
     first = load_source(root)
 

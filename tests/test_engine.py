@@ -47,10 +47,18 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Te
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int, momentum: float = 0.9) -> int:
+def _train(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int, momentum: float = 0.9
+) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum, weight_decay=1e-3)
     stats = train_one_epoch(
-        model, batches, opt, batch_sizes=[len(y) for _x, y in batches], accum=accum, device=CPU, precision=FP32,
+        model,
+        batches,
+        opt,
+        batch_sizes=[len(y) for _x, y in batches],
+        accum=accum,
+        device=CPU,
+        precision=FP32,
         label_smoothing=0.1,
     )
     return stats.optimizer_steps

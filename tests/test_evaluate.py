@@ -68,8 +68,12 @@ def test_evaluate_tables(trained_run: tuple[Path, dict[str, object]]) -> None:
     assert "Per-class accuracy" in result.output and "Confusion matrix" in result.output and "flip TTA" in result.output
 
 
-def test_voc_style_folder_with_class_subset(trained_run: tuple[Path, dict[str, object]], image_folder: Callable[..., Path]) -> None:
-    voc = image_folder("voc", per_class=5, classes=("aeroplane", "car", "bird", "cat", "dog", "frog", "motorbike"), splits=("",))
+def test_voc_style_folder_with_class_subset(
+    trained_run: tuple[Path, dict[str, object]], image_folder: Callable[..., Path]
+) -> None:
+    voc = image_folder(
+        "voc", per_class=5, classes=("aeroplane", "car", "bird", "cat", "dog", "frog", "motorbike"), splits=("",)
+    )
     result = runner.invoke(
         app, ["evaluate", "ev", "--data-dir", str(voc), "--classes", "aeroplane,car,bird,cat,dog,frog", "--json"]
     )

@@ -23,8 +23,23 @@ runner = CliRunner()
 def run(image_folder: Callable[..., Path]) -> Path:
     data = image_folder(per_class=6, splits=("train", "test"))
     result = runner.invoke(
-        app, ["train", "--data-dir", str(data), "--run", "x", "--epochs", "1", "--batch-size", "16", "--val-split", "0",
-              "--warmup-epochs", "0", "--quiet"]
+        app,
+        [
+            "train",
+            "--data-dir",
+            str(data),
+            "--run",
+            "x",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--val-split",
+            "0",
+            "--warmup-epochs",
+            "0",
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
     return data
@@ -95,7 +110,9 @@ def test_torchscript_matches(run: Path) -> None:
 
 def test_missing_export_extra_is_explained(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(export_mod.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    monkeypatch.setattr(
+        export_mod.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a)
+    )
     result = runner.invoke(app, ["export", "x"])
     assert result.exit_code == 1 and "pip install 'cifarnet[export]'" in result.output
 

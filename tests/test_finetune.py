@@ -17,8 +17,22 @@ from cifarnet_cli.errors import CifarNetError
 from cifarnet_cli.models import get_model
 
 runner = CliRunner()
-FAST = ["--epochs", "1", "--batch-size", "8", "--accum", "1", "--val-split", "10", "--image-size", "32",
-        "--warmup-epochs", "0", "--quiet", "--json"]
+FAST = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--accum",
+    "1",
+    "--val-split",
+    "10",
+    "--image-size",
+    "32",
+    "--warmup-epochs",
+    "0",
+    "--quiet",
+    "--json",
+]
 
 
 @pytest.fixture
@@ -35,7 +49,9 @@ def imagenet_state(tmp_path: Path) -> Path:
 
 
 def test_random_init_finetune_produces_a_run_evaluate_reads(data: Path) -> None:
-    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "none", "--run", "ft", *FAST])
+    result = runner.invoke(
+        app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "none", "--run", "ft", *FAST]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     ckpt = torch.load(out["checkpoint"], weights_only=True)
@@ -47,8 +63,20 @@ def test_random_init_finetune_produces_a_run_evaluate_reads(data: Path) -> None:
 
 
 def test_state_dict_path_is_loaded_strictly_with_a_new_head(data: Path, imagenet_state: Path) -> None:
-    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", str(imagenet_state),
-                                 "--freeze-backbone", "--run", "sd", *FAST])
+    result = runner.invoke(
+        app,
+        [
+            "finetune-resnet50",
+            "--data-dir",
+            str(data),
+            "--weights",
+            str(imagenet_state),
+            "--freeze-backbone",
+            "--run",
+            "sd",
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     trained = torch.load(json.loads(result.stdout.strip().splitlines()[-1])["checkpoint"], weights_only=True)["model"]
     source = torch.load(imagenet_state, weights_only=True)
@@ -81,23 +109,48 @@ def test_key_mismatch_names_the_keys(imagenet_state: Path, tmp_path: Path) -> No
 def test_cifarnet_checkpoint_as_weights(data: Path) -> None:
     first = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "none", "--run", "a", *FAST])
     ckpt = json.loads(first.stdout.strip().splitlines()[-1])["checkpoint"]
-    second = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", ckpt, "--run", "b",
-                                 "--epochs", "1", "--batch-size", "8", "--val-split", "10", "--image-size", "32"])
+    second = runner.invoke(
+        app,
+        [
+            "finetune-resnet50",
+            "--data-dir",
+            str(data),
+            "--weights",
+            ckpt,
+            "--run",
+            "b",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--val-split",
+            "10",
+            "--image-size",
+            "32",
+        ],
+    )
     assert second.exit_code == 0, second.output
     assert "Loaded the whole model from the cifarnet checkpoint" in second.output
 
 
-def test_hub_cache_file_with_the_pinned_hash_is_used(data: Path, imagenet_state: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    tmp_path: Path) -> None:
+def test_hub_cache_file_with_the_pinned_hash_is_used(
+    data: Path, imagenet_state: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     blob = imagenet_state.read_bytes()
-    pin = download.Asset("resnet50-v1", "https://127.0.0.1:9/models/resnet50-test.pth", len(blob),
-                         hashlib.sha256(blob).hexdigest(), "weights")
+    pin = download.Asset(
+        "resnet50-v1",
+        "https://127.0.0.1:9/models/resnet50-test.pth",
+        len(blob),
+        hashlib.sha256(blob).hexdigest(),
+        "weights",
+    )
     monkeypatch.setitem(download.ASSETS, "resnet50-v1", pin)
     hub = Path(__import__("os").environ["TORCH_HOME"]) / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     (hub / "resnet50-test.pth").write_bytes(blob)
-    result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "IMAGENET1K_V1",
-                                 "--run", "hub", *FAST[:-2]])
+    result = runner.invoke(
+        app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "IMAGENET1K_V1", "--run", "hub", *FAST[:-2]]
+    )
     assert result.exit_code == 0, result.output
     assert f"Loaded ImageNet weights from {hub / 'resnet50-test.pth'}" in result.output.replace("\n", "")
 

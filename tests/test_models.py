@@ -22,7 +22,9 @@ def _expected_params(depth: int, num_classes: int = 10) -> int:
     return total + 64 * num_classes + num_classes
 
 
-@pytest.mark.parametrize("name,depth", [("resnet20", 20), ("resnet32", 32), ("resnet44", 44), ("resnet56", 56), ("resnet110", 110)])
+@pytest.mark.parametrize(
+    "name,depth", [("resnet20", 20), ("resnet32", 32), ("resnet44", 44), ("resnet56", 56), ("resnet110", 110)]
+)
 def test_cifar_resnet_parameter_counts(name: str, depth: int) -> None:
     model = get_model(name)
     assert count_parameters(model) == _expected_params(depth)

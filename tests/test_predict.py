@@ -19,8 +19,23 @@ runner = CliRunner()
 def run(image_folder: Callable[..., Path]) -> Path:
     data = image_folder(per_class=8, splits=("train", "test"))
     result = runner.invoke(
-        app, ["train", "--data-dir", str(data), "--run", "p", "--epochs", "1", "--batch-size", "16", "--val-split", "0",
-              "--warmup-epochs", "0", "--quiet"]
+        app,
+        [
+            "train",
+            "--data-dir",
+            str(data),
+            "--run",
+            "p",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--val-split",
+            "0",
+            "--warmup-epochs",
+            "0",
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
     return data
@@ -52,7 +67,17 @@ def _images(folder: Path) -> dict[str, Path]:
 
 def test_load_image_handles_every_mode(tmp_path: Path) -> None:
     files = _images(tmp_path / "imgs")
-    for name in ("alpha.png", "gray.png", "deep16.png", "palette.png", "cmyk.jpg", "rotated.jpg", "huge.jpg", "tiny.bmp", "pic.webp"):
+    for name in (
+        "alpha.png",
+        "gray.png",
+        "deep16.png",
+        "palette.png",
+        "cmyk.jpg",
+        "rotated.jpg",
+        "huge.jpg",
+        "tiny.bmp",
+        "pic.webp",
+    ):
         px = load_image(files[name])
         assert px.shape == (32, 32, 3) and px.dtype == np.uint8, name
     for name in ("truncated.jpg", "notes.png"):

@@ -700,7 +700,9 @@ def completion_scripts() -> dict[str, str]:
 
 
 def main() -> None:
-    app()
+    # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
+    # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
+    app(prog_name="cifarnet")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import http.client
 import os
 import secrets
 import shutil
@@ -196,7 +197,7 @@ class Failure:
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 _EXPIRED = 10
 _NOT_YET_VALID = 9
-_HOSTNAME = 62
+_HOSTNAME = {62, 63, 64}  # host name, e-mail, IP address mismatch
 
 
 def classify(exc: BaseException, url: str, timeout_s: float) -> Failure:
@@ -204,15 +205,22 @@ def classify(exc: BaseException, url: str, timeout_s: float) -> Failure:
     reason: object = (
         exc.reason if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError) else exc
     )
+    if isinstance(exc, http.client.IncompleteRead):
+        return Failure(
+            "truncated",
+            f"{host} closed the connection before the whole file arrived (truncated transfer); retry or use a mirror.",
+        )
+    if isinstance(exc, http.client.HTTPException):
+        return Failure("http", f"{host} sent a malformed HTTP response ({type(exc).__name__}: {exc}).")
     if isinstance(exc, urllib.error.HTTPError):
         return Failure("http", f"{host} answered HTTP {exc.code} {exc.reason} for {url}.")
     if isinstance(reason, ssl.SSLCertVerificationError):
         code = getattr(reason, "verify_code", None)
         text = str(getattr(reason, "verify_message", "") or reason)
-        if code == _HOSTNAME or "hostname mismatch" in text.lower() or "doesn't match" in text.lower():
+        if code in _HOSTNAME or "mismatch" in text.lower() or "doesn't match" in text.lower():
             return Failure(
                 "hostname",
-                f"The certificate {host} presented is for another host name ({text}): possible interception; "
+                f"The certificate that {host} presented is for another host name ({text}): possible interception; "
                 "not retrying with another trust store. Check your network or use a mirror you trust.",
             )
         if code == _EXPIRED or "expired" in text.lower():
@@ -324,12 +332,13 @@ def _stream(
                     raise _VerifyFailed(Failure("size", f"{url} sent more than the pinned {asset.size} bytes."))
                 if progress is not None:
                     progress(done, total)
-        if asset.size is not None and done != asset.size:
+        announced = int(length) if length and length.isdigit() else None
+        if announced is not None and done < announced:
             raise _VerifyFailed(
-                Failure("size", f"{url} ended after {done} of {asset.size} bytes (truncated transfer).")
+                Failure("truncated", f"{url} ended after {done} of {announced} bytes (truncated transfer); retry or use a mirror.")
             )
         digest = h.hexdigest()
-        if asset.sha256 is not None and digest != asset.sha256:
+        if (asset.size is not None and done != asset.size) or (asset.sha256 is not None and digest != asset.sha256):
             raise _VerifyFailed(
                 Failure(
                     "hash",
@@ -387,7 +396,7 @@ def _download(asset: Asset, dest: Path, options: DownloadOptions, notify: Notify
                 last = exc.failure
                 notify(last.message)
                 break  # the server sent wrong bytes: another trust store will not fix that
-            except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+            except (urllib.error.URLError, OSError, ssl.SSLError, http.client.HTTPException) as exc:
                 last = classify(exc, url, options.timeout_s)
                 notify(f"{last.message} [{label}]")
                 if last.kind in ("untrusted", "expired") and label == "system trust store":
@@ -405,7 +414,7 @@ def _manual_message(asset: Asset, dest: Path, reason: str) -> str:
     return (
         f"Could not download {asset.name}: {reason.rstrip('.')}. To finish by hand, fetch {asset.url} "
         f"({size}, {sha}) on any machine and run `cifarnet download {asset.name} --from-file FILE` "
-        f"(it is stored in {dest.parent}); --mirror URL and --ca-bundle PEM are the other ways out."
+        f"(it will be stored in {dest.parent}); --mirror URL and --ca-bundle PEM are the other ways out."
     )
 
 

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cifarnet_cli.cli import app, completion_scripts
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_shipped_completion_files_are_what_the_app_generates() -> None:
+    scripts = completion_scripts()
+    assert set(scripts) == {"cifarnet.bash", "_cifarnet", "cifarnet.fish"}
+    for name, text in scripts.items():
+        shipped = ROOT / "completions" / name
+        assert shipped.is_file(), f"missing {shipped}; run python scripts/gen_completions.py"
+        assert shipped.read_text() == text, f"{shipped} is out of date; run python scripts/gen_completions.py"
+
+
+def _complete(words: str, cword: int) -> list[str]:
+    env = dict(os.environ, _CIFARNET_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword))
+    proc = subprocess.run([sys.executable, "-m", "cifarnet_cli"], env=env, capture_output=True, text=True, timeout=60)
+    return proc.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "words,cword,expected",
+    [
+        ("cifarnet train --arch resnet1", 3, ["resnet110"]),
+        ("cifarnet train --device c", 3, ["cpu", "cuda", "cuda:0", "cuda:1"]),
+        ("cifarnet export --format t", 3, ["torchscript"]),
+        ("cifarnet download res", 2, ["resnet50-v1", "resnet50-v2"]),
+        ("cifarnet tr", 1, ["train"]),
+    ],
+)
+def test_option_values_complete(words: str, cword: int, expected: list[str]) -> None:
+    assert _complete(words, cword) == expected
+
+
+def test_run_names_complete(tmp_path: Path) -> None:
+    runs = Path(os.environ["CIFARNET_HOME"]) / "runs"
+    for name in ("alpha", "beta"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "last.pt").write_bytes(b"")
+    assert sorted(_complete("cifarnet evaluate ", 2)) == ["alpha", "beta"]
+    assert _complete("cifarnet train --resume al", 3) == ["alpha"]
+
+
+def test_info_json_names_the_device() -> None:
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["torch"] and data["python"] and data["default_device"] in ("cpu", "cuda", "mps")
+    assert any(d["type"] == data["default_device"] for d in data["devices"])
+    assert data["directories"]["runs"].startswith(os.environ["CIFARNET_HOME"])
+    assert data["assets"]["cifar10"] is None
+
+
+def test_info_table() -> None:
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0 and "Devices" in result.output and "cifarnet download cifar10" in result.output
