@@ -55,11 +55,17 @@ def estimate(batch: int, image_size: int, dtype: torch.dtype) -> dict[str, float
 def measure_cuda(batch: int, accum: int, image_size: int, device: torch.device, precision: Precision) -> float:
     model = get_model("resnet50", image_size=image_size).to(device).to(memory_format=torch.channels_last)
     opt = build_optimizer(model, TrainConfig(**{**FINETUNE_DEFAULTS, "batch_size": batch, "accum": accum}))
-    batches = [(torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
-                torch.randint(0, 10, (batch,), device=device)) for _ in range(2 * accum)]
+    batches = [
+        (
+            torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
+            torch.randint(0, 10, (batch,), device=device),
+        )
+        for _ in range(2 * accum)
+    ]
     torch.cuda.reset_peak_memory_stats(device)
-    train_one_epoch(model, batches, opt, batch_sizes=[batch] * len(batches), accum=accum, device=device,
-                    precision=precision)
+    train_one_epoch(
+        model, batches, opt, batch_sizes=[batch] * len(batches), accum=accum, device=device, precision=precision
+    )
     return torch.cuda.max_memory_allocated(device) / GIB
 
 

@@ -53,7 +53,9 @@ def main() -> None:
     labels = rng.integers(0, 10, args.images)
 
     data = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10_CLASSES)
-    loader = DeviceLoader(data, batch_size=args.batch_size, device=device, train=True, channels_last=device.type == "cuda")
+    loader = DeviceLoader(
+        data, batch_size=args.batch_size, device=device, train=True, channels_last=device.type == "cuda"
+    )
     for _ in loader:  # warm-up epoch
         pass
     synchronize(device)
@@ -62,14 +64,23 @@ def main() -> None:
     synchronize(device)
     ours = n / (time.perf_counter() - start)
 
-    tf = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        ]
+    )
     baseline = {}
     for workers in args.workers:
-        dl = DataLoader(_PilSet(images, labels, tf), batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+        dl = DataLoader(
+            _PilSet(images, labels, tf),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
         start = time.perf_counter()
         n = 0
         for x, _y in dl:
@@ -78,15 +89,19 @@ def main() -> None:
         synchronize(device)
         baseline[f"workers_{workers}"] = n / (time.perf_counter() - start)
     best = max(baseline.values())
-    print(json.dumps({
-        "benchmark": "loader_throughput",
-        **environment(device),
-        "batch_size": args.batch_size,
-        "images": args.images,
-        "cifarnet_images_per_second": round(ours),
-        "torchvision_dataloader_images_per_second": {k: round(v) for k, v in baseline.items()},
-        "speedup_vs_best_dataloader": round(ours / best, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "loader_throughput",
+                **environment(device),
+                "batch_size": args.batch_size,
+                "images": args.images,
+                "cifarnet_images_per_second": round(ours),
+                "torchvision_dataloader_images_per_second": {k: round(v) for k, v in baseline.items()},
+                "speedup_vs_best_dataloader": round(ours / best, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

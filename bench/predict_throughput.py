@@ -55,7 +55,12 @@ def main() -> None:
             kind = "synthetic PNG, 32/64/256 px"
         ckpt = Path(tmp) / "model.pt"
         model = get_model("resnet20")
-        meta = {"arch": "resnet20", "model_kwargs": {"num_classes": 10}, "classes": list(CIFAR10_CLASSES), "input_size": 32}
+        meta = {
+            "arch": "resnet20",
+            "model_kwargs": {"num_classes": 10},
+            "classes": list(CIFAR10_CLASSES),
+            "input_size": 32,
+        }
         torch.save({"model": model.state_dict(), "config": {}, "meta": meta}, ckpt)
         loaded = load_model(str(ckpt), device)
         files, _ = collect_inputs([str(folder)])
@@ -64,15 +69,19 @@ def main() -> None:
         start = time.perf_counter()
         out = predict_files(loaded, files, device=device, batch_size=args.batch_size)
         seconds = time.perf_counter() - start
-    print(json.dumps({
-        "benchmark": "predict_throughput",
-        **environment(device),
-        "files": len(out),
-        "kind": kind,
-        "batch_size": args.batch_size,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(len(out) / seconds),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "predict_throughput",
+                **environment(device),
+                "files": len(out),
+                "kind": kind,
+                "batch_size": args.batch_size,
+                "seconds": round(seconds, 3),
+                "images_per_second": round(len(out) / seconds),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from cifarnet_cli.engine import build_optimizer, train_one_epoch  # noqa: E402
 from cifarnet_cli.models import get_model  # noqa: E402
 
 
-def cifarnet_epoch(images: np.ndarray, labels: np.ndarray, device: torch.device, batch: int, accum: int, precision_spec: str) -> float:
+def cifarnet_epoch(
+    images: np.ndarray, labels: np.ndarray, device: torch.device, batch: int, accum: int, precision_spec: str
+) -> float:
     precision = resolve_precision(precision_spec, device)
     cl = device.type == "cuda"
     model = get_model("resnet20").to(device)
@@ -50,7 +52,9 @@ def cifarnet_epoch(images: np.ndarray, labels: np.ndarray, device: torch.device,
 
 def blog_epoch(images: np.ndarray, labels: np.ndarray, device: torch.device, workers: int) -> float:
     model = get_model("resnet20").to(device)
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    tf = transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+    )
     dl = DataLoader(_PilSet(images, labels, tf), batch_size=16, shuffle=True, num_workers=workers)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     accum = 8
@@ -85,18 +89,27 @@ def main() -> None:
     ours = cifarnet_epoch(images, labels, device, args.batch_size, args.accum, args.precision)
     ours_blog_batch = cifarnet_epoch(images, labels, device, 16, 8, args.precision)
     blog = blog_epoch(images, labels, device, args.workers)
-    print(json.dumps({
-        "benchmark": "train_throughput",
-        **environment(device),
-        "model": "resnet20",
-        "images_timed": args.images,
-        "precision": resolve_precision(args.precision, device).name,
-        "cifarnet": {"batch_size": args.batch_size, "accum": args.accum, "images_per_second": round(ours)},
-        "cifarnet_at_blog_batch": {"batch_size": 16, "accum": 8, "images_per_second": round(ours_blog_batch)},
-        "blog_loop": {"batch_size": 16, "accum": 8, "workers": args.workers, "precision": "fp32",
-                      "images_per_second": round(blog)},
-        "speedup": round(ours / blog, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                **environment(device),
+                "model": "resnet20",
+                "images_timed": args.images,
+                "precision": resolve_precision(args.precision, device).name,
+                "cifarnet": {"batch_size": args.batch_size, "accum": args.accum, "images_per_second": round(ours)},
+                "cifarnet_at_blog_batch": {"batch_size": 16, "accum": 8, "images_per_second": round(ours_blog_batch)},
+                "blog_loop": {
+                    "batch_size": 16,
+                    "accum": 8,
+                    "workers": args.workers,
+                    "precision": "fp32",
+                    "images_per_second": round(blog),
+                },
+                "speedup": round(ours / blog, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -335,7 +335,10 @@ def _stream(
         announced = int(length) if length and length.isdigit() else None
         if announced is not None and done < announced:
             raise _VerifyFailed(
-                Failure("truncated", f"{url} ended after {done} of {announced} bytes (truncated transfer); retry or use a mirror.")
+                Failure(
+                    "truncated",
+                    f"{url} ended after {done} of {announced} bytes (truncated transfer); retry or use a mirror.",
+                )
             )
         digest = h.hexdigest()
         if (asset.size is not None and done != asset.size) or (asset.sha256 is not None and digest != asset.sha256):

@@ -16,11 +16,13 @@ RESNET50_WEIGHTS = {"IMAGENET1K_V1": "resnet50-v1", "IMAGENET1K_V2": "resnet50-v
 WEIGHTS_CHOICES = ("IMAGENET1K_V1", "IMAGENET1K_V2", "none", "PATH")
 
 
-def resolve_weights_file(spec: str, options: download.DownloadOptions | None = None) -> Path:
+def resolve_weights_file(
+    spec: str, *, notify: download.Notify = lambda _m: None, progress: download.Progress | None = None
+) -> Path:
     key = spec.upper()
     if key in RESNET50_WEIGHTS:
         try:
-            return download.fetch(RESNET50_WEIGHTS[key], options=options or download.DownloadOptions())
+            return download.fetch(RESNET50_WEIGHTS[key], notify=notify, progress=progress)
         except download.DownloadError as exc:
             raise download.DownloadError(f"{exc} Or pass --weights PATH to a local weights file.") from exc
     path = Path(spec).expanduser()
@@ -29,9 +31,15 @@ def resolve_weights_file(spec: str, options: download.DownloadOptions | None = N
     raise UsageError(f"--weights {spec!r}: not a file; choose one of: {', '.join(WEIGHTS_CHOICES)}.")
 
 
-def load_weights(model: Classifier, spec: str) -> str:
+def load_weights(
+    model: Classifier,
+    spec: str,
+    *,
+    notify: download.Notify = lambda _m: None,
+    progress: download.Progress | None = None,
+) -> str:
     """Load ``spec`` into ``model`` strictly; return a sentence saying what was loaded."""
-    path = resolve_weights_file(spec)
+    path = resolve_weights_file(spec, notify=notify, progress=progress)
     state = checkpoint.load(path)
     if checkpoint.is_cifarnet_checkpoint(state):
         checkpoint.load_state_strict(model, checkpoint.strip_prefixes(state["model"]), str(path))

@@ -7,6 +7,7 @@ their :class:`TrainConfig` (architecture, weights, freezing, learning rates).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,27 @@ class RunStarted:
 @dataclass(frozen=True)
 class Notice:
     message: str
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    name: str
+    done: int
+    total: int | None
+
+
+def download_callbacks(
+    name: str, on_event: EventCallback
+) -> tuple[Callable[[str], None], Callable[[int, int | None], None]]:
+    """The downloader's notify/progress callbacks, turned into events for whoever renders them."""
+
+    def notify(message: str) -> None:
+        on_event(Notice(message))
+
+    def progress(done: int, total: int | None) -> None:
+        on_event(DownloadProgress(name, done, total))
+
+    return notify, progress
 
 
 @dataclass(frozen=True)
@@ -103,7 +125,8 @@ def open_data(
     location = Path(config_data_dir).expanduser() if config_data_dir else paths.default_data_dir()
     if find_source(location) is None and config_data_dir is None:
         on_event(Notice(f"No CIFAR-10 at {location}; downloading it (cifarnet download cifar10)."))
-        download.fetch_cifar10(location)
+        notify, progress_cb = download_callbacks("cifar10", on_event)
+        download.fetch_cifar10(location, notify=notify, progress=progress_cb)
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 10240 == 0:
@@ -151,7 +174,8 @@ def build_model(config: TrainConfig, num_classes: int, *, load_weights: bool, on
         kwargs["image_size"] = config.image_size
     model = get_model(config.arch, **kwargs)
     if load_weights and config.weights and config.weights.lower() != "none":
-        message = pretrained.load_weights(model, config.weights)
+        notify, progress = download_callbacks(config.weights, on_event)
+        message = pretrained.load_weights(model, config.weights, notify=notify, progress=progress)
         on_event(Notice(message))
     return model
 

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cifarnet_cli.engine import EpochEnded, EpochStarted, StepProgress
-from cifarnet_cli.training import Notice, RunStarted, TrainResult
+from cifarnet_cli.training import DownloadProgress, Notice, RunStarted, TrainResult
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -59,17 +59,30 @@ class TrainView:
         self._epoch_task: TaskID | None = None
         self._epochs = 0
         self.started: RunStarted | None = None
+        self._download: DownloadView | None = None
 
     # context manager so the live display is always torn down (also on Ctrl-C)
     def __enter__(self) -> TrainView:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._download is not None:
+            self._download.__exit__()
+            self._download = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
 
     def __call__(self, event: Any) -> None:
+        if isinstance(event, DownloadProgress):
+            if not self.quiet:
+                if self._download is None:
+                    self._download = DownloadView(description=event.name)
+                self._download.progress(event.done, event.total)
+                if event.total is not None and event.done >= event.total:
+                    self._download.__exit__()
+                    self._download = None
+            return
         if isinstance(event, Notice):
             if not self.quiet:
                 self._print(f"[yellow]{escape(event.message)}[/]")
