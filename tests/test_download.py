@@ -101,6 +101,14 @@ def test_certificate_defects_each_get_their_message(
     assert _leftovers(tmp_path) == []
 
 
+def test_tls_version_failure(ca: LocalCA, pinned: Asset, payload: bytes, tmp_path: Path) -> None:
+    notes: list[str] = []
+    with serve({pinned.filename: payload}, ca.leaf("old"), old_tls_only=True) as base:
+        with pytest.raises(DownloadError):
+            _fetch(tmp_path, f"{base}/good/", messages=notes, ca_bundle=ca.pem)
+    assert "share no TLS version" in notes[0]
+
+
 def test_plain_http_on_an_https_url(pinned: Asset, payload: bytes, tmp_path: Path) -> None:
     notes: list[str] = []
     with serve({pinned.filename: payload}, None) as base:

@@ -11,6 +11,7 @@ import socketserver
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,12 +136,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, files: dict[str, bytes], tls: CertFiles | None) -> None:
+    def __init__(self, files: dict[str, bytes], tls: CertFiles | None, old_tls_only: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files = files
         if tls is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(tls.cert, tls.key)
+            if old_tls_only:  # a server stuck on TLS 1.0/1.1, which clients refuse
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    ctx.minimum_version = ssl.TLSVersion.TLSv1
+                    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+                ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
             self.socket = ctx.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -148,9 +155,9 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def serve(files: dict[str, bytes], tls: CertFiles | None) -> Iterator[str]:
+def serve(files: dict[str, bytes], tls: CertFiles | None, *, old_tls_only: bool = False) -> Iterator[str]:
     """Serve ``files`` at ``/<mode>/<name>`` (mode: good, wrong, trunc, stall); yield the base URL."""
-    server = _Server(files, tls)
+    server = _Server(files, tls, old_tls_only)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -401,7 +401,8 @@ def _download(asset: Asset, dest: Path, options: DownloadOptions, notify: Notify
                 break  # the server sent wrong bytes: another trust store will not fix that
             except (urllib.error.URLError, OSError, ssl.SSLError, http.client.HTTPException) as exc:
                 last = classify(exc, url, options.timeout_s)
-                notify(f"{last.message} [{label}]")
+                tls_kinds = ("untrusted", "expired", "not_yet_valid", "hostname", "tls", "tls_version", "plain_http")
+                notify(f"{last.message} [{label}]" if last.kind in tls_kinds else last.message)
                 if last.kind in ("untrusted", "expired") and label == "system trust store":
                     certifi_ctx = certifi_context()
                     if certifi_ctx is not None:

@@ -261,6 +261,9 @@ def train(
     torch.manual_seed(config.seed)  # model initialization is reproducible
     model = build_model(config, len(source.classes), load_weights=ckpt is None, on_event=on_event)
     channels_last = device.type == "cuda"
+    if device.type == "cuda":
+        # Let cuDNN pick the fastest convolution algorithms for the few input shapes a run sees.
+        torch.backends.cudnn.benchmark = True
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -164,7 +164,9 @@ class TrainView:
 
 
 def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
-    table = Table(title="Training finished" if not result.already_finished else "Run already finished")
+    table = Table(
+        title="Training finished" if not result.already_finished else "Run already finished", show_header=False
+    )
     table.add_column("")
     table.add_column("")
     label = f" ({eval_split})" if eval_split else ""
