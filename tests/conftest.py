@@ -128,6 +128,32 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def train_quick(data: Path, run: str) -> None:
+    """One fast epoch of ResNet-20 on ``data`` (validated on its test split) as run ``run``."""
+    from typer.testing import CliRunner
+
+    from cifarnet_cli.cli import app
+
+    args = [
+        "train",
+        "--data-dir",
+        str(data),
+        "--run",
+        run,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--val-split",
+        "0",
+        "--warmup-epochs",
+        "0",
+        "--quiet",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "train").is_dir():

@@ -16,32 +16,15 @@ from cifarnet_cli.cli import app
 from cifarnet_cli.data.images import load_image
 from cifarnet_cli.export import read_metadata
 
+from .conftest import train_quick
+
 runner = CliRunner()
 
 
 @pytest.fixture
 def run(image_folder: Callable[..., Path]) -> Path:
     data = image_folder(per_class=6, splits=("train", "test"))
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data-dir",
-            str(data),
-            "--run",
-            "x",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--val-split",
-            "0",
-            "--warmup-epochs",
-            "0",
-            "--quiet",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    train_quick(data, "x")
     return data
 
 

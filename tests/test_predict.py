@@ -12,32 +12,15 @@ from typer.testing import CliRunner
 from cifarnet_cli.cli import app
 from cifarnet_cli.data.images import ImageDecodeError, load_image
 
+from .conftest import train_quick
+
 runner = CliRunner()
 
 
 @pytest.fixture
 def run(image_folder: Callable[..., Path]) -> Path:
     data = image_folder(per_class=8, splits=("train", "test"))
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data-dir",
-            str(data),
-            "--run",
-            "p",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--val-split",
-            "0",
-            "--warmup-epochs",
-            "0",
-            "--quiet",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    train_quick(data, "p")
     return data
 
 
