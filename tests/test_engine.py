@@ -174,3 +174,21 @@ def test_config_validation_messages() -> None:
     with pytest.raises(UsageError, match="milestones"):
         TrainConfig(epochs=10, schedule="multistep", milestones=(5, 20)).validate()
     assert math.isclose(TrainConfig(batch_size=16, accum=8).effective_batch, 128)
+
+
+def test_accum_alone_keeps_the_effective_batch() -> None:
+    from cifarnet_cli.config import make_config
+
+    config = make_config("train", {"accum": 8})
+    assert (config.batch_size, config.accum, config.effective_batch) == (64, 8, 512)
+    explicit = make_config("train", {"accum": 8, "batch_size": 16})
+    assert explicit.effective_batch == 128 and explicit.peak_lr == pytest.approx(0.1)
+    finetune = make_config("finetune-resnet50", {"accum": 8})
+    assert finetune.effective_batch == 128 and finetune.batch_size == 16
+
+
+def test_default_warmup_fits_short_runs() -> None:
+    assert TrainConfig(epochs=60).warmup == 2.0
+    assert TrainConfig(epochs=1).validate().warmup == pytest.approx(0.2)
+    with pytest.raises(Exception, match="--warmup-epochs"):
+        TrainConfig(epochs=2, warmup_epochs=2).validate()

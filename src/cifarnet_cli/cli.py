@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from cifarnet_cli import __version__, ui
-from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.errors import CifarNetError, UsageError
 
 app = typer.Typer(
     name="cifarnet",
@@ -134,7 +134,8 @@ BatchSize = Annotated[
 Accum = Annotated[
     int | None,
     typer.Option(
-        help="Micro-batches per optimizer step (exact gradient accumulation). \\[default: 1; finetune: 2]",
+        help="Micro-batches per optimizer step (exact gradient accumulation). Without --batch-size, the default "
+        "effective batch is kept and split into smaller micro-batches. \\[default: 1; finetune: 2]",
         show_default=False,
     ),
 ]
@@ -172,7 +173,11 @@ Milestones = Annotated[
 Gamma = Annotated[float | None, typer.Option(help="Multistep decay factor. \\[default: 0.1]", show_default=False)]
 Warmup = Annotated[
     float | None,
-    typer.Option("--warmup-epochs", help="Linear warm-up epochs. \\[default: 2; finetune: 0.5]", show_default=False),
+    typer.Option(
+        "--warmup-epochs",
+        help="Linear warm-up epochs. \\[default: 2, at most a fifth of the epochs; finetune: 0.5]",
+        show_default=False,
+    ),
 ]
 Smoothing = Annotated[
     float | None,
@@ -238,6 +243,8 @@ def _run_training(
     from cifarnet_cli.training import train
 
     with _user_errors():
+        if resume is not None and run is not None:
+            raise UsageError("--run names a new run; --resume continues an existing one. Use one of them.")
         if isinstance(options.get("milestones"), str):
             options["milestones"] = parse_milestones(options["milestones"]) or None
         if options.get("data_dir") is not None:

@@ -33,7 +33,7 @@ class TrainConfig:
     schedule: str = "cosine"
     milestones: tuple[int, ...] = ()  # epochs, for multistep; () = 50% and 75% of the epochs
     gamma: float = 0.1  # multistep decay factor
-    warmup_epochs: float = 2.0
+    warmup_epochs: float | None = None  # linear warm-up; None = 2 epochs, at most a fifth of the run
     label_smoothing: float = 0.1
     data_dir: str | None = None  # None = CIFARNET_DATA or <user data dir>/datasets/cifar10
     val_split: int | None = None  # images held out for validation; None = 10%, at most 5000; 0 = test split
@@ -54,6 +54,10 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else 0.4 * self.effective_batch / 512
+
+    @property
+    def warmup(self) -> float:
+        return self.warmup_epochs if self.warmup_epochs is not None else min(2.0, self.epochs / 5)
 
     def resolved_milestones(self) -> tuple[int, ...]:
         if self.milestones:
@@ -84,7 +88,7 @@ class TrainConfig:
             raise bad("--milestones must be increasing, e.g. 20,40.")
         if not 0 < self.gamma <= 1:
             raise bad("--gamma must be in (0, 1].")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+        if self.warmup < 0 or self.warmup >= self.epochs:
             raise bad(f"--warmup-epochs must be in [0, {self.epochs}).")
         if not 0 <= self.label_smoothing < 1:
             raise bad("--label-smoothing must be in [0, 1).")
@@ -147,5 +151,11 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 def make_config(task: str, overrides: dict[str, Any]) -> TrainConfig:
     """A validated config for ``task`` from the options the user actually gave (None = default)."""
     base: dict[str, Any] = dict(FINETUNE_DEFAULTS) if task == "finetune-resnet50" else {}
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "accum" in given and "batch_size" not in given:
+        # --accum alone keeps the recipe's effective batch and splits it into smaller micro-batches, which
+        # is what accumulation is for (memory); --batch-size with --accum sets both explicitly.
+        default = TrainConfig(**base)
+        given["batch_size"] = max(1, default.effective_batch // given["accum"]) if given["accum"] >= 1 else 1
+    base.update(given)
     return TrainConfig(**base).validate()

@@ -111,7 +111,7 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, epoch_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     total = config.epochs * epoch_steps
-    warmup = round(config.warmup_epochs * epoch_steps)
+    warmup = round(config.warmup * epoch_steps)
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps=total, warmup_steps=warmup, config=config, epoch_steps=epoch_steps)

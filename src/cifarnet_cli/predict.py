@@ -60,8 +60,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Prediction]]
             files.extend(matched_files)
         else:
             errors.append(Prediction(item, error="no such file or folder"))
-    seen: set[Path] = set()
-    unique = [f for f in files if not (f in seen or seen.add(f))]  # type: ignore[func-returns-value]
+    unique = list(dict.fromkeys(files))  # a file named twice (or matched by two globs) is predicted once
     return unique, errors
 
 

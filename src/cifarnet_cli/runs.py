@@ -126,8 +126,8 @@ def resolve_checkpoint(ref: str | None, *, prefer: str = "best") -> tuple[Path, 
         if path.is_file():
             run = Run(path.parent.name, path.parent) if (path.parent / "config.json").is_file() else None
             return path, run
-        if path.suffix in (".pt", ".pth") and not path.parent.is_dir():
-            raise CifarNetError(f"No checkpoint at {path}.")
+        if not path.is_dir() and (path.suffix in (".pt", ".pth") or os.sep in ref):
+            raise CifarNetError(f"No checkpoint or run folder at {path}.")
     run = resolve_run(ref)
     order = (run.best, run.last) if prefer == "best" else (run.last, run.best)
     for candidate in order:

@@ -215,6 +215,10 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(out)
 
 
+def _has_images(folder: Path) -> bool:
+    return any(is_image_file(f) and not f.startswith(".") for _d, _s, files in os.walk(folder) for f in files)
+
+
 def _is_split_layout(root: Path) -> bool:
     return any((root / s).is_dir() and _class_dirs(root / s) for s in ("train", "test"))
 
@@ -367,7 +371,7 @@ def find_source(path: Path) -> tuple[str, Path] | None:
         return "cifar-python", path / CIFAR_FOLDER
     if (path / CIFAR_TARBALL).is_file():
         return "cifar-tarball", path / CIFAR_TARBALL
-    if _is_split_layout(path) or any(_image_files(d)[:1] for d in _class_dirs(path)):
+    if _is_split_layout(path) or any(_has_images(d) for d in _class_dirs(path)):
         return "image-folder", path
     return None
 
