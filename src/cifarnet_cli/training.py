@@ -112,10 +112,6 @@ class TrainingInterrupted(Exception):
 # Data
 
 
-def data_location(config: TrainConfig) -> Path:
-    return Path(config.data_dir).expanduser() if config.data_dir else paths.default_data_dir()
-
-
 def open_data(
     config_data_dir: str | None, *, classes: tuple[str, ...] | None = None, on_event: EventCallback
 ) -> DataSource:
@@ -152,16 +148,6 @@ def split_data(source: DataSource, val_split: int, seed: int) -> tuple[ImageSet,
         return full, source.split("test"), "test"
     train_idx, val_idx = stratified_split(full.labels, val_split, seed)
     return full.subset(train_idx), full.subset(val_idx), "val"
-
-
-def validation_set(source: DataSource, meta: dict[str, Any]) -> ImageSet:
-    """Rebuild the validation split recorded in a run's checkpoint metadata."""
-    n_val = int(meta.get("val_split", 0))
-    if n_val == 0:
-        raise CifarNetError("This run validated on the test split (--val-split 0); it has no validation split.")
-    _train, val, _name = split_data(source, n_val, int(meta.get("split_seed", 0)))
-    assert val is not None
-    return val
 
 
 # --------------------------------------------------------------------------------------------------
