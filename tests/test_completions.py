@@ -66,3 +66,16 @@ def test_info_json_names_the_device() -> None:
 def test_info_table() -> None:
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0 and "Devices" in result.output and "cifarnet download cifar10" in result.output
+
+
+def test_show_completion_prints_the_shipped_script() -> None:
+    env = dict(os.environ, SHELL="/bin/bash")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifarnet_cli", "--show-completion", "bash"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (ROOT / "completions" / "cifarnet.bash").read_text().strip()
