@@ -192,3 +192,11 @@ def test_default_warmup_fits_short_runs() -> None:
     assert TrainConfig(epochs=1).validate().warmup == pytest.approx(0.2)
     with pytest.raises(Exception, match="--warmup-epochs"):
         TrainConfig(epochs=2, warmup_epochs=2).validate()
+
+
+def test_finetune_lr_scales_with_its_effective_batch() -> None:
+    from cifarnet_cli.config import make_config
+
+    assert make_config("finetune-resnet50", {}).peak_lr == pytest.approx(0.05)
+    assert make_config("finetune-resnet50", {"batch_size": 32}).peak_lr == pytest.approx(0.025)  # 32 × 2 = 64
+    assert make_config("finetune-resnet50", {"lr": 0.01}).peak_lr == 0.01

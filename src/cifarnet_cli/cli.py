@@ -142,7 +142,7 @@ Accum = Annotated[
 Lr = Annotated[
     float | None,
     typer.Option(
-        help="Peak learning rate. \\[default: 0.4 per 512 images of effective batch; finetune: 0.05]",
+        help="Peak learning rate. \\[default: 0.4 per 512 images of effective batch; finetune: 0.05 per 128]",
         show_default=False,
     ),
 ]

@@ -26,7 +26,9 @@ class TrainConfig:
     epochs: int = 60
     batch_size: int = 512  # images per forward pass (micro-batch)
     accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size * accum
-    lr: float | None = None  # peak lr; None = 0.4 per 512 images of effective batch (linear scaling rule)
+    lr: float | None = None  # peak lr; None = base_lr scaled linearly by effective_batch / base_batch
+    base_lr: float = 0.4  # peak lr at an effective batch of base_batch (Goyal et al. 2017, linear scaling)
+    base_batch: int = 512
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4  # applied to conv/linear weights, not to BN parameters or biases
@@ -53,7 +55,7 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.4 * self.effective_batch / 512
+        return self.lr if self.lr is not None else self.base_lr * self.effective_batch / self.base_batch
 
     @property
     def warmup(self) -> float:
@@ -130,15 +132,16 @@ def parse_milestones(text: str | None) -> tuple[int, ...]:
 
 #: finetune-resnet50's recipe, as overrides of TrainConfig's. Batch 64 × accumulation 2 keeps the
 #: effective batch at 128 while peak training memory stays under 2 GB at 160 px in bf16 (a Jetson Orin
-#: Nano has ~7.4 GB shared with the CPU). The new head learns at lr 0.05; the pretrained body at a fifth of
-#: that, so ImageNet features are adapted rather than overwritten.
+#: Nano has ~7.4 GB shared with the CPU). The new head learns at lr 0.05 per 128 images of effective batch;
+#: the pretrained body at a fifth of that, so ImageNet features are adapted rather than overwritten.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "task": "finetune-resnet50",
     "arch": "resnet50",
     "epochs": 5,
     "batch_size": 64,
     "accum": 2,
-    "lr": 0.05,
+    "base_lr": 0.05,  # per 128 images of effective batch
+    "base_batch": 128,
     "backbone_lr_scale": 0.2,
     "weight_decay": 1e-4,
     "warmup_epochs": 0.5,

@@ -115,7 +115,7 @@ class TrainView:
             f"Model: {e.arch}, {e.parameters:,} parameters"
             + (f" ({e.trainable_parameters:,} trainable)" if e.trainable_parameters != e.parameters else "")
             + f"; batch {e.batch_size}{accum} = effective batch {e.effective_batch}, peak lr {e.peak_lr:g}, "
-            f"{e.epochs} epochs"
+            f"{e.epochs} epoch{'s' if e.epochs != 1 else ''}"
         )
         self._epochs = e.epochs
         if self.live:
