@@ -79,3 +79,17 @@ def test_show_completion_prints_the_shipped_script() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == (ROOT / "completions" / "cifarnet.bash").read_text().strip()
+
+
+def test_completion_choices_match_the_library() -> None:
+    from cifarnet_cli import choices, download
+    from cifarnet_cli.models import list_models
+
+    assert set(choices.CIFAR_ARCHS) == set(list_models()) - {"resnet50"}
+    assert choices.ASSETS == tuple(download.ASSETS)
+
+
+def test_help_and_completion_do_not_import_torch() -> None:
+    code = "import sys, cifarnet_cli.cli; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False"

@@ -9,11 +9,12 @@ import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
 
-from cifarnet_cli import __version__, ui
+from cifarnet_cli import __version__, choices
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 app = typer.Typer(
@@ -30,6 +31,19 @@ app = typer.Typer(
 # Helpers
 
 
+def _ui() -> ModuleType:
+    """The Rich rendering module, imported on first use: it pulls in torch, which --help and shell
+    completion do not need."""
+    from cifarnet_cli import ui
+
+    return ui
+
+
+def _usage(message: str) -> typer.Exit:
+    _ui().error(message)
+    return typer.Exit(2)
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """A user error ends in one red line and its exit code; Ctrl-C in exit code 130."""
@@ -38,16 +52,16 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except CifarNetError as exc:
-        ui.error(str(exc))
+        _ui().error(str(exc))
         raise typer.Exit(exc.exit_code) from None
     except TrainingInterrupted as exc:
-        ui.warn(
+        _ui().warn(
             f"Interrupted. {exc.completed_epochs} completed epoch(s) are saved in {exc.run.last}; "
             f"continue with: cifarnet train --resume {exc.run.name}"
         )
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
-        ui.warn("Interrupted.")
+        _ui().warn("Interrupted.")
         raise typer.Exit(130) from None
 
 
@@ -66,21 +80,19 @@ def _print_json(obj: Any) -> None:
 
 
 def _complete_arch(incomplete: str) -> list[str]:
-    from cifarnet_cli.models import CIFAR_ARCHS
-
-    return [a for a in CIFAR_ARCHS if a.startswith(incomplete)]
+    return [a for a in choices.CIFAR_ARCHS if a.startswith(incomplete)]
 
 
 def _complete_device(incomplete: str) -> list[str]:
-    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps") if d.startswith(incomplete)]
+    return [d for d in choices.DEVICES if d.startswith(incomplete)]
 
 
 def _complete_precision(incomplete: str) -> list[str]:
-    return [p for p in ("auto", "fp32", "bf16", "fp16") if p.startswith(incomplete)]
+    return [p for p in choices.PRECISIONS if p.startswith(incomplete)]
 
 
 def _complete_schedule(incomplete: str) -> list[str]:
-    return [s for s in ("cosine", "multistep") if s.startswith(incomplete)]
+    return [s for s in choices.SCHEDULES if s.startswith(incomplete)]
 
 
 def _complete_run(incomplete: str) -> list[str]:
@@ -93,13 +105,11 @@ def _complete_run(incomplete: str) -> list[str]:
 
 
 def _complete_asset(incomplete: str) -> list[str]:
-    from cifarnet_cli.download import ASSETS
-
-    return [a for a in ASSETS if a.startswith(incomplete)]
+    return [a for a in choices.ASSETS if a.startswith(incomplete)]
 
 
 def _complete_weights(incomplete: str) -> list[str]:
-    return [w for w in ("IMAGENET1K_V1", "IMAGENET1K_V2", "none") if w.lower().startswith(incomplete.lower())]
+    return [w for w in choices.WEIGHTS if w.lower().startswith(incomplete.lower())]
 
 
 def _version_callback(value: bool) -> None:
@@ -249,15 +259,15 @@ def _run_training(
             options["milestones"] = parse_milestones(options["milestones"]) or None
         if options.get("data_dir") is not None:
             options["data_dir"] = str(options["data_dir"])
-        with ui.TrainView(quiet=quiet) as view:
+        with _ui().TrainView(quiet=quiet) as view:
             if resume is not None:
                 result = train(None, resume=resume, overrides=options, on_event=view)
             else:
                 result = train(make_config(task, options), run_name=run, on_event=view)
         if result.already_finished and not quiet:
-            ui.info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
+            _ui().info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
         if not quiet:
-            ui.train_summary(result, view.started.eval_split if view.started else None)
+            _ui().train_summary(result, view.started.eval_split if view.started else None)
         if as_json:
             _print_json(result.to_json())
 
@@ -298,12 +308,9 @@ def train(
     Example: cifarnet train --arch resnet20 --epochs 30 --batch-size 64 --accum 8
     """
     if arch is not None and resume is None:
-        from cifarnet_cli.models import CIFAR_ARCHS
-
-        if arch not in CIFAR_ARCHS:
+        if arch not in choices.CIFAR_ARCHS:
             hint = " (ResNet-50 trains with `cifarnet finetune-resnet50`)" if arch == "resnet50" else ""
-            ui.error(f"Unknown --arch {arch!r}; choose one of: {', '.join(CIFAR_ARCHS)}{hint}.")
-            raise typer.Exit(2)
+            raise _usage(f"Unknown --arch {arch!r}; choose one of: {', '.join(choices.CIFAR_ARCHS)}{hint}.")
     options = dict(
         arch=arch,
         epochs=epochs,
@@ -387,8 +394,7 @@ def finetune_resnet50(
     Same engine, runs and options as `train`. Example: cifarnet finetune-resnet50 --epochs 3 --freeze-backbone --unfreeze-at 2
     """
     if unfreeze_at is not None and not freeze_backbone and resume is None:
-        ui.error("--unfreeze-at needs --freeze-backbone (the backbone is trained from the start otherwise).")
-        raise typer.Exit(2)
+        raise _usage("--unfreeze-at needs --freeze-backbone (the backbone is trained from the start otherwise).")
     options = dict(
         weights=weights,
         image_size=image_size,
@@ -466,7 +472,7 @@ def download(
             insecure_transport=insecure_transport,
             timeout_s=timeout,
         )
-        with ui.DownloadView(quiet=quiet, description=spec.name) as view:
+        with _ui().DownloadView(quiet=quiet, description=spec.name) as view:
             if spec.kind == "dataset":
                 path = dl.fetch_cifar10(
                     data_dir or dl.default_destination(spec),
@@ -477,7 +483,7 @@ def download(
             else:
                 path = dl.fetch(asset, data_dir, options, notify=view.notify, progress=view.progress)
         if not quiet:
-            ui.success(f"{spec.name} is ready at {path}")
+            _ui().success(f"{spec.name} is ready at {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,7 +500,7 @@ RunArg = Annotated[
 
 
 def _complete_split(incomplete: str) -> list[str]:
-    return [s for s in ("test", "val", "train") if s.startswith(incomplete)]
+    return [s for s in choices.SPLITS if s.startswith(incomplete)]
 
 
 @app.command()
@@ -546,12 +552,12 @@ def evaluate(
             tta=tta,
             batch_size=batch_size,
             device_spec=device or "auto",
-            notify=ui.warn,
+            notify=_ui().warn,
         )
         if as_json:
             _print_json(report.to_json())
         else:
-            ui.eval_tables(report)
+            _ui().eval_tables(report)
 
 
 @app.command()
@@ -582,8 +588,7 @@ def predict(
 
     with _user_errors():
         if run is not None and checkpoint is not None:
-            ui.error("Give --run or --checkpoint, not both.")
-            raise typer.Exit(2)
+            raise UsageError("Give --run or --checkpoint, not both.")
         predictions, _loaded = run_predict(
             images,
             ref=str(checkpoint) if checkpoint is not None else run,
@@ -594,10 +599,10 @@ def predict(
         if as_json:
             _print_json([p.to_json() for p in predictions])
         else:
-            ui.prediction_table(predictions, top_k)
+            _ui().prediction_table(predictions, top_k)
         failed = sum(p.error is not None for p in predictions)
         if failed:
-            ui.warn(f"{failed} of {len(predictions)} file(s) could not be classified.")
+            _ui().warn(f"{failed} of {len(predictions)} file(s) could not be classified.")
             raise typer.Exit(1)
 
 
@@ -606,7 +611,7 @@ def predict(
 
 
 def _complete_format(incomplete: str) -> list[str]:
-    return [f for f in ("onnx", "torchscript") if f.startswith(incomplete)]
+    return [f for f in choices.EXPORT_FORMATS if f.startswith(incomplete)]
 
 
 @app.command()
@@ -664,15 +669,15 @@ def export(
                 }
             )
             return
-        ui.success(f"Exported {result.format} to {result.path}")
+        _ui().success(f"Exported {result.format} to {result.path}")
         if result.max_abs_diff is not None:
-            ui.info(
+            _ui().info(
                 f"Verified with {result.verified_with}: largest absolute logit difference {result.max_abs_diff:.2e} (allowed {result.tolerance:g})"
             )
         else:
-            ui.info("Not verified (install onnxruntime: pip install 'cifarnet[export]').")
+            _ui().info("Not verified (install onnxruntime: pip install 'cifarnet[export]').")
         if result.trtexec:
-            ui.info(f"TensorRT engine on a Jetson: {result.trtexec}")
+            _ui().info(f"TensorRT engine on a Jetson: {result.trtexec}")
 
 
 @app.command()
@@ -685,7 +690,7 @@ def info(as_json: JsonOut = False) -> None:
         if as_json:
             _print_json(data)
         else:
-            ui.info_tables(data)
+            _ui().info_tables(data)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from cifarnet_cli import choices
 from cifarnet_cli.data.classes import match_classes
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import ImageSet, find_source
@@ -20,7 +21,7 @@ from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.inference import LoadedModel, load_model
 from cifarnet_cli.training import Notice, open_data, split_data
 
-SPLITS = ("test", "val", "train")
+SPLITS = choices.SPLITS
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarnet_cli import choices
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.inference import LoadedModel, load_model
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = choices.EXPORT_FORMATS
 DEFAULT_OPSET = 18
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 EXPORT_EXTRA_HINT = "pip install 'cifarnet[export]'"

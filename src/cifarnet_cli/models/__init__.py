@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cifarnet_cli.choices import CIFAR_ARCHS
 from cifarnet_cli.errors import UsageError
 from cifarnet_cli.models._base import Classifier, Normalize
 from cifarnet_cli.models.cifar_resnet import (
@@ -28,8 +29,8 @@ _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "resnet50": resnet50,
 }
 
-#: Architectures `cifarnet train` builds from scratch; resnet50 comes through `finetune-resnet50`.
-CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+# CIFAR_ARCHS (from choices): what `cifarnet train` builds from scratch; resnet50 comes through
+# `finetune-resnet50`. It lives in a torch-free module so that shell completion stays fast.
 
 
 def list_models() -> list[str]:
