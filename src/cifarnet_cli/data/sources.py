@@ -353,8 +353,8 @@ def load_image_folder(
 
 def missing_data_message(path: Path) -> str:
     return (
-        f"No CIFAR-10 data at {path}. Get it with `cifarnet download cifar10` (or copy {CIFAR_TARBALL} "
-        f"there), or point --data-dir (or CIFARNET_DATA) at a {CIFAR_FOLDER} folder, the .tar.gz archive, "
+        f"No CIFAR-10 data at {path}. Get it with `cifarnet download cifar10 --data-dir {path}` (or copy "
+        f"{CIFAR_TARBALL} there), or point --data-dir (or CIFARNET_DATA) at a {CIFAR_FOLDER} folder, the .tar.gz archive, "
         "or an image folder with train/<class>/*.png."
     )
 
