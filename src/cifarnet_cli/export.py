@@ -5,6 +5,7 @@ preprocessing than the one `predict` documents."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import tempfile
@@ -79,7 +80,8 @@ def _export_onnx(
         raw = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if importlib.util.find_spec("onnxscript") is not None:
+            dynamo_exporter = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch >= 2.5
+            if dynamo_exporter and importlib.util.find_spec("onnxscript") is not None:
                 shapes = {"images": {0: torch.export.Dim("batch", min=1, max=65536)}} if dynamic else None
                 program = torch.onnx.export(
                     net,
@@ -94,8 +96,9 @@ def _export_onnx(
                 )
                 assert program is not None
                 program.save(str(raw))
-            else:  # the TorchScript-based exporter (older torch, no onnxscript)
+            else:  # the TorchScript-based exporter (older torch, as on some Jetson images, or no onnxscript)
                 axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+                extra: dict[str, Any] = {"dynamo": False} if dynamo_exporter else {}
                 torch.onnx.export(
                     net,
                     (example,),
@@ -104,7 +107,7 @@ def _export_onnx(
                     output_names=["logits"],
                     opset_version=opset,
                     dynamic_axes=axes,
-                    dynamo=False,
+                    **extra,
                 )
         proto = onnx.load(str(raw))
     for key, value in meta.items():
