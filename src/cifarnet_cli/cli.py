@@ -532,7 +532,12 @@ def evaluate(
     tta: Annotated[
         bool, typer.Option("--tta", help="Average the logits of each image and its horizontal flip.")
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 500,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", "-b", help="Images per forward pass. \\[default: 500; ResNet-50: 128]", show_default=False
+        ),
+    ] = None,
     device: Device = None,
     as_json: JsonOut = False,
 ) -> None:
@@ -544,16 +549,17 @@ def evaluate(
 
     with _user_errors():
         class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-        report = evaluate_model(
-            run,
-            data_dir=data_dir,
-            split=split,
-            classes=class_list,
-            tta=tta,
-            batch_size=batch_size,
-            device_spec=device or "auto",
-            notify=_ui().warn,
-        )
+        with _ui().TrainView(quiet=False) as view:  # renders notices and download progress
+            report = evaluate_model(
+                run,
+                data_dir=data_dir,
+                split=split,
+                classes=class_list,
+                tta=tta,
+                batch_size=batch_size,
+                device_spec=device or "auto",
+                on_event=view,
+            )
         if as_json:
             _print_json(report.to_json())
         else:
@@ -576,7 +582,12 @@ def predict(
         Path | None, typer.Option("--checkpoint", help="A checkpoint file to use instead of a run.")
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 256,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", "-b", help="Images per forward pass. \\[default: 500; ResNet-50: 128]", show_default=False
+        ),
+    ] = None,
     device: Device = None,
     as_json: JsonOut = False,
 ) -> None:

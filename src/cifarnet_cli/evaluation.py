@@ -82,8 +82,11 @@ def metrics_from_logits(
 
 
 def _eval_set(
-    loaded: LoadedModel, data_dir: Path | None, split: str | None, notify: Callable[[str], None]
+    loaded: LoadedModel, data_dir: Path | None, split: str | None, on_event: Callable[[object], None]
 ) -> tuple[ImageSet, str, str]:
+    def notify(message: str) -> None:
+        on_event(Notice(message))
+
     recorded = loaded.meta.get("data_location")
     if data_dir is None and recorded and find_source(Path(recorded)) is not None:
         location: str | None = recorded
@@ -92,7 +95,7 @@ def _eval_set(
     source = open_data(
         location,
         classes=loaded.classes,
-        on_event=lambda e: notify(e.message) if isinstance(e, Notice) else None,
+        on_event=on_event,
     )
     same_data = source.fingerprint == loaded.meta.get("data_fingerprint")
     if split is None:
@@ -126,19 +129,22 @@ def evaluate_model(
     split: str | None = None,
     classes: list[str] | None = None,
     tta: bool = False,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     device_spec: str = "auto",
-    notify: Callable[[str], None] = lambda _m: None,
+    on_event: Callable[[object], None] = lambda _e: None,
     write_report: bool = True,
 ) -> EvalReport:
     if split is not None and split not in SPLITS:
         raise UsageError(f"Unknown --split {split!r}; choose one of: {', '.join(SPLITS)}.")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
     device = resolve_device(device_spec)
     loaded = load_model(ref, device)
     precision = resolve_precision("auto", device)
-    data, split_name, data_desc = _eval_set(loaded, data_dir, split, notify)
+    data, split_name, data_desc = _eval_set(loaded, data_dir, split, on_event)
+
+    def notify(message: str) -> None:
+        on_event(Notice(message))
 
     all_ids = list(range(len(loaded.classes)))
     class_ids = all_ids
@@ -157,7 +163,13 @@ def evaluate_model(
     if len(data) == 0:
         raise CifarNetError("No images to evaluate" + (" in the chosen classes." if classes else "."))
 
-    loader = DeviceLoader(data, batch_size=batch_size, device=device, train=False, channels_last=device.type == "cuda")
+    loader = DeviceLoader(
+        data,
+        batch_size=batch_size or loaded.inference_batch,
+        device=device,
+        train=False,
+        channels_last=device.type == "cuda",
+    )
     if device.type == "cuda":
         loaded.model.to(memory_format=torch.channels_last)
     logits, labels = predict_logits(loaded.model, loader, device=device, precision=precision, tta=tta)

@@ -26,6 +26,11 @@ class LoadedModel:
     run: runs.Run | None
 
     @property
+    def inference_batch(self) -> int:
+        """Default images per forward pass: small for ResNet-50 (it upsamples inside; Jetson memory)."""
+        return 128 if self.arch == "resnet50" else 500
+
+    @property
     def input_size(self) -> int:
         return int(self.meta.get("input_size", 32))
 

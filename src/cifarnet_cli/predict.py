@@ -80,8 +80,14 @@ def _decoded(files: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path
 
 
 def predict_files(
-    loaded: LoadedModel, files: Sequence[Path], *, device: torch.device, top_k: int = 3, batch_size: int = 256
+    loaded: LoadedModel,
+    files: Sequence[Path],
+    *,
+    device: torch.device,
+    top_k: int = 3,
+    batch_size: int | None = None,
 ) -> list[Prediction]:
+    batch_size = batch_size or loaded.inference_batch
     k = min(top_k, len(loaded.classes))
     precision = resolve_precision("auto", device)
     out: list[Prediction] = []
@@ -109,7 +115,7 @@ def predict(
     ref: str | None,
     top_k: int = 3,
     device_spec: str = "auto",
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> tuple[list[Prediction], LoadedModel]:
     if top_k < 1:
         raise UsageError("--top-k must be at least 1.")
