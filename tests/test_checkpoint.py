@@ -10,9 +10,9 @@ import torch
 
 from cifarnet_cli import checkpoint, runs
 from cifarnet_cli.config import TrainConfig
-from cifarnet_cli.engine import EpochEnded, EpochStarted
+from cifarnet_cli.engine import EpochEnded, EpochStarted, TrainingInterrupted
 from cifarnet_cli.errors import CifarNetError
-from cifarnet_cli.training import TrainingInterrupted, train
+from cifarnet_cli.training import train
 
 
 def _config(data: Path, **kw: Any) -> TrainConfig:

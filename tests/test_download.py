@@ -14,7 +14,7 @@ from cifarnet_cli.cli import app
 from cifarnet_cli.download import Asset, DownloadError, DownloadOptions, fetch, safe_extract_cifar
 from cifarnet_cli.errors import CifarNetError, UsageError
 
-from .conftest import write_cifar_tarball
+from .conftest import pin_asset, write_cifar_tarball
 from .tls_server import LocalCA, connect_proxy, serve
 
 runner = CliRunner()
@@ -33,15 +33,7 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 @pytest.fixture
 def pinned(monkeypatch: pytest.MonkeyPatch, payload: bytes) -> Asset:
     """Point the cifar10 pin at the small test archive (the internal hook the issue allows)."""
-    asset = Asset(
-        "cifar10",
-        "https://127.0.0.1:9/unused/cifar-10-python.tar.gz",
-        len(payload),
-        hashlib.sha256(payload).hexdigest(),
-        "dataset",
-    )
-    monkeypatch.setitem(download.ASSETS, "cifar10", asset)
-    return asset
+    return pin_asset(monkeypatch, "cifar10", "https://127.0.0.1:9/unused/cifar-10-python.tar.gz", payload, "dataset")
 
 
 def _leftovers(folder: Path) -> list[str]:

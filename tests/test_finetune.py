@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -11,10 +10,12 @@ import torch
 from torchvision.models import resnet50 as tv_resnet50
 from typer.testing import CliRunner
 
-from cifarnet_cli import download, pretrained
+from cifarnet_cli import pretrained
 from cifarnet_cli.cli import app
 from cifarnet_cli.errors import CifarNetError
 from cifarnet_cli.models import get_model
+
+from .conftest import pin_asset
 
 runner = CliRunner()
 FAST = [
@@ -137,14 +138,7 @@ def test_hub_cache_file_with_the_pinned_hash_is_used(
     data: Path, imagenet_state: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     blob = imagenet_state.read_bytes()
-    pin = download.Asset(
-        "resnet50-v1",
-        "https://127.0.0.1:9/models/resnet50-test.pth",
-        len(blob),
-        hashlib.sha256(blob).hexdigest(),
-        "weights",
-    )
-    monkeypatch.setitem(download.ASSETS, "resnet50-v1", pin)
+    pin_asset(monkeypatch, "resnet50-v1", "https://127.0.0.1:9/models/resnet50-test.pth", blob, "weights")
     hub = Path(__import__("os").environ["TORCH_HOME"]) / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     (hub / "resnet50-test.pth").write_bytes(blob)

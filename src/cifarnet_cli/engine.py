@@ -266,6 +266,11 @@ def evaluate(
 # Backbone freezing (transfer learning)
 
 
+def backbone_frozen(config: TrainConfig, epoch: int) -> bool:
+    """Whether the body trains in ``epoch`` (1-based): frozen until --unfreeze-at, if given."""
+    return config.freeze_backbone and (config.unfreeze_at is None or epoch < config.unfreeze_at)
+
+
 def set_backbone_trainable(model: Classifier, trainable: bool) -> None:
     head = {id(p) for p in model.get_classifier().parameters()}
     for p in model.parameters():
@@ -294,6 +299,15 @@ class FitState:
     best_epoch: int = 0
     train_images: int = 0
     train_seconds: float = 0.0
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the run's last.pt holds the last completed epoch."""
+
+    def __init__(self, run: Run, completed_epochs: int) -> None:
+        super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
+        self.run = run
+        self.completed_epochs = completed_epochs
 
 
 @dataclass(frozen=True)
@@ -379,56 +393,60 @@ def fit(
         checkpoint.save_atomic(snapshot("last"), run.last)  # epoch 0: a resume point from the start
 
     final_accuracy = float("nan")
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        frozen = config.freeze_backbone and (config.unfreeze_at is None or epoch < config.unfreeze_at)
-        if config.freeze_backbone:
-            set_backbone_trainable(model, not frozen)
-        on_event(EpochStarted(epoch, config.epochs, epoch_steps, len(batch_sizes)))
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            batch_sizes=batch_sizes,
-            accum=config.accum,
-            scheduler=scheduler,
-            scaler=scaler,
-            device=device,
-            precision=precision,
-            label_smoothing=config.label_smoothing,
-            epoch=epoch,
-            on_event=on_event,
-        )
-        if not math.isfinite(stats.loss):
-            raise CifarNetError(
-                f"The training loss became {stats.loss} in epoch {epoch}; lower --lr (now {config.peak_lr:g}) "
-                f"or use --precision fp32. The last good checkpoint is {run.last}."
+    saved_epoch = state.epoch  # completed epochs that last.pt holds
+    try:
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            if config.freeze_backbone:
+                set_backbone_trainable(model, not backbone_frozen(config, epoch))
+            on_event(EpochStarted(epoch, config.epochs, epoch_steps, len(batch_sizes)))
+            train_loader.set_epoch(epoch)
+            stats = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                batch_sizes=batch_sizes,
+                accum=config.accum,
+                scheduler=scheduler,
+                scaler=scaler,
+                device=device,
+                precision=precision,
+                label_smoothing=config.label_smoothing,
+                epoch=epoch,
+                on_event=on_event,
             )
-        ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
-        state.epoch = epoch
-        state.train_images += stats.images
-        state.train_seconds += stats.seconds
-        final_accuracy = ev.accuracy if ev is not None else float("nan")
-        is_best = ev is not None and ev.accuracy > state.best_accuracy
-        if is_best and ev is not None:
-            state.best_accuracy = ev.accuracy
-            state.best_epoch = epoch
-        metrics = {
-            "epoch": epoch,
-            "train_loss": round(stats.loss, 6),
-            "train_accuracy": round(stats.accuracy, 6),
-            "val_loss": round(ev.loss, 6) if ev is not None else None,
-            "val_accuracy": round(ev.accuracy, 6) if ev is not None else None,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
-            "epoch_seconds": round(stats.seconds, 3),
-        }
-        # best.pt first: if interrupted between the two writes, last.pt still points at the older epoch.
-        if is_best or eval_loader is None:
-            checkpoint.save_atomic(snapshot("best"), run.best)
-        checkpoint.save_atomic(snapshot("last"), run.last)
-        run.append_metrics(metrics)
-        on_event(EpochEnded(metrics, is_best))
+            if not math.isfinite(stats.loss):
+                raise CifarNetError(
+                    f"The training loss became {stats.loss} in epoch {epoch}; lower --lr (now {config.peak_lr:g}) "
+                    f"or use --precision fp32. The last good checkpoint is {run.last}."
+                )
+            ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
+            state.epoch = epoch
+            state.train_images += stats.images
+            state.train_seconds += stats.seconds
+            final_accuracy = ev.accuracy if ev is not None else float("nan")
+            is_best = ev is not None and ev.accuracy > state.best_accuracy
+            if is_best and ev is not None:
+                state.best_accuracy = ev.accuracy
+                state.best_epoch = epoch
+            metrics = {
+                "epoch": epoch,
+                "train_loss": round(stats.loss, 6),
+                "train_accuracy": round(stats.accuracy, 6),
+                "val_loss": round(ev.loss, 6) if ev is not None else None,
+                "val_accuracy": round(ev.accuracy, 6) if ev is not None else None,
+                "lr": optimizer.param_groups[-1]["lr"],
+                "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
+                "epoch_seconds": round(stats.seconds, 3),
+            }
+            # best.pt first: if interrupted between the two writes, last.pt still points at the older epoch.
+            if is_best or eval_loader is None:
+                checkpoint.save_atomic(snapshot("best"), run.best)
+            checkpoint.save_atomic(snapshot("last"), run.last)
+            saved_epoch = epoch
+            run.append_metrics(metrics)
+            on_event(EpochEnded(metrics, is_best))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run, saved_epoch) from None
 
     return FitResult(
         epochs=state.epoch,

@@ -4,6 +4,7 @@ preprocessing than the one `predict` documents."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -32,7 +33,7 @@ class _Deployable(nn.Module):
 
     def __init__(self, model: nn.Module, half: bool) -> None:
         super().__init__()
-        self.model = model.half() if half else model
+        self.model = copy.deepcopy(model).half() if half else model  # the caller's fp32 model stays intact
         self.use_half = half
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,8 @@ def export_model(
             images = images[: example.shape[0]]
             if images.shape[0] < example.shape[0]:
                 images = torch.cat([images, images])[: example.shape[0]]
-        reference = _reference_logits(loaded, images)
+        with torch.inference_mode():
+            reference = loaded.model(images).float()
         got, runtime = run_exported(output, fmt, images)
         diff = float((got.float() - reference).abs().max())
         if not diff <= tolerance:
@@ -230,12 +232,6 @@ def export_model(
         else None
     )
     return ExportResult(output, fmt, diff, tolerance, runtime, trtexec)
-
-
-def _reference_logits(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
-    model = load_model(str(loaded.path), torch.device("cpu")).model  # fresh fp32 copy (export may have halved it)
-    with torch.inference_mode():
-        return model(images).float()
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

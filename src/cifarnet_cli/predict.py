@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarnet_cli.data.images import ImageDecodeError, is_image_file, load_image
+from cifarnet_cli.data.images import ImageDecodeError, decode_workers, is_image_file, load_image
 from cifarnet_cli.devices import autocast, resolve_device, resolve_precision
 from cifarnet_cli.errors import UsageError
 from cifarnet_cli.inference import LoadedModel, load_model
@@ -73,7 +73,7 @@ def _decoded(files: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path
         except ImageDecodeError as exc:
             return str(exc.__cause__ or exc)
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             yield list(zip(chunk, pool.map(decode, chunk), strict=True))

@@ -20,7 +20,7 @@ from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
-from cifarnet_cli.engine import EventCallback, fit
+from cifarnet_cli.engine import EventCallback, backbone_frozen, fit, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.models import Classifier, count_parameters, get_model
 
@@ -97,15 +97,6 @@ class TrainResult:
             "images_per_second": self.images_per_second,
             "checkpoint": self.checkpoint,
         }
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training; the run's last.pt holds the last completed epoch."""
-
-    def __init__(self, run: runs.Run, completed_epochs: int) -> None:
-        super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
-        self.run = run
-        self.completed_epochs = completed_epochs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,12 +252,11 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
+    if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
+        set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
     if ckpt is None:
         run = runs.create_run(run_name or _unique_name(config.arch))
-        if config.freeze_backbone:
-            from cifarnet_cli.engine import set_backbone_trainable
-
-            set_backbone_trainable(model, False)
 
     train_loader = DeviceLoader(
         train_set,
@@ -319,26 +309,22 @@ def train(
             effective_batch=config.effective_batch,
             peak_lr=config.peak_lr,
             epochs=config.epochs,
-            start_epoch=int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0,
+            start_epoch=start_epoch,
             on_device_data=train_loader.on_device,
         )
     )
-    try:
-        result = fit(
-            model,
-            config,
-            train_loader=train_loader,
-            eval_loader=eval_loader,
-            device=device,
-            precision=precision,
-            run=run,
-            meta=meta,
-            resume_from=ckpt,
-            on_event=on_event,
-        )
-    except KeyboardInterrupt:
-        done = checkpoint.load(run.last)["fit_state"]["epoch"] if run.last.is_file() else 0
-        raise TrainingInterrupted(run, int(done)) from None
+    result = fit(
+        model,
+        config,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        device=device,
+        precision=precision,
+        run=run,
+        meta=meta,
+        resume_from=ckpt,
+        on_event=on_event,
+    )
     curves = report.plot_curves(run)
     on_event(Notice(f"Training curves: {curves}" if curves is not None else report.PLOT_HINT))
     return TrainResult(

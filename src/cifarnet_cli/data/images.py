@@ -26,6 +26,11 @@ class ImageDecodeError(ValueError):
     """The file is not an image PIL can read (or is truncated)."""
 
 
+def decode_workers() -> int:
+    """Threads for decoding many files: PIL releases the GIL while decoding, so twice the cores helps."""
+    return min(8, (os.cpu_count() or 1) * 2)
+
+
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 

@@ -30,7 +30,7 @@ import torch
 
 from cifarnet_cli import paths
 from cifarnet_cli.data.classes import CIFAR10_CLASSES, classes_for_folders, match_classes
-from cifarnet_cli.data.images import IMAGE_SIZE, ImageDecodeError, is_image_file, load_image
+from cifarnet_cli.data.images import IMAGE_SIZE, ImageDecodeError, decode_workers, is_image_file, load_image
 from cifarnet_cli.errors import CifarNetError
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -235,8 +235,7 @@ def _decode_many(files: Sequence[Path], progress: Callable[[int, int], None] | N
         except ImageDecodeError:
             bad.append(i)
 
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for done, _ in enumerate(pool.map(work, range(len(files))), start=1):
             if progress is not None and (done % 2048 == 0 or done == len(files)):
                 progress(done, len(files))
