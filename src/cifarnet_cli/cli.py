@@ -47,7 +47,7 @@ def _usage(message: str) -> typer.Exit:
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """A user error ends in one red line and its exit code; Ctrl-C in exit code 130."""
-    from cifarnet_cli.engine import TrainingInterrupted
+    from cifarnet_cli.events import TrainingInterrupted
 
     try:
         yield

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,46 +20,16 @@ from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.devices import Precision, autocast, synchronize
 from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.events import (
+    EpochEnded,
+    EpochStarted,
+    EventCallback,
+    StepProgress,
+    TrainingInterrupted,
+)
+from cifarnet_cli.events import ignore as _ignore
 from cifarnet_cli.models import Classifier
 from cifarnet_cli.runs import Run
-
-# --------------------------------------------------------------------------------------------------
-# Events
-
-
-@dataclass(frozen=True)
-class EpochStarted:
-    epoch: int  # 1-based
-    epochs: int
-    steps: int  # optimizer steps in this epoch
-    micro_batches: int
-
-
-@dataclass(frozen=True)
-class StepProgress:
-    epoch: int
-    step: int  # optimizer steps done in this epoch
-    steps: int
-    images: int  # images seen in this epoch
-    loss: float
-    accuracy: float
-    lr: float
-    images_per_second: float
-
-
-@dataclass(frozen=True)
-class EpochEnded:
-    metrics: dict[str, Any]
-    is_best: bool
-
-
-Event = EpochStarted | StepProgress | EpochEnded
-EventCallback = Callable[[Any], None]  # receives Event and the set-up events of training.py
-
-
-def _ignore(_event: Any) -> None:
-    pass
-
 
 # --------------------------------------------------------------------------------------------------
 # Optimizer and schedule
@@ -299,15 +269,6 @@ class FitState:
     best_epoch: int = 0
     train_images: int = 0
     train_seconds: float = 0.0
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training; the run's last.pt holds the last completed epoch."""
-
-    def __init__(self, run: Run, completed_epochs: int) -> None:
-        super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
-        self.run = run
-        self.completed_epochs = completed_epochs
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from cifarnet_cli.data.sources import ImageSet, find_source
 from cifarnet_cli.devices import resolve_device, resolve_precision
 from cifarnet_cli.engine import predict_logits
 from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.events import Notice
 from cifarnet_cli.inference import LoadedModel, load_model
-from cifarnet_cli.training import Notice, open_data, split_data
+from cifarnet_cli.training import open_data, split_data
 
 SPLITS = choices.SPLITS
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +19,13 @@ from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
-from cifarnet_cli.engine import EventCallback, backbone_frozen, fit, set_backbone_trainable
+from cifarnet_cli.engine import backbone_frozen, fit, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.events import DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.models import Classifier, count_parameters, get_model
 
 #: Options that may differ when a run is resumed (the machine may have changed); the recipe may not.
 RESUME_OVERRIDABLE = frozenset({"device", "precision", "data_dir"})
-
-
-@dataclass(frozen=True)
-class RunStarted:
-    run: str
-    run_dir: str
-    device: str
-    precision: str
-    data: str
-    train_images: int
-    eval_images: int
-    eval_split: str
-    arch: str
-    parameters: int
-    trainable_parameters: int
-    batch_size: int
-    accum: int
-    effective_batch: int
-    peak_lr: float
-    epochs: int
-    start_epoch: int  # completed epochs before this invocation (resume)
-    on_device_data: bool
-
-
-@dataclass(frozen=True)
-class Notice:
-    message: str
-
-
-@dataclass(frozen=True)
-class DownloadProgress:
-    name: str
-    done: int
-    total: int | None
 
 
 def download_callbacks(
@@ -74,29 +40,6 @@ def download_callbacks(
         on_event(DownloadProgress(name, done, total))
 
     return notify, progress
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    run: str
-    run_dir: str
-    epochs: int
-    best_accuracy: float
-    final_accuracy: float
-    images_per_second: float
-    checkpoint: str
-    already_finished: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run": self.run,
-            "run_dir": self.run_dir,
-            "epochs": self.epochs,
-            "best_accuracy": self.best_accuracy,
-            "final_accuracy": self.final_accuracy,
-            "images_per_second": self.images_per_second,
-            "checkpoint": self.checkpoint,
-        }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,8 +19,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cifarnet_cli.engine import EpochEnded, EpochStarted, StepProgress
-from cifarnet_cli.training import DownloadProgress, Notice, RunStarted, TrainResult
+from cifarnet_cli.events import (
+    DownloadProgress,
+    EpochEnded,
+    EpochStarted,
+    Notice,
+    RunStarted,
+    StepProgress,
+    TrainResult,
+)
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)

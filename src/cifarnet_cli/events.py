@@ -1,0 +1,123 @@
+"""What the library reports while it works, as plain dataclasses: the engine and the run set-up emit
+them through a callback, and whoever renders them (the CLI's Rich views, a notebook, a test) decides how.
+
+Kept free of torch so that the terminal side can import it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cifarnet_cli.runs import Run
+
+EventCallback = Callable[[Any], None]
+
+
+def ignore(_event: Any) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Run set-up
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run: str
+    run_dir: str
+    device: str
+    precision: str
+    data: str
+    train_images: int
+    eval_images: int
+    eval_split: str
+    arch: str
+    parameters: int
+    trainable_parameters: int
+    batch_size: int
+    accum: int
+    effective_batch: int
+    peak_lr: float
+    epochs: int
+    start_epoch: int  # completed epochs before this invocation (resume)
+    on_device_data: bool
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    name: str
+    done: int
+    total: int | None
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop
+
+
+@dataclass(frozen=True)
+class EpochStarted:
+    epoch: int  # 1-based
+    epochs: int
+    steps: int  # optimizer steps in this epoch
+    micro_batches: int
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    epoch: int
+    step: int  # optimizer steps done in this epoch
+    steps: int
+    images: int  # images seen in this epoch
+    loss: float
+    accuracy: float
+    lr: float
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    metrics: dict[str, Any]
+    is_best: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Outcomes
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the run's last.pt holds the last completed epoch."""
+
+    def __init__(self, run: Run, completed_epochs: int) -> None:
+        super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
+        self.run = run
+        self.completed_epochs = completed_epochs
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: str
+    run_dir: str
+    epochs: int
+    best_accuracy: float
+    final_accuracy: float
+    images_per_second: float
+    checkpoint: str
+    already_finished: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "run_dir": self.run_dir,
+            "epochs": self.epochs,
+            "best_accuracy": self.best_accuracy,
+            "final_accuracy": self.final_accuracy,
+            "images_per_second": self.images_per_second,
+            "checkpoint": self.checkpoint,
+        }
