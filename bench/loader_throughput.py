@@ -52,7 +52,7 @@ def main() -> None:
     images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images)
 
-    data = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10_CLASSES)
+    data = ImageSet(images, labels, CIFAR10_CLASSES)
     loader = DeviceLoader(
         data, batch_size=args.batch_size, device=device, train=True, channels_last=device.type == "cuda"
     )

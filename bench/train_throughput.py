@@ -40,7 +40,7 @@ def cifarnet_epoch(
     model = get_model("resnet20").to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    data = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10_CLASSES)
+    data = ImageSet(images, labels, CIFAR10_CLASSES)
     loader = DeviceLoader(data, batch_size=batch, device=device, train=True, channels_last=cl)
     opt = build_optimizer(model, TrainConfig(batch_size=batch, accum=accum))
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None

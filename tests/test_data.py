@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cifarnet_cli.data import sources
@@ -24,12 +23,12 @@ from .conftest import synthetic_images
 def test_official_folder_loads_both_splits(cifar_folder: Path) -> None:
     src = load_source(cifar_folder)
     assert src.kind == "cifar-python"
-    assert src.train.images.shape == (100, 32, 32, 3) and src.train.images.dtype == torch.uint8
+    assert src.train.images.shape == (100, 32, 32, 3) and src.train.images.dtype == np.uint8
     assert src.split("test").images.shape == (20, 32, 32, 3)
     assert src.classes == CIFAR10_CLASSES
     # pixels come back in HWC order exactly as written
-    expected = synthetic_images(src.train.labels[:20].numpy(), 1)
-    assert np.array_equal(src.train.images[:20].numpy(), expected)
+    expected = synthetic_images(src.train.labels[:20], 1)
+    assert np.array_equal(src.train.images[:20], expected)
 
 
 def test_parent_of_official_folder_is_accepted(cifar_folder: Path) -> None:
@@ -129,7 +128,7 @@ def test_folder_cache_is_reused_and_invalidated(
 
     monkeypatch.setattr(sources, "load_image", boom)
     second = load_source(root)
-    assert torch.equal(first.train.images, second.train.images) and first.fingerprint == second.fingerprint
+    assert np.array_equal(first.train.images, second.train.images) and first.fingerprint == second.fingerprint
     # a changed file changes the fingerprint: the folder is decoded again
     monkeypatch.undo()
     target = root / "train" / "cat" / "0000.png"
@@ -137,7 +136,7 @@ def test_folder_cache_is_reused_and_invalidated(
     os.utime(target, ns=(1, 1))
     third = load_source(root)
     assert third.fingerprint != first.fingerprint
-    assert not torch.equal(third.train.images, first.train.images)
+    assert not np.array_equal(third.train.images, first.train.images)
 
 
 def test_unreadable_images_are_skipped_with_a_warning(image_folder: Callable[..., Path]) -> None:
@@ -168,25 +167,25 @@ def test_aliases() -> None:
 
 
 def test_stratified_split_is_seeded_disjoint_and_balanced() -> None:
-    labels = torch.arange(10).repeat_interleave(100)
+    labels = np.repeat(np.arange(10), 100)
     train, val = stratified_split(labels, 100, seed=3)
     assert len(val) == 100 and len(train) == 900
     assert set(train.tolist()).isdisjoint(val.tolist())
-    assert torch.bincount(labels[val], minlength=10).tolist() == [10] * 10
+    assert np.bincount(labels[val], minlength=10).tolist() == [10] * 10
     again_train, again_val = stratified_split(labels, 100, seed=3)
-    assert torch.equal(val, again_val) and torch.equal(train, again_train)
-    assert not torch.equal(val, stratified_split(labels, 100, seed=4)[1])
+    assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
+    assert not np.array_equal(val, stratified_split(labels, 100, seed=4)[1])
 
 
 def test_stratified_split_rounds_to_exact_total() -> None:
-    labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
+    labels = np.array([0] * 7 + [1] * 5 + [2] * 3)
     _train, val = stratified_split(labels, 4, seed=0)
     assert len(val) == 4
 
 
 def test_split_rejects_sizes_that_leave_nothing() -> None:
     with pytest.raises(UsageError):
-        stratified_split(torch.zeros(10, dtype=torch.long), 10, seed=0)
+        stratified_split(np.zeros(10, dtype=np.int64), 10, seed=0)
 
 
 def test_tar_with_unexpected_member_is_not_read(tmp_path: Path) -> None:

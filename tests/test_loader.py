@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cifarnet_cli.data.classes import CIFAR10_CLASSES
@@ -10,8 +11,8 @@ CPU = torch.device("cpu")
 
 
 def _dataset(n: int = 64) -> ImageSet:
-    images = torch.randint(1, 256, (n, 32, 32, 3), dtype=torch.uint8)  # no zeros: padding is detectable
-    return ImageSet(images, torch.arange(n) % 10, CIFAR10_CLASSES)
+    images = torch.randint(1, 256, (n, 32, 32, 3), dtype=torch.uint8).numpy()  # no zeros: padding is detectable
+    return ImageSet(images, np.arange(n) % 10, CIFAR10_CLASSES)
 
 
 def test_eval_loader_returns_images_unchanged_in_order() -> None:
@@ -21,8 +22,8 @@ def test_eval_loader_returns_images_unchanged_in_order() -> None:
     assert [len(y) for y in ys] == [16, 16, 16, 2] == loader.batch_sizes() and len(loader) == 4
     x = torch.cat(xs)
     assert x.dtype == torch.float32 and x.shape == (50, 3, 32, 32)
-    assert torch.equal((x * 255).round().to(torch.uint8), data.images.permute(0, 3, 1, 2))
-    assert torch.equal(torch.cat(ys), data.labels)
+    assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(data.images).permute(0, 3, 1, 2))
+    assert torch.equal(torch.cat(ys), torch.from_numpy(data.labels))
 
 
 def test_train_loader_visits_every_image_once_per_epoch() -> None:
@@ -44,7 +45,7 @@ def test_crop_and_flip_statistics() -> None:
     assert 0.3 < (zero_rows > 0).float().mean() * (zero_cols > 0).float().mean() < 0.9
     # flips: compare an un-shifted image with its source
     order = torch.randperm(2000, generator=torch.Generator().manual_seed(0 * 100_003 + 0))
-    src = data.images[order].permute(0, 3, 1, 2).float() / 255
+    src = torch.from_numpy(data.images)[order].permute(0, 3, 1, 2).float() / 255
     unshifted = (zero_rows == 0) & (zero_cols == 0)
     same = (x[unshifted] == src[unshifted]).flatten(1).all(1)
     flipped = (x[unshifted] == src[unshifted].flip(3)).flatten(1).all(1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cifarnet_cli import choices
@@ -156,11 +157,11 @@ def evaluate_model(
                 f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(loaded.classes)})."
             )
         class_ids = sorted(set(mapping.values()))
-        keep = torch.isin(data.labels, torch.tensor(class_ids))
+        keep = np.isin(data.labels, class_ids)
         left_out = int((~keep).sum())
         if left_out:
             notify(f"Left out {left_out} image(s) of classes outside --classes.")
-        data = data.subset(torch.nonzero(keep).flatten())
+        data = data.subset(np.flatnonzero(keep))
     if len(data) == 0:
         raise CifarNetError("No images to evaluate" + (" in the chosen classes." if classes else "."))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,9 +54,10 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.epoch = 0
         # HWC uint8 → NCHW view (that is channels_last memory, which the GPU convolutions prefer).
-        images, self.on_device = _place(data.images, device)
+        images, self.on_device = _place(torch.from_numpy(data.images), device)
         self.images = images.permute(0, 3, 1, 2)
-        self.labels = data.labels.to(device) if self.on_device else data.labels
+        labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+        self.labels = labels.to(device) if self.on_device else labels
 
     def __len__(self) -> int:
         return -(-self.num_examples // self.batch_size)

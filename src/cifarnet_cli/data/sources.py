@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cifarnet_cli import paths
 from cifarnet_cli.data.classes import CIFAR10_CLASSES, classes_for_folders, match_classes
@@ -42,17 +41,21 @@ _CACHE_VERSION = 1  # bump when the decoding recipe in images.py changes
 
 @dataclass(frozen=True)
 class ImageSet:
-    """One split: ``images`` is uint8 N×32×32×3 (HWC, as CIFAR stores it), ``labels`` int64 N."""
+    """One split: ``images`` is uint8 N×32×32×3 (HWC, as CIFAR stores it), ``labels`` int64 N.
 
-    images: torch.Tensor
-    labels: torch.Tensor
+    numpy, not torch: reading data (and running an exported model on it) does not need torch; the
+    training loader wraps the arrays without a copy."""
+
+    images: np.ndarray
+    labels: np.ndarray
     classes: tuple[str, ...]
     paths: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: torch.Tensor) -> ImageSet:
+    def subset(self, index: np.ndarray) -> ImageSet:
+        index = np.asarray(index, dtype=np.int64)
         sub_paths = tuple(self.paths[i] for i in index.tolist()) if self.paths is not None else None
         return ImageSet(self.images[index], self.labels[index], self.classes, sub_paths)
 
@@ -148,14 +151,14 @@ def _splits_from_batches(read: Callable[[str], bytes | None], where: str) -> dic
             raise CifarNetError(f"{where} is missing {name}; re-download the data set (cifarnet download cifar10).")
         parts.append(_batch_to_tensors(_unpickle(data, f"{where}/{name}"), f"{where}/{name}"))
     splits["train"] = ImageSet(
-        torch.from_numpy(np.concatenate([p[0] for p in parts])),
-        torch.from_numpy(np.concatenate([p[1] for p in parts])),
+        np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
+        np.concatenate([p[1] for p in parts]),
         CIFAR10_CLASSES,
     )
     test = read(TEST_BATCH)
     if test is not None:
         x, y = _batch_to_tensors(_unpickle(test, f"{where}/{TEST_BATCH}"), f"{where}/{TEST_BATCH}")
-        splits["test"] = ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), CIFAR10_CLASSES)
+        splits["test"] = ImageSet(np.ascontiguousarray(x), y, CIFAR10_CLASSES)
     return splits
 
 
@@ -310,8 +313,8 @@ def load_image_folder(
             with np.load(cache_file, allow_pickle=False) as z:
                 for split in scan.split_files:
                     splits[split] = ImageSet(
-                        torch.from_numpy(z[f"{split}_images"]),
-                        torch.from_numpy(z[f"{split}_labels"]),
+                        z[f"{split}_images"],
+                        z[f"{split}_labels"],
                         scan.classes,
                         tuple(str(p) for p in z[f"{split}_paths"]),
                     )
@@ -334,8 +337,8 @@ def load_image_folder(
             arrays[f"{split}_labels"] = labels
             arrays[f"{split}_paths"] = kept_paths
             splits[split] = ImageSet(
-                torch.from_numpy(images[keep]),
-                torch.from_numpy(labels),
+                arrays[f"{split}_images"],
+                labels,
                 scan.classes,
                 tuple(kept_paths.tolist()),
             )

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cifarnet_cli.errors import UsageError
 
 
-def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels_np: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (train_index, val_index). Each class gives its share of ``n_val`` images (largest
     remainder rounding), chosen by a permutation seeded with ``seed``; both index lists are sorted."""
+    labels = torch.from_numpy(np.asarray(labels_np, dtype=np.int64))
     n = int(labels.numel())
     if n_val < 0:
         raise UsageError("--val-split must be 0 or more.")
     if n_val >= n:
         raise UsageError(f"--val-split {n_val} leaves no training images (the data has {n}); use fewer.")
     if n_val == 0:
-        return torch.arange(n), torch.zeros(0, dtype=torch.long)
+        return np.arange(n), np.zeros(0, dtype=np.int64)
     gen = torch.Generator().manual_seed(seed)
     classes, counts = torch.unique(labels, return_counts=True)
     exact = counts.double() * n_val / n
@@ -32,4 +34,4 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
     val = torch.sort(torch.cat(val_parts)).values
     mask = torch.ones(n, dtype=torch.bool)
     mask[val] = False
-    return torch.nonzero(mask).flatten(), val
+    return torch.nonzero(mask).flatten().numpy(), val.numpy()
