@@ -34,8 +34,8 @@ def test_train_loader_visits_every_image_once_per_epoch() -> None:
 
 
 def test_crop_and_flip_statistics() -> None:
-    data = _dataset(2000)
-    loader = DeviceLoader(data, batch_size=500, device=CPU, train=True, seed=0)
+    data = _dataset(8000)  # ~100 images keep both offsets at 4 (1/81): enough to tell flips apart
+    loader = DeviceLoader(data, batch_size=2000, device=CPU, train=True, seed=0)
     x = torch.cat([b for b, _y in loader])
     zero_rows = (x.sum(dim=(1, 3)) == 0).sum(1)  # padded rows per image
     zero_cols = (x.sum(dim=(1, 2)) == 0).sum(1)
@@ -44,7 +44,7 @@ def test_crop_and_flip_statistics() -> None:
     assert 0.07 < (zero_rows == 0).float().mean() < 0.16
     assert 0.3 < (zero_rows > 0).float().mean() * (zero_cols > 0).float().mean() < 0.9
     # flips: compare an un-shifted image with its source
-    order = torch.randperm(2000, generator=torch.Generator().manual_seed(0 * 100_003 + 0))
+    order = torch.randperm(8000, generator=torch.Generator().manual_seed(0 * 100_003 + 0))
     src = torch.from_numpy(data.images)[order].permute(0, 3, 1, 2).float() / 255
     unshifted = (zero_rows == 0) & (zero_cols == 0)
     same = (x[unshifted] == src[unshifted]).flatten(1).all(1)
@@ -69,3 +69,13 @@ def test_channels_last_output() -> None:
     loader = DeviceLoader(_dataset(8), batch_size=8, device=CPU, train=True, channels_last=True)
     x, _ = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_last_training_batch_of_one_image_joins_the_one_before() -> None:
+    # 33 images in batches of 16: 16 + 17 for training (BatchNorm cannot train on one image), 16 + 16 + 1 to evaluate
+    train = DeviceLoader(_dataset(33), batch_size=16, device=CPU, train=True)
+    assert train.batch_sizes() == [16, 17] == [len(y) for _x, y in train] and len(train) == 2
+    assert sorted(torch.cat([y for _x, y in train]).tolist()) == sorted((np.arange(33) % 10).tolist())
+    evaluation = DeviceLoader(_dataset(33), batch_size=16, device=CPU, train=False)
+    assert evaluation.batch_sizes() == [16, 16, 1] == [len(y) for _x, y in evaluation]
+    assert DeviceLoader(_dataset(34), batch_size=16, device=CPU, train=True).batch_sizes() == [16, 16, 2]

@@ -4,6 +4,7 @@ runs `cifarnet` on every Tab press) answer without loading torch."""
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 DEVICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CAPTURE = ("auto", "on", "off")
 SCHEDULES = ("cosine", "multistep")
 SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from cifarnet_cli import __version__, choices
+from cifarnet_cli.config import FINETUNE_DEFAULTS, TrainConfig
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 app = typer.Typer(
@@ -80,7 +81,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _complete_arch(incomplete: str) -> list[str]:
-    return [a for a in choices.CIFAR_ARCHS if a.startswith(incomplete)]
+    return [a for a in choices.CIFAR_ARCHS if a.startswith(incomplete.lower())]
 
 
 def _complete_device(incomplete: str) -> list[str]:
@@ -89,6 +90,10 @@ def _complete_device(incomplete: str) -> list[str]:
 
 def _complete_precision(incomplete: str) -> list[str]:
     return [p for p in choices.PRECISIONS if p.startswith(incomplete)]
+
+
+def _complete_capture(incomplete: str) -> list[str]:
+    return [c for c in choices.CAPTURE if c.startswith(incomplete)]
 
 
 def _complete_schedule(incomplete: str) -> list[str]:
@@ -129,119 +134,171 @@ def _main(
 
 
 # --------------------------------------------------------------------------------------------------
-# train / finetune-resnet50 share their options
+# train / finetune-resnet50 share their options; each command's help shows its own defaults
 
-Epochs = Annotated[int | None, typer.Option(help="Training epochs. \\[default: 60; finetune: 5]", show_default=False)]
-BatchSize = Annotated[
-    int | None,
-    typer.Option(
+
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a whole number") from None
+
+
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number") from None
+
+
+def _batch_size(value: str) -> str:
+    """A number of images, or ``auto`` (kept as text; _run_training turns it into the config)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    return str(_whole_number(value))
+
+
+def _option(kind: type, *decls: str, help: str, **kwargs: Any) -> Any:
+    parser = {int: _whole_number, float: _number}.get(kind)
+    if parser is not None:
+        kwargs["parser"] = parser
+    return typer.Option(*decls, help=help, show_default=False, **kwargs)
+
+
+_T = TrainConfig()
+_F = TrainConfig(**FINETUNE_DEFAULTS)
+TrainEpochs = Annotated[int | None, _option(int, help=f"Training epochs. \\[default: {_T.epochs}]")]
+TrainBatchSize = Annotated[
+    str | None,
+    _option(
+        str,
         "--batch-size",
         "-b",
-        help="Images per forward pass (micro-batch). \\[default: 512; finetune: 64]",
-        show_default=False,
+        help="Images per forward pass (micro-batch), or auto: the largest that fits the GPU's free memory, with "
+        f"--accum raised to keep the effective batch. \\[default: {_T.batch_size}]",
+        parser=_batch_size,
+        metavar="N|auto",
     ),
 ]
-Accum = Annotated[
+TrainAccum = Annotated[
     int | None,
-    typer.Option(
+    _option(
+        int,
         help="Micro-batches per optimizer step (exact gradient accumulation). Without --batch-size, the default "
-        "effective batch is kept and split into smaller micro-batches. \\[default: 1; finetune: 2]",
-        show_default=False,
+        f"effective batch is kept and split into smaller micro-batches. \\[default: {_T.accum}]",
     ),
 ]
-Lr = Annotated[
+TrainLr = Annotated[
     float | None,
-    typer.Option(
-        help="Peak learning rate. \\[default: 0.4 per 512 images of effective batch; finetune: 0.05 per 128]",
-        show_default=False,
+    _option(
+        float, help=f"Peak learning rate. \\[default: {_T.base_lr:g} per {_T.base_batch} images of effective batch]"
     ),
 ]
-Momentum = Annotated[float | None, typer.Option(help="SGD (Nesterov) momentum. \\[default: 0.9]", show_default=False)]
-WeightDecay = Annotated[
+TrainWeightDecay = Annotated[
     float | None,
-    typer.Option(
-        "--weight-decay",
-        help="Weight decay on conv/linear weights. \\[default: 5e-4; finetune: 1e-4]",
-        show_default=False,
+    _option(float, "--weight-decay", help=f"Weight decay on conv/linear weights. \\[default: {_T.weight_decay:g}]"),
+]
+FinetuneEpochs = Annotated[int | None, _option(int, help=f"Training epochs. \\[default: {_F.epochs}]")]
+FinetuneBatchSize = Annotated[
+    str | None,
+    _option(
+        str,
+        "--batch-size",
+        "-b",
+        help="Images per forward pass (micro-batch), or auto: the largest that fits the GPU's free memory, with "
+        f"--accum raised to keep the effective batch. \\[default: {_F.batch_size} (smaller where it does not fit the GPU)]",
+        parser=_batch_size,
+        metavar="N|auto",
     ),
 ]
+FinetuneAccum = Annotated[
+    int | None,
+    _option(
+        int,
+        help="Micro-batches per optimizer step (exact gradient accumulation). Without --batch-size, the default "
+        f"effective batch is kept and split into smaller micro-batches. \\[default: {_F.accum}]",
+    ),
+]
+FinetuneLr = Annotated[
+    float | None,
+    _option(
+        float, help=f"Peak learning rate. \\[default: {_F.base_lr:g} per {_F.base_batch} images of effective batch]"
+    ),
+]
+FinetuneWeightDecay = Annotated[
+    float | None,
+    _option(float, "--weight-decay", help=f"Weight decay on conv/linear weights. \\[default: {_F.weight_decay:g}]"),
+]
+TrainWarmup = Annotated[
+    float | None,
+    _option(float, "--warmup-epochs", help="Linear warm-up epochs. \\[default: 2, at most a fifth of the epochs]"),
+]
+FinetuneWarmup = Annotated[
+    float | None, _option(float, "--warmup-epochs", help=f"Linear warm-up epochs. \\[default: {_F.warmup_epochs:g}]")
+]
+Momentum = Annotated[float | None, _option(float, help="SGD (Nesterov) momentum. \\[default: 0.9]")]
 Schedule = Annotated[
     str | None,
-    typer.Option(
-        help="Learning-rate schedule: cosine or multistep. \\[default: cosine]",
-        show_default=False,
-        autocompletion=_complete_schedule,
+    _option(
+        str, help="Learning-rate schedule: cosine or multistep. \\[default: cosine]", autocompletion=_complete_schedule
     ),
 ]
 Milestones = Annotated[
     str | None,
-    typer.Option(
-        help="Epochs at which multistep multiplies the lr by --gamma, e.g. 20,40. \\[default: 50%,75%]",
-        show_default=False,
-    ),
+    _option(str, help="Epochs at which multistep multiplies the lr by --gamma, e.g. 20,40. \\[default: 50%,75%]"),
 ]
-Gamma = Annotated[float | None, typer.Option(help="Multistep decay factor. \\[default: 0.1]", show_default=False)]
-Warmup = Annotated[
-    float | None,
-    typer.Option(
-        "--warmup-epochs",
-        help="Linear warm-up epochs. \\[default: 2, at most a fifth of the epochs; finetune: 0.5]",
-        show_default=False,
-    ),
-]
-Smoothing = Annotated[
-    float | None,
-    typer.Option("--label-smoothing", help="Label smoothing. \\[default: 0.1]", show_default=False),
-]
+Gamma = Annotated[float | None, _option(float, help="Multistep decay factor. \\[default: 0.1]")]
+Smoothing = Annotated[float | None, _option(float, "--label-smoothing", help="Label smoothing. \\[default: 0.1]")]
 DataDir = Annotated[
     Path | None,
-    typer.Option(
+    _option(
+        Path,
         "--data-dir",
         help="cifar-10-batches-py folder, cifar-10-python.tar.gz, or an image folder (train/<class>/*). "
-        "[default: $CIFARNET_DATA or the user data dir]",
-        show_default=False,
+        "\\[default: $CIFARNET_DATA or the user data dir]",
     ),
 ]
 ValSplit = Annotated[
     int | None,
-    typer.Option(
+    _option(
+        int,
         "--val-split",
         help="Training images held out for validation (seeded, stratified); 0 validates on the test split. "
-        "[default: 10%, at most 5000]",
-        show_default=False,
+        "\\[default: 10%, at most 5000]",
     ),
 ]
 Device = Annotated[
     str | None,
-    typer.Option(
-        help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]",
-        show_default=False,
-        autocompletion=_complete_device,
-    ),
+    _option(str, help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]", autocompletion=_complete_device),
 ]
 PrecisionOpt = Annotated[
     str | None,
-    typer.Option(
-        help="auto (bf16 on recent CUDA GPUs, fp16 on older ones, fp32 elsewhere), fp32, bf16 or fp16. \\[default: auto]",
-        show_default=False,
+    _option(
+        str,
+        help="auto (by the GPU's compute capability: bf16 from 8.0, fp16 on 5.3-7.5 except 6.1, fp32 elsewhere), "
+        "fp32, bf16 or fp16. \\[default: auto]",
         autocompletion=_complete_precision,
     ),
 ]
-RunName = Annotated[
-    str | None, typer.Option("--run", help="Run name. \\[default: <arch>-<date>-<time>]", show_default=False)
+Capture = Annotated[
+    str | None,
+    _option(
+        str,
+        help="Capture the training step as CUDA graphs: auto (on CUDA), on, off. Same results, less launch "
+        "overhead. \\[default: auto]",
+        autocompletion=_complete_capture,
+    ),
 ]
+RunName = Annotated[str | None, _option(str, "--run", help="Run name. \\[default: <arch>-<date>-<time>]")]
 Resume = Annotated[
     str | None,
-    typer.Option(
+    _option(
+        str,
         help="Continue a run (name, run folder or last.pt; 'last' = the most recent) with its recorded options.",
-        show_default=False,
         autocompletion=_complete_run,
     ),
 ]
-Seed = Annotated[
-    int | None,
-    typer.Option(help="Random seed (data order, augmentation, init, split). \\[default: 0]", show_default=False),
-]
+Seed = Annotated[int | None, _option(int, help="Random seed (data order, augmentation, init, split). \\[default: 0]")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; errors only.")]
 
@@ -255,6 +312,10 @@ def _run_training(
     with _user_errors():
         if resume is not None and run is not None:
             raise UsageError("--run names a new run; --resume continues an existing one. Use one of them.")
+        if options.get("batch_size") == "auto":
+            options["batch_size"], options["batch_size_auto"] = None, True
+        elif options.get("batch_size") is not None:
+            options["batch_size"] = int(options["batch_size"])
         if isinstance(options.get("milestones"), str):
             options["milestones"] = parse_milestones(options["milestones"]) or None
         if options.get("data_dir") is not None:
@@ -282,21 +343,22 @@ def train(
             autocompletion=_complete_arch,
         ),
     ] = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    accum: Accum = None,
-    lr: Lr = None,
+    epochs: TrainEpochs = None,
+    batch_size: TrainBatchSize = None,
+    accum: TrainAccum = None,
+    lr: TrainLr = None,
     momentum: Momentum = None,
-    weight_decay: WeightDecay = None,
+    weight_decay: TrainWeightDecay = None,
     schedule: Schedule = None,
     milestones: Milestones = None,
     gamma: Gamma = None,
-    warmup_epochs: Warmup = None,
+    warmup_epochs: TrainWarmup = None,
     label_smoothing: Smoothing = None,
     data_dir: DataDir = None,
     val_split: ValSplit = None,
     device: Device = None,
     precision: PrecisionOpt = None,
+    capture: Capture = None,
     run: RunName = None,
     resume: Resume = None,
     seed: Seed = None,
@@ -307,6 +369,7 @@ def train(
 
     Example: cifarnet train --arch resnet20 --epochs 30 --batch-size 64 --accum 8
     """
+    arch = arch.strip().lower() if arch is not None else None
     if arch is not None and resume is None:
         if arch not in choices.CIFAR_ARCHS:
             hint = " (ResNet-50 trains with `cifarnet finetune-resnet50`)" if arch == "resnet50" else ""
@@ -328,6 +391,7 @@ def train(
         val_split=val_split,
         device=device,
         precision=precision,
+        capture=capture,
         seed=seed,
     )
     _run_training("train", options, run=run, resume=resume, as_json=as_json, quiet=quiet)
@@ -368,21 +432,22 @@ def finetune_resnet50(
             show_default=False,
         ),
     ] = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    accum: Accum = None,
-    lr: Lr = None,
+    epochs: FinetuneEpochs = None,
+    batch_size: FinetuneBatchSize = None,
+    accum: FinetuneAccum = None,
+    lr: FinetuneLr = None,
     momentum: Momentum = None,
-    weight_decay: WeightDecay = None,
+    weight_decay: FinetuneWeightDecay = None,
     schedule: Schedule = None,
     milestones: Milestones = None,
     gamma: Gamma = None,
-    warmup_epochs: Warmup = None,
+    warmup_epochs: FinetuneWarmup = None,
     label_smoothing: Smoothing = None,
     data_dir: DataDir = None,
     val_split: ValSplit = None,
     device: Device = None,
     precision: PrecisionOpt = None,
+    capture: Capture = None,
     run: RunName = None,
     resume: Resume = None,
     seed: Seed = None,
@@ -416,6 +481,7 @@ def finetune_resnet50(
         val_split=val_split,
         device=device,
         precision=precision,
+        capture=capture,
         seed=seed,
     )
     _run_training("finetune-resnet50", options, run=run, resume=resume, as_json=as_json, quiet=quiet)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from cifarnet_cli import choices
 from cifarnet_cli.errors import UsageError
 
 SCHEDULES = ("cosine", "multistep")
@@ -41,6 +42,8 @@ class TrainConfig:
     val_split: int | None = None  # images held out for validation; None = 10%, at most 5000; 0 = test split
     device: str = "auto"
     precision: str = "auto"
+    capture: str = "auto"  # CUDA-graph capture of the training step: auto (on CUDA) | on | off
+    batch_size_auto: bool = False  # pick the largest micro-batch <= batch_size that fits, raising accum
     seed: int = 0
     # Transfer learning (finetune-resnet50)
     image_size: int | None = None  # model input side; None = the architecture's own
@@ -82,6 +85,8 @@ class TrainConfig:
             raise bad("--momentum must be in [0, 1).")
         if self.weight_decay < 0:
             raise bad("--weight-decay must be 0 or more.")
+        if self.capture not in choices.CAPTURE:
+            raise bad(f"Unknown --capture {self.capture!r}; choose one of: {', '.join(choices.CAPTURE)}.")
         if self.schedule not in SCHEDULES:
             raise bad(f"Unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
         if any(m < 1 or m > self.epochs for m in self.milestones):
@@ -155,6 +160,15 @@ def make_config(task: str, overrides: dict[str, Any]) -> TrainConfig:
     """A validated config for ``task`` from the options the user actually gave (None = default)."""
     base: dict[str, Any] = dict(FINETUNE_DEFAULTS) if task == "finetune-resnet50" else {}
     given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("batch_size_auto"):
+        # --batch-size auto: the recipe's effective batch, in the largest micro-batches that fit.
+        if "accum" in given:
+            raise UsageError("--batch-size auto chooses --accum itself (it keeps the recipe's effective batch).")
+        given["batch_size"] = TrainConfig(**base).effective_batch
+        given["accum"] = 1
+    elif task == "finetune-resnet50" and "batch_size" not in given and "accum" not in given:
+        # The default micro-batch (64) shrinks where it does not fit (small GPUs, Jetson); never grows.
+        given["batch_size_auto"] = True
     if "accum" in given and "batch_size" not in given:
         # --accum alone keeps the recipe's effective batch and splits it into smaller micro-batches, which
         # is what accumulation is for (memory); --batch-size with --accum sets both explicitly.

@@ -24,12 +24,14 @@ from cifarnet_cli.events import (
     EpochEnded,
     EpochStarted,
     EventCallback,
+    Notice,
     StepProgress,
     TrainingInterrupted,
 )
 from cifarnet_cli.events import ignore as _ignore
 from cifarnet_cli.models import Classifier
 from cifarnet_cli.runs import Run
+from cifarnet_cli.train_step import SGD, TrainStep
 
 # --------------------------------------------------------------------------------------------------
 # Optimizer and schedule
@@ -40,7 +42,7 @@ def _is_decayed(name: str, param: nn.Parameter) -> bool:
     return param.ndim > 1 and not name.endswith(".bias")
 
 
-def build_optimizer(model: Classifier, config: TrainConfig) -> torch.optim.SGD:
+def build_optimizer(model: Classifier, config: TrainConfig) -> SGD:
     """SGD with (Nesterov) momentum; the classifier head gets the peak lr, the body that times
     ``backbone_lr_scale`` (1.0 when training from scratch)."""
     head_ids = {id(p) for p in model.get_classifier().parameters()}
@@ -56,9 +58,7 @@ def build_optimizer(model: Classifier, config: TrainConfig) -> torch.optim.SGD:
         }
         for (is_head, decayed), params in sorted(groups.items())
     ]
-    return torch.optim.SGD(
-        param_groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
-    )
+    return SGD(param_groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
 
 
 def steps_per_epoch(micro_batches: int, accum: int) -> int:
@@ -108,6 +108,22 @@ class EpochStats:
     optimizer_steps: int
 
 
+class LossDiverged(Exception):
+    """The training loss became non-finite or exploded (see :func:`divergence_limit`)."""
+
+    def __init__(self, epoch: int, loss: float) -> None:
+        super().__init__(f"training loss {loss} in epoch {epoch}")
+        self.epoch = epoch
+        self.loss = loss
+
+
+def divergence_limit(num_classes: int) -> float:
+    """A mean training loss above this is divergence, not learning: ten times the loss of a uniform guess
+    (ln C: 2.30 for ten classes), and at least 10. A run that diverged (e.g. loss 5184 seen with a
+    random frozen ResNet-50 body) never comes back; stopping keeps the last good epoch."""
+    return max(10.0, 10.0 * math.log(max(num_classes, 2)))
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DeviceLoader | Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -123,65 +139,60 @@ def train_one_epoch(
     epoch: int = 1,
     on_event: EventCallback = _ignore,
     report_every_s: float = 0.5,
+    step: TrainStep | None = None,
+    loss_limit: float | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` with exact gradient accumulation.
 
     Each micro-batch's mean loss is weighted by (its size / images in its window), so the summed
     gradient of a window equals the gradient of the mean loss over all of the window's images: K
     micro-batches of size b give the update of one batch of K·b, including a short final window.
+    ``step`` runs the arithmetic (eager, or a captured CUDA graph; built eagerly when not given). The host
+    reads the running loss back at most every ``report_every_s`` seconds, which is also when a loss above
+    ``loss_limit`` (or not finite) stops the epoch with :class:`LossDiverged`.
     """
+    if step is None:
+        step = TrainStep(
+            model, optimizer, device=device, precision=precision, label_smoothing=label_smoothing, scaler=scaler
+        )
     model.train()
     freeze_frozen_batchnorm(model)
     windows = window_sizes(batch_sizes, accum)
     n_micro = len(batch_sizes)
     total_steps = len(windows)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    step.reset_totals()
     seen = 0
-    step = 0
+    done = 0
     start = last_report = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
-        window_images = windows[i // accum]
-        with autocast(device, precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        weighted = loss * (y.shape[0] / window_images)
-        if scaler is not None:
-            scaler.scale(weighted).backward()
-        else:
-            weighted.backward()
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        step.micro(x, y, y.shape[0] / windows[i // accum])
         seen += y.shape[0]
         if (i + 1) % accum == 0 or i + 1 == n_micro:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step.update()
             if scheduler is not None:
                 scheduler.step()
-            step += 1
+            done += 1
             now = time.perf_counter()
-            if now - last_report >= report_every_s or step == total_steps:
+            if now - last_report >= report_every_s or done == total_steps:
                 last_report = now
+                loss = float(step.loss_sum) / seen  # the one read-back, at most every report_every_s
+                if not math.isfinite(loss) or (loss_limit is not None and loss > loss_limit):
+                    raise LossDiverged(epoch, loss)
                 on_event(
                     StepProgress(
                         epoch=epoch,
-                        step=step,
+                        step=done,
                         steps=total_steps,
                         images=seen,
-                        loss=float(loss_sum) / seen,  # one device sync per report, not per step
-                        accuracy=float(correct) / seen,
+                        loss=loss,
+                        accuracy=float(step.correct) / seen,
                         lr=optimizer.param_groups[-1]["lr"],
-                        images_per_second=seen / max(now - start, 1e-9),
+                        images_per_second=seen / max(time.perf_counter() - start, 1e-9),
                     )
                 )
     synchronize(device)
     seconds = time.perf_counter() - start
-    return EpochStats(float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen, seconds, step)
+    return EpochStats(float(step.loss_sum) / max(seen, 1), float(step.correct) / max(seen, 1), seen, seconds, done)
 
 
 @torch.inference_mode()
@@ -273,6 +284,7 @@ class FitState:
 
 @dataclass(frozen=True)
 class FitResult:
+    config: TrainConfig  # as trained: the micro-batch may have been halved after running out of memory
     epochs: int
     best_accuracy: float
     final_accuracy: float
@@ -308,11 +320,13 @@ def fit(
     meta: dict[str, Any],
     resume_from: dict[str, Any] | None = None,
     on_event: EventCallback = _ignore,
+    step_mode: str = "eager",
 ) -> FitResult:
     """Train for ``config.epochs`` epochs, evaluating and checkpointing after each.
 
     ``meta`` (classes, data fingerprint, model kwargs, ...) is stored in every checkpoint so that
-    evaluate/predict/export can rebuild the model from the file alone.
+    evaluate/predict/export can rebuild the model from the file alone. ``step_mode`` is how the training
+    step runs (train_step.MODES: eager, or captured as CUDA graphs).
     """
     optimizer = build_optimizer(model, config)
     batch_sizes = train_loader.batch_sizes()
@@ -353,6 +367,29 @@ def fit(
     if resume_from is None:
         checkpoint.save_atomic(snapshot("last"), run.last)  # epoch 0: a resume point from the start
 
+    def notice(message: str) -> None:
+        on_event(Notice(message))
+
+    def make_step() -> TrainStep:
+        return TrainStep(
+            model,
+            optimizer,
+            device=device,
+            precision=precision,
+            label_smoothing=config.label_smoothing,
+            scaler=scaler,
+            mode=step_mode,
+            notice=notice,
+        )
+
+    step = make_step()
+    num_classes = model.get_classifier().out_features
+    loss_limit = divergence_limit(num_classes)
+    # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
+    # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
+    start_state = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    start_steps = scheduler.last_epoch
+
     final_accuracy = float("nan")
     saved_epoch = state.epoch  # completed epochs that last.pt holds
     try:
@@ -361,26 +398,53 @@ def fit(
                 set_backbone_trainable(model, not backbone_frozen(config, epoch))
             on_event(EpochStarted(epoch, config.epochs, epoch_steps, len(batch_sizes)))
             train_loader.set_epoch(epoch)
-            stats = train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                batch_sizes=batch_sizes,
-                accum=config.accum,
-                scheduler=scheduler,
-                scaler=scaler,
-                device=device,
-                precision=precision,
-                label_smoothing=config.label_smoothing,
-                epoch=epoch,
-                on_event=on_event,
-            )
-            if not math.isfinite(stats.loss):
-                raise CifarNetError(
-                    f"The training loss became {stats.loss} in epoch {epoch}; lower --lr (now {config.peak_lr:g}) "
-                    f"or use --precision fp32. The last good checkpoint is {run.last}."
-                )
+            while True:
+                try:
+                    stats = train_one_epoch(
+                        model,
+                        train_loader,
+                        optimizer,
+                        batch_sizes=batch_sizes,
+                        accum=config.accum,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        device=device,
+                        precision=precision,
+                        label_smoothing=config.label_smoothing,
+                        epoch=epoch,
+                        on_event=on_event,
+                        step=step,
+                        loss_limit=loss_limit,
+                    )
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    smaller = _smaller_micro_batch(config, train_loader.num_examples)
+                    if scheduler.last_epoch != start_steps or smaller is None:
+                        raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
+                    del step
+                    model.load_state_dict(start_state["model"])
+                    optimizer.load_state_dict(start_state["optimizer"])
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    old = config
+                    config = smaller
+                    train_loader.set_batch_size(config.batch_size)
+                    batch_sizes = train_loader.batch_sizes()
+                    step = make_step()
+                    run.update_config(config.to_dict())
+                    notice(
+                        f"Out of GPU memory at micro-batch {old.batch_size}: continuing with --batch-size "
+                        f"{config.batch_size} --accum {config.accum} (the same effective batch, {config.effective_batch})."
+                    )
+                except LossDiverged as exc:
+                    raise CifarNetError(
+                        _divergence_message(exc.loss, "training", num_classes, config, precision, run, saved_epoch)
+                    ) from None
             ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
+            if ev is not None and not math.isfinite(ev.loss):
+                raise CifarNetError(
+                    _divergence_message(ev.loss, "validation", num_classes, config, precision, run, saved_epoch)
+                )
             state.epoch = epoch
             state.train_images += stats.images
             state.train_seconds += stats.seconds
@@ -410,9 +474,61 @@ def fit(
         raise TrainingInterrupted(run, saved_epoch) from None
 
     return FitResult(
+        config=config,
         epochs=state.epoch,
         best_accuracy=state.best_accuracy,
         final_accuracy=final_accuracy,
         images_per_second=state.train_images / max(state.train_seconds, 1e-9),
         best_epoch=state.best_epoch,
+    )
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _smaller_micro_batch(config: TrainConfig, num_examples: int) -> TrainConfig | None:
+    """Half the micro-batch and twice the accumulation: the same effective batch, so the same recipe and
+    schedule. None when the micro-batch cannot be halved evenly or would drop below two images."""
+    if config.batch_size % 2 or config.batch_size < 4:
+        return None
+    smaller = config.replace(batch_size=config.batch_size // 2, accum=config.accum * 2)
+    if steps_per_epoch(-(-num_examples // smaller.batch_size), smaller.accum) != steps_per_epoch(
+        -(-num_examples // config.batch_size), config.accum
+    ):
+        return None
+    return smaller
+
+
+def _out_of_memory_message(config: TrainConfig, run: Run, saved_epoch: int) -> str:
+    hint = (
+        f"continue with smaller micro-batches: cifarnet train --resume {run.name} --batch-size "
+        f"{max(1, config.batch_size // 2)} --accum {config.accum * 2}"
+        if config.batch_size >= 2
+        else "free GPU memory (other processes) and resume"
+    )
+    return (
+        f"The GPU ran out of memory at micro-batch {config.batch_size}. Epoch {saved_epoch} is the last one saved "
+        f"({run.last}); {hint} (same effective batch), or train with --batch-size auto."
+    )
+
+
+def _divergence_message(
+    loss: float, which: str, num_classes: int, config: TrainConfig, precision: Precision, run: Run, saved_epoch: int
+) -> str:
+    hints = [f"lower --lr (now {config.peak_lr:g})"]
+    if precision.dtype is not None:
+        hints.append("train with --precision fp32")
+    if config.freeze_backbone and (config.weights or "").lower() == "none":
+        hints.append("do not freeze a randomly initialised body (--weights none with --freeze-backbone)")
+    return (
+        f"Training diverged: the {which} loss is {loss:.4g} (a uniform guess scores {math.log(num_classes):.2f}). "
+        f"Stopped; epoch {saved_epoch} is the last good one ({run.last}). Try to {' or '.join(hints)}."
     )

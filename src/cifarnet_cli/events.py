@@ -29,6 +29,8 @@ class RunStarted:
     run_dir: str
     device: str
     precision: str
+    precision_reason: str  # why --precision auto chose it ("asked for" when given)
+    step_mode: str  # train_step.MODES: "graph" when the step is captured as CUDA graphs
     data: str
     train_images: int
     eval_images: int

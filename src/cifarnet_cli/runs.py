@@ -42,6 +42,12 @@ class Run:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.config_file)
 
+    def update_config(self, config: dict[str, Any]) -> None:
+        """Replace the recorded training config (the micro-batch can change after running out of memory)."""
+        data = json.loads(self.config_file.read_text()) if self.config_file.is_file() else {}
+        data["config"] = config
+        self.write_config(data)
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cifarnet_cli import __version__, checkpoint, paths, pretrained, report, runs
+from cifarnet_cli.autobatch import fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
@@ -23,9 +24,10 @@ from cifarnet_cli.engine import backbone_frozen, fit, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.models import Classifier, count_parameters, get_model
+from cifarnet_cli.train_step import choose_mode
 
 #: Options that may differ when a run is resumed (the machine may have changed); the recipe may not.
-RESUME_OVERRIDABLE = frozenset({"device", "precision", "data_dir"})
+RESUME_OVERRIDABLE = frozenset({"device", "precision", "capture", "data_dir", "batch_size", "accum"})
 
 
 def download_callbacks(
@@ -145,7 +147,7 @@ def train(
                 f"{names} cannot change when resuming: the run continues with its recorded recipe. "
                 "Start a new run to train with other settings."
             )
-        config = config.replace(**changed)
+        config = config.replace(**_resume_micro_batch(config, changed))
         fit_state = ckpt["fit_state"]
         if int(fit_state["epoch"]) >= config.epochs:
             best = run.best if run.best.is_file() else run.last
@@ -183,8 +185,11 @@ def train(
         config = config.replace(val_split=n_val, data_dir=config.data_dir)
     assert config.val_split is not None
     train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed)
-    if len(train_set) == 0:
-        raise CifarNetError(f"{source.location} has no training images.")
+    if len(train_set) < 2:
+        raise CifarNetError(
+            f"{source.location} has {len(train_set)} training image(s) after the validation split; training "
+            "needs at least 2 (BatchNorm normalises over a batch)."
+        )
 
     torch.manual_seed(config.seed)  # model initialization is reproducible
     model = build_model(config, len(source.classes), load_weights=ckpt is None, on_event=on_event)
@@ -195,6 +200,13 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if config.batch_size_auto and device.type == "cuda":
+        fitted = fit_micro_batch(
+            model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
+        )
+        config = config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
+        on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
+    step_mode = choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
         set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
@@ -232,6 +244,7 @@ def train(
         "val_split": config.val_split,
         "split_seed": config.seed,
         "eval_split": eval_split,
+        "precision": precision.name,  # evaluate/predict run in it by default, to reproduce the run's figures
     }
     run.write_config({"config": config.to_dict(), "meta": meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     on_event(
@@ -240,6 +253,8 @@ def train(
             run_dir=str(run.dir),
             device=describe(device),
             precision=precision.name,
+            precision_reason=precision.reason,
+            step_mode=step_mode,
             data=f"{source.location} ({source.kind})",
             train_images=len(train_set),
             eval_images=len(eval_set) if eval_set is not None else 0,
@@ -267,6 +282,7 @@ def train(
         meta=meta,
         resume_from=ckpt,
         on_event=on_event,
+        step_mode=step_mode,
     )
     curves = report.plot_curves(run)
     on_event(Notice(f"Training curves: {curves}" if curves is not None else report.PLOT_HINT))
@@ -279,6 +295,23 @@ def train(
         result.images_per_second,
         str(run.best if run.best.is_file() else run.last),
     )
+
+
+def _resume_micro_batch(config: TrainConfig, changed: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run may split its effective batch differently (another GPU, less memory), never change it:
+    the recipe and the schedule's steps stay what they were."""
+    if "batch_size" not in changed and "accum" not in changed:
+        return changed
+    effective = config.effective_batch
+    batch = changed.get("batch_size") or (effective // changed["accum"] if changed.get("accum") else None)
+    accum = changed.get("accum") or (effective // batch if batch else None)
+    if not batch or not accum or batch * accum != effective:
+        raise UsageError(
+            f"--batch-size and --accum may change on resume only if their product stays the run's effective batch "
+            f"({effective} = {config.batch_size} × {config.accum}), e.g. --batch-size {max(1, config.batch_size // 2)} "
+            f"--accum {config.accum * 2}."
+        )
+    return {**changed, "batch_size": batch, "accum": accum, "batch_size_auto": False}
 
 
 def _unique_name(arch: str) -> str:

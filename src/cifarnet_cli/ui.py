@@ -112,7 +112,9 @@ class TrainView:
     def _run_started(self, e: RunStarted) -> None:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
         self._print(f"[bold]{escape(verb)}[/] → {escape(e.run_dir)}")
-        self._print(f"Device: {e.device}, precision {e.precision}")
+        why = f" ({escape(e.precision_reason)})" if e.precision_reason and e.precision_reason != "asked for" else ""
+        step = ", step captured as CUDA graphs" if e.step_mode == "graph" else ""
+        self._print(f"Device: {escape(e.device)}, precision {e.precision}{why}{step}")
         self._print(
             f"Data: {escape(e.data)}: {e.train_images:,} training images, {e.eval_images:,} for {e.eval_split}"
             + ("" if e.on_device_data else " (kept in pinned host memory)")

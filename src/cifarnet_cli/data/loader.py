@@ -3,8 +3,9 @@ shuffled, cropped, flipped and scaled there, in one go (the approach of cifar10-
 
 On 2 CPU cores this augments ~60,000 images/s against ~7,700 for torchvision's PIL DataLoader with two
 workers (../PERFORMANCE.md); on a GPU it removes the input pipeline from the profile altogether.
-Randomness comes from a CPU generator seeded with (seed, epoch), so an epoch's batches are the same on any
-device and after a resume.
+Randomness comes from a CPU generator seeded with (seed, epoch), drawn once per epoch and copied to the device
+in one transfer, so an epoch's batches are the same on any device and after a resume, and a batch costs no
+host-to-device copy of its own when the data is on the device.
 """
 
 from __future__ import annotations
@@ -21,15 +22,28 @@ from cifarnet_cli.devices import free_memory_bytes
 PAD = 4  # pad-4 random crop, He et al. 2015 §4.2
 
 
-def _place(images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """Put the uint8 set on ``device`` if it takes at most a quarter of the free memory, else keep it
-    in pinned host memory and copy batch by batch. Returns (tensor, on_device)."""
+def _place(images: torch.Tensor, device: torch.device, on_device: bool | None) -> tuple[torch.Tensor, bool]:
+    """Put the uint8 set on ``device`` if it takes at most a quarter of the free memory (or when asked),
+    else keep it in pinned host memory and copy batch by batch. Returns (tensor, on_device)."""
     if device.type == "cpu":
         return images, True
-    free = free_memory_bytes(device)
-    if free is None or images.numel() <= free // 4:
+    if on_device is None:
+        free = free_memory_bytes(device)
+        on_device = free is None or images.numel() <= free // 4
+    if on_device:
         return images.to(device), True
     return images.pin_memory(), False
+
+
+def batch_bounds(n: int, batch_size: int, *, merge_single: bool) -> list[tuple[int, int]]:
+    """(start, end) of each batch of an epoch; the last may be smaller (no image is dropped). With
+    ``merge_single`` a last batch of one image joins the one before: BatchNorm cannot normalise a
+    training batch of one image (and with a 1×1 feature map, as ResNet-50 has below 64 px, torch refuses
+    it), while one batch of ``batch_size + 1`` costs nothing."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if merge_single and len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 class DeviceLoader:
@@ -44,6 +58,7 @@ class DeviceLoader:
         train: bool,
         seed: int = 0,
         channels_last: bool = False,
+        on_device: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -54,22 +69,27 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.epoch = 0
         # HWC uint8 → NCHW view (that is channels_last memory, which the GPU convolutions prefer).
-        images, self.on_device = _place(torch.from_numpy(data.images), device)
+        images, self.on_device = _place(torch.from_numpy(data.images), device, on_device)
         self.images = images.permute(0, 3, 1, 2)
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         self.labels = labels.to(device) if self.on_device else labels
+        self._bounds = batch_bounds(self.num_examples, batch_size, merge_single=train)
 
     def __len__(self) -> int:
-        return -(-self.num_examples // self.batch_size)
+        return len(self._bounds)
 
     @property
     def num_examples(self) -> int:
         return int(self.labels.shape[0])
 
     def batch_sizes(self) -> list[int]:
-        """Sizes of the batches one epoch yields (the last may be smaller: no image is dropped)."""
-        full, rest = divmod(self.num_examples, self.batch_size)
-        return [self.batch_size] * full + ([rest] if rest else [])
+        """Sizes of the batches one epoch yields."""
+        return [end - start for start, end in self._bounds]
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Change the micro-batch size (after running out of memory); the next epoch uses it."""
+        self.batch_size = batch_size
+        self._bounds = batch_bounds(self.num_examples, batch_size, merge_single=self.train)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,30 +98,39 @@ class DeviceLoader:
         n = self.num_examples
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
+        shifts = flips = None
+        if self.train:
+            shifts = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
+            flips = torch.rand(n, generator=gen) < 0.5
+        if self.on_device:
+            # One transfer per epoch instead of three per batch.
+            order = order.to(self.device, non_blocking=True)
+            if shifts is not None and flips is not None:
+                shifts = shifts.to(self.device, non_blocking=True)
+                flips = flips.to(self.device, non_blocking=True)
+        for start, end in self._bounds:
+            index = order[start:end]
             if self.on_device:
-                index = index.to(self.device, non_blocking=True)
                 x, y = self.images[index], self.labels[index]
             else:
                 x = self.images[index].pin_memory().to(self.device, non_blocking=True)
                 y = self.labels[index].to(self.device, non_blocking=True)
-            if self.train:
-                x = self._augment(x, gen)
+            if shifts is not None and flips is not None:
+                x = augment(x, shifts[start:end].to(x.device), flips[start:end].to(x.device))
             x = x.float().div_(255.0)
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             yield x, y
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Pad-4 random crop and horizontal flip on a whole uint8 batch, as one gather."""
-        b, _c, h, w = x.shape
-        shifts = torch.randint(0, 2 * PAD + 1, (2, b), generator=gen).to(x.device, non_blocking=True)
-        flips = (torch.rand(b, generator=gen) < 0.5).to(x.device, non_blocking=True)
-        padded = F.pad(x, (PAD, PAD, PAD, PAD))
-        rows = shifts[0].view(b, 1) + torch.arange(h, device=x.device).view(1, h)
-        cols = torch.arange(w, device=x.device).view(1, w)
-        cols = torch.where(flips.view(b, 1), w - 1 - cols, cols) + shifts[1].view(b, 1)
-        batch = torch.arange(b, device=x.device).view(b, 1, 1)
-        # padded[b, :, rows[b, i], cols[b, j]] for every (i, j): N×H×W×C, back to N×C×H×W.
-        out = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
-        return out.permute(0, 3, 1, 2)
+
+def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Pad-4 random crop and horizontal flip of a whole uint8 batch, as one gather. ``shifts`` is N×2
+    (row, column offsets into the padded image, 0..8), ``flips`` N booleans."""
+    b, _c, h, w = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD))
+    rows = shifts[:, 0].view(b, 1) + torch.arange(h, device=x.device).view(1, h)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    cols = torch.where(flips.view(b, 1), w - 1 - cols, cols) + shifts[:, 1].view(b, 1)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    # padded[b, :, rows[b, i], cols[b, j]] for every (i, j): N×H×W×C, back to N×C×H×W.
+    out = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
+    return out.permute(0, 3, 1, 2)

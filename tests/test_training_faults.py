@@ -1,0 +1,162 @@
+"""What training does when the step goes wrong: a diverging loss, the GPU running out of memory, and
+the options that choose how the step runs (micro-batch, capture)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifarnet_cli.autobatch import choose_micro_batch
+from cifarnet_cli.cli import app
+from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.train_step import TrainStep
+
+runner = CliRunner()
+QUICK = ["--batch-size", "16", "--val-split", "20", "--warmup-epochs", "0", "--device", "cpu"]
+
+
+def _run_dir(name: str) -> Path:
+    return Path(os.environ["CIFARNET_HOME"]) / "runs" / name
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=6)
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(data), "--run", "boom", "--epochs", "3", "--lr", "1e6", *QUICK]
+    )
+    assert result.exit_code == 1, result.output
+    assert "Training diverged" in result.output and "lower --lr" in result.output
+    assert "Traceback" not in result.output
+    saved = torch.load(_run_dir("boom") / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0 and all(
+        torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point()
+    )
+    assert not (_run_dir("boom") / "metrics.jsonl").exists() or not (_run_dir("boom") / "metrics.jsonl").read_text()
+
+
+def test_out_of_memory_in_the_first_steps_halves_the_micro_batch(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = image_folder(per_class=6)
+    original = TrainStep.micro
+    failed: list[int] = []
+
+    def micro(self: TrainStep, x: torch.Tensor, y: torch.Tensor, weight: float) -> None:
+        if x.shape[0] == 16 and not failed:
+            failed.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        original(self, x, y, weight)
+
+    monkeypatch.setattr(TrainStep, "micro", micro)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "oom", "--epochs", "2", *QUICK])
+    assert result.exit_code == 0, result.output
+    assert "continuing with --batch-size 8 --accum 2" in result.output and "effective batch, 16" in result.output
+    saved = torch.load(_run_dir("oom") / "last.pt", weights_only=True)
+    assert (saved["config"]["batch_size"], saved["config"]["accum"]) == (8, 2) and saved["epoch"] == 2
+    recorded = json.loads((_run_dir("oom") / "config.json").read_text())["config"]
+    assert (recorded["batch_size"], recorded["accum"]) == (8, 2)
+
+
+def test_out_of_memory_later_stops_and_names_the_options(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = image_folder(per_class=6)
+    original = TrainStep.micro
+    calls: list[int] = []
+
+    def micro(self: TrainStep, x: torch.Tensor, y: torch.Tensor, weight: float) -> None:
+        calls.append(1)
+        if len(calls) == 6:  # in epoch 2 (three micro-batches per epoch)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        original(self, x, y, weight)
+
+    monkeypatch.setattr(TrainStep, "micro", micro)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "late", "--epochs", "3", *QUICK])
+    assert result.exit_code == 1
+    assert "ran out of memory" in result.output
+    assert "cifarnet train --resume late --batch-size 8 --accum 2" in result.output
+    assert torch.load(_run_dir("late") / "last.pt", weights_only=True)["epoch"] == 1
+    # the suggested command works: same effective batch, split differently
+    monkeypatch.setattr(TrainStep, "micro", original)
+    resumed = runner.invoke(app, ["train", "--resume", "late", "--batch-size", "8", "--accum", "2", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    saved = torch.load(_run_dir("late") / "last.pt", weights_only=True)
+    assert saved["epoch"] == 3 and (saved["config"]["batch_size"], saved["config"]["accum"]) == (8, 2)
+
+
+def test_resume_may_not_change_the_effective_batch(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)
+    assert (
+        runner.invoke(
+            app, ["train", "--data-dir", str(data), "--run", "eb", "--epochs", "1", "--quiet", *QUICK]
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["train", "--resume", "eb", "--batch-size", "8"])
+    assert result.exit_code == 0  # 8 × 2 = 16: --accum follows
+    result = runner.invoke(app, ["train", "--resume", "eb", "--batch-size", "8", "--accum", "4"])
+    assert result.exit_code == 2 and "effective batch (16" in result.output
+
+
+def test_micro_batch_choice_keeps_the_effective_batch() -> None:
+    mib = 2**20
+    fit = choose_micro_batch(512, 512, per_image=10 * mib, fixed=500 * mib, budget=3000 * mib)
+    assert (fit.batch_size, fit.accum) == (128, 4)  # 250 images fit; 128 is the largest divisor of 512 below
+    assert choose_micro_batch(128, 64, per_image=mib, fixed=0, budget=10_000 * mib).batch_size == 64  # the cap
+    assert choose_micro_batch(96, 96, per_image=mib, fixed=0, budget=50 * mib).batch_size == 48
+    with pytest.raises(CifarNetError, match="micro-batch of 2 images"):
+        choose_micro_batch(512, 512, per_image=400 * mib, fixed=500 * mib, budget=1000 * mib)
+
+
+def test_batch_size_auto_on_the_cpu_keeps_the_recipe(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)
+    args = [
+        "train",
+        "--data-dir",
+        str(data),
+        "--run",
+        "auto",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "auto",
+        "--val-split",
+        "20",
+    ]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--warmup-epochs", "0"])
+    assert result.exit_code == 0, result.output
+    assert "batch 512 = effective batch 512" in result.output
+    bad = runner.invoke(app, ["train", "--batch-size", "auto", "--accum", "2"])
+    assert bad.exit_code == 2 and "chooses --accum itself" in bad.output
+
+
+def test_capture_on_without_cuda_says_why_in_one_line(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--epochs", "1", "--capture", "on", *QUICK])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("CUDA graphs need a CUDA device; training eagerly on cpu") == 1
+    bad = runner.invoke(app, ["train", "--data-dir", str(data), "--capture", "maybe"])
+    assert bad.exit_code == 2 and "Unknown --capture" in bad.output
+
+
+def test_each_command_shows_its_own_defaults() -> None:
+    train = runner.invoke(app, ["train", "--help"]).output
+    finetune = runner.invoke(app, ["finetune-resnet50", "--help"]).output
+    assert "[default: 60]" in train and "finetune" not in train.split("Options")[1].lower()
+    assert "[default: 5]" in finetune and "[default: 60" not in finetune
+
+
+def test_bad_numbers_echo_the_value_and_arch_ignores_case(image_folder: Callable[..., Path]) -> None:
+    result = runner.invoke(app, ["train", "--epochs", "abc"])
+    assert result.exit_code == 2 and "'abc' is not a whole number" in result.output
+    result = runner.invoke(app, ["train", "--lr", "fast"])
+    assert result.exit_code == 2 and "'fast' is not a number" in result.output
+    data = image_folder(per_class=4)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--arch", "ResNet20", "--epochs", "1", *QUICK])
+    assert result.exit_code == 0, result.output
