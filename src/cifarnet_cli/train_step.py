@@ -90,7 +90,7 @@ class SGD(torch.optim.SGD):
             torch._foreach_sub_(params, torch._foreach_mul(d, lr))
             torch._foreach_zero_(grads)
         # What torch.optim.Optimizer.step records, so the LR scheduler knows an update happened.
-        self._opt_called = True  # type: ignore[attr-defined]
+        self._opt_called = True
 
 
 class TrainStep:
