@@ -758,6 +758,35 @@ def export(
 
 
 @app.command()
+def bench(
+    device: Device = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer images and precisions: a few seconds on a GPU.")
+    ] = False,
+    as_json: JsonOut = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the JSON result to this file.", show_default=False)
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Measure this machine: ResNet-20 training (eager and CUDA graphs), predict, ResNet-50 fine-tuning.
+
+    Synthetic images in CIFAR's shape, through the same loader, engine and models as training. About a minute
+    on a GPU. Example: cifarnet bench --quick --json
+    """
+    from cifarnet_cli.benchmark import run_bench
+
+    with _user_errors():
+        result = run_bench(device or "auto", quick=quick, on_event=_ui().BenchView(quiet=quiet))
+        if output is not None:
+            output.expanduser().write_text(json.dumps(result, indent=2) + "\n")
+        if as_json:
+            _print_json(result)
+        else:
+            _ui().bench_tables(result)
+
+
+@app.command()
 def info(as_json: JsonOut = False) -> None:
     """Versions, devices (Jetson-aware), usable precisions, directories and downloaded assets."""
     from cifarnet_cli.info import gather

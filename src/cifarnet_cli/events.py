@@ -89,6 +89,15 @@ class EpochEnded:
     is_best: bool
 
 
+@dataclass(frozen=True)
+class BenchProgress:
+    """`cifarnet bench`: one measurement is about to start (``index`` of ``total``)."""
+
+    what: str
+    index: int
+    total: int
+
+
 # --------------------------------------------------------------------------------------------------
 # Outcomes
 

@@ -12,7 +12,7 @@ import torchvision
 
 from cifarnet_cli import __version__, download, paths
 from cifarnet_cli.data.sources import find_source
-from cifarnet_cli.devices import bf16_supported, mps_available
+from cifarnet_cli.devices import auto_precision, bf16_supported, mps_available
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 MEMINFO = Path("/proc/meminfo")
@@ -57,7 +57,9 @@ def cuda_devices() -> list[dict[str, Any]]:
         if integrated:
             # Unified memory: the CPU and GPU share RAM, so the usable figure is what the OS has available.
             dev["available_memory_bytes"] = _mem_available_bytes()
-        dev["bf16"] = bool(torch.cuda.is_bf16_supported()) if i == torch.cuda.current_device() else props.major >= 8
+        device = torch.device("cuda", i)
+        dev["bf16"] = bf16_supported(device)  # native only: torch.cuda.is_bf16_supported() counts emulation
+        dev["precision_auto"], dev["precision_reason"] = auto_precision(device)
         out.append(dev)
     return out
 
@@ -66,17 +68,18 @@ def gather() -> dict[str, Any]:
     cuda = cuda_devices() if torch.cuda.is_available() else []
     devices: list[dict[str, Any]] = [{"type": "cuda", **d} for d in cuda]
     if mps_available():
-        devices.append({"type": "mps", "name": "Apple GPU"})
+        devices.append({"type": "mps", "name": "Apple GPU", "precision_auto": "fp32"})
     devices.append(
         {
             "type": "cpu",
             "name": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "precision_auto": auto_precision(torch.device("cpu"))[0],
         }
     )
     precisions: dict[str, list[str]] = {"cpu": ["fp32", "bf16"]}
-    if cuda:
-        precisions["cuda"] = ["fp32", "fp16"] + (["bf16"] if bf16_supported(torch.device("cuda")) else [])
+    for dev in cuda:
+        precisions[f"cuda:{dev['index']}"] = ["fp32", "fp16"] + (["bf16"] if dev["bf16"] else [])
     if mps_available():
         precisions["mps"] = ["fp32", "fp16"]
     data_dir = paths.default_data_dir()

@@ -3,6 +3,7 @@ not (CI logs, pipes), nothing but errors with --quiet. The library never prints;
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cifarnet_cli.events import (
+    BenchProgress,
     DownloadProgress,
     EpochEnded,
     EpochStarted,
@@ -53,6 +55,68 @@ def _pct(x: float | None) -> str:
     return "—" if x is None or x != x else f"{100 * x:.2f}%"
 
 
+class _TrainProgress(Progress):
+    """Bars that fit the terminal: as it narrows, the metrics go first (the full set, then all but accuracy),
+    then the elapsed time; the bar, the counts and the ETA stay. Columns are chosen at every refresh, so a
+    resized terminal is followed."""
+
+    def __init__(self, *, console: Console, **kwargs: Any) -> None:
+        self._term = console  # Progress asks for its renderables before its own console is set up
+        super().__init__(console=console, **kwargs)
+
+    def get_renderables(self) -> Any:
+        width = self._term.width
+        if width >= 110:
+            stats, fixed = "{task.fields[stats]}", 11 + 7 + 48 + 7 + 11 + 6
+        elif width >= 80:
+            stats, fixed = "{task.fields[short]}", 11 + 7 + 24 + 7 + 11 + 6
+        else:
+            stats, fixed = None, 11 + 7 + 11 + 4
+        columns: list[Any] = [
+            TextColumn("[bold blue]{task.description}"),
+            BarColumn(bar_width=max(8, min(40, width - fixed))),
+            MofNCompleteColumn(),
+        ]
+        if stats is not None:
+            columns += [TextColumn(stats), TimeElapsedColumn()]
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
+        self.columns = tuple(columns)
+        yield self.make_tasks_table(self.tasks)
+
+
+class _NoEcho:
+    """Keys typed while the bars are live (Ctrl-C's "^C" included) are not echoed: an echoed character at the
+    end of a full-width line wraps it, Rich then redraws one line too few and the bars are left behind in
+    copies. The terminal's settings are restored on exit."""
+
+    def __init__(self) -> None:
+        self._saved: list[Any] | None = None
+
+    def __enter__(self) -> _NoEcho:
+        try:
+            import termios
+
+            if sys.stdin.isatty():
+                fd = sys.stdin.fileno()
+                self._saved = termios.tcgetattr(fd)
+                quiet = list(self._saved)
+                quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+                termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        except (ImportError, OSError, ValueError):  # not a POSIX terminal (Windows, a pipe)
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._saved)
+            except (OSError, ValueError):
+                pass
+            self._saved = None
+
+
 class TrainView:
     """Turns engine events into bars (TTY), log lines (no TTY) or silence (--quiet)."""
 
@@ -67,6 +131,8 @@ class TrainView:
         self._epochs = 0
         self.started: RunStarted | None = None
         self._download: DownloadView | None = None
+        self._no_echo = _NoEcho()
+        self._best: float | None = None
 
     # context manager so the live display is always torn down (also on Ctrl-C)
     def __enter__(self) -> TrainView:
@@ -79,6 +145,7 @@ class TrainView:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        self._no_echo.__exit__()
 
     def __call__(self, event: Any) -> None:
         if isinstance(event, DownloadProgress):
@@ -128,30 +195,25 @@ class TrainView:
         )
         self._epochs = e.epochs
         if self.live:
-            self._progress = Progress(
-                TextColumn("[bold blue]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=False,
-            )
+            self._no_echo.__enter__()
+            # The run's ETA comes from its fractional progress (epochs + steps), averaged over a minute.
+            self._progress = _TrainProgress(console=err_console, transient=False, speed_estimate_period=60)
             self._progress.start()
-            self._run_task = self._progress.add_task("run", total=e.epochs, completed=e.start_epoch, stats="")
+            self._run_task = self._progress.add_task("run", total=e.epochs, completed=e.start_epoch, stats="", short="")
 
     def _epoch_started(self, e: EpochStarted) -> None:
         if self._progress is not None:
             if self._epoch_task is not None:
                 self._progress.remove_task(self._epoch_task)
-            self._epoch_task = self._progress.add_task(f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="")
+            self._epoch_task = self._progress.add_task(f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="", short="")
 
     def _step(self, e: StepProgress) -> None:
         stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s"
         if self._progress is not None and self._epoch_task is not None:
-            self._progress.update(self._epoch_task, completed=e.step, stats=stats)
+            short = f"loss {e.loss:.3f}  {e.images_per_second:,.0f} img/s"
+            self._progress.update(self._epoch_task, completed=e.step, stats=stats, short=short)
+            if self._run_task is not None:
+                self._progress.update(self._run_task, completed=e.epoch - 1 + e.step / max(e.steps, 1))
             return
         now = time.monotonic()
         if now - self._last_log >= self.log_every_s:
@@ -168,8 +230,11 @@ class TrainView:
             f"  {m['epoch_seconds']:.1f}s{best}"
         )
         self._print(line)
+        if m.get("val_accuracy") is not None and (self._best is None or m["val_accuracy"] > self._best):
+            self._best = m["val_accuracy"]
         if self._progress is not None and self._run_task is not None:
-            self._progress.update(self._run_task, completed=m["epoch"])
+            best = f"best {_pct(self._best)}" if self._best is not None else ""
+            self._progress.update(self._run_task, completed=m["epoch"], stats=best, short=best)
 
 
 def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
@@ -279,6 +344,72 @@ def prediction_table(predictions: list[Any], top_k: int) -> None:
     out_console.print(table)
 
 
+class BenchView:
+    """One line per measurement on stderr (a bench run is a handful of steps of seconds each)."""
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def __call__(self, event: Any) -> None:
+        if self.quiet:
+            return
+        if isinstance(event, BenchProgress):
+            err_console.print(f"[dim][{event.index}/{event.total}][/] {escape(event.what)}", soft_wrap=True)
+        elif isinstance(event, Notice):
+            err_console.print(f"[yellow]{escape(event.message)}[/]", soft_wrap=True)
+
+
+def _rate(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def bench_tables(result: dict[str, Any]) -> None:
+    env = result["environment"]
+    where = env.get("gpu", env["device"]) + (
+        f" (compute capability {env['compute_capability']})" if "gpu" in env else ""
+    )
+    out_console.print(
+        f"[bold]cifarnet bench[/] on {escape(where)}, torch {env['torch']}"
+        + (" (--quick)" if result["quick"] else "")
+        + f", {result['seconds']:.0f} s"
+    )
+    t = Table(title="ResNet-20 training, images/s (effective batch 512, crop + flip on the device)")
+    for col in ("precision", "micro-batch", "eager", "CUDA graphs", "speed-up"):
+        t.add_column(col, justify="right" if col not in ("precision",) else "left")
+    rows: dict[tuple[str, int], dict[bool, float]] = {}
+    accums: dict[int, int] = {}
+    for r in result["train"]:
+        rows.setdefault((r["precision"], r["batch_size"]), {})[r["capture"]] = r["images_per_second"]
+        accums[r["batch_size"]] = r["accum"]
+    for (precision, batch), rates in rows.items():
+        eager, graph = rates.get(False), rates.get(True)
+        speedup = f"{graph / eager:.2f}×" if eager and graph else "—"
+        t.add_row(precision, f"{batch} × {accums[batch]}", _rate(eager), _rate(graph), speedup)
+    out_console.print(t)
+    full = result.get("full_epoch")
+    if full:
+        out_console.print(
+            f"One {full['images']:,}-image epoch of the default recipe ({full['precision']}, batch {full['batch_size']}"
+            f"{', CUDA graphs' if full['capture'] else ''}): {full['seconds']:.2f} s, "
+            f"[bold]{full['images_per_second']:,.0f}[/] images/s"
+        )
+    p, f = result["predict"], result["finetune"]
+    s = Table(title="Inference and fine-tuning", show_header=False)
+    s.add_column()
+    s.add_column(justify="right")
+    s.add_row(f"predict latency, batch 1 ({p['precision']})", f"{p['latency_ms_batch1']:.2f} ms")
+    s.add_row("predict throughput, batch 256", f"{p['images_per_second_batch256']:,.0f} images/s")
+    s.add_row(
+        f"finetune-resnet50 ({f['precision']}, batch {f['batch_size']} × {f['accum']})",
+        f"{f['images_per_second']:,.1f} images/s",
+    )
+    if f.get("peak_memory_bytes") is not None:
+        s.add_row("finetune-resnet50 peak GPU memory", f"{f['peak_memory_bytes'] / 2**30:.2f} GiB")
+    elif f.get("process_peak_rss_bytes") is not None:
+        s.add_row("process peak resident memory", f"{f['process_peak_rss_bytes'] / 2**30:.2f} GiB")
+    out_console.print(s)
+
+
 def info_tables(data: dict[str, Any]) -> None:
     def gib(x: int | None) -> str:
         return "—" if x is None else f"{x / 2**30:.1f} GiB"
@@ -295,18 +426,21 @@ def info_tables(data: dict[str, Any]) -> None:
     t.add_row("precisions", "; ".join(f"{k}: {', '.join(v)}" for k, v in data["precisions"].items()))
     out_console.print(t)
     d = Table(title="Devices")
-    for col in ("device", "name", "memory", "compute capability"):
+    for col in ("device", "name", "memory", "compute capability", "--precision auto"):
         d.add_column(col)
     for dev in data["devices"]:
+        auto = dev.get("precision_auto", "")
+        if dev.get("precision_reason"):
+            auto += f" ({dev['precision_reason'].split(': ', 1)[-1]})"
         if dev["type"] == "cuda":
             mem = gib(dev["total_memory_bytes"])
             if dev.get("available_memory_bytes") is not None:
                 mem += f" (unified; {gib(dev['available_memory_bytes'])} available)"
             elif dev.get("free_memory_bytes") is not None:
                 mem += f" ({gib(dev['free_memory_bytes'])} free)"
-            d.add_row(f"cuda:{dev['index']}", dev["name"], mem, dev["compute_capability"])
+            d.add_row(f"cuda:{dev['index']}", dev["name"], mem, dev["compute_capability"], escape(auto))
         else:
-            d.add_row(dev["type"], str(dev.get("name", "")), "", "")
+            d.add_row(dev["type"], str(dev.get("name", "")), "", "", escape(auto))
     out_console.print(d)
     p = Table(title="Files", show_header=False)
     p.add_column()

@@ -1,0 +1,109 @@
+"""Progress output a user watches: bars that fit the terminal, an ETA for the whole run, no echoed keys."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import termios
+
+import pytest
+from rich.console import Console
+
+from cifarnet_cli import ui
+from cifarnet_cli.events import EpochEnded, EpochStarted, RunStarted, StepProgress
+
+STARTED = RunStarted(
+    run="r",
+    run_dir="/tmp/r",
+    device="cpu",
+    precision="fp32",
+    precision_reason="",
+    step_mode="eager",
+    data="d",
+    train_images=100,
+    eval_images=10,
+    eval_split="val",
+    arch="resnet20",
+    parameters=1,
+    trainable_parameters=1,
+    batch_size=10,
+    accum=1,
+    effective_batch=10,
+    peak_lr=0.1,
+    epochs=4,
+    start_epoch=0,
+    on_device_data=True,
+)
+
+
+def _render(width: int, monkeypatch: pytest.MonkeyPatch) -> str:
+    console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+    monkeypatch.setattr(ui, "err_console", console)
+    view = ui.TrainView(live=True)
+    with view:
+        view(STARTED)
+        view(EpochStarted(1, 4, 10, 10))
+        view(StepProgress(1, 5, 10, 50, 2.2, 0.1234, 0.05, 345.0))
+        assert view._progress is not None
+        view._progress.refresh()
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+    return text
+
+
+@pytest.mark.parametrize("width", [120, 90, 60])
+def test_bars_and_counts_survive_narrow_terminals(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _render(width, monkeypatch)
+    last = [line for line in text.splitlines() if "epoch 1/4" in line][-1]
+    assert "━" in last and "5/10" in last and "eta" in last
+    assert ("acc 12.34%" in last) == (width >= 110)  # metrics go first as the terminal narrows
+    assert ("loss 2.200" in last) == (width >= 80)
+    run_row = [line for line in text.splitlines() if "run " in line and "0/4" in line][-1]
+    assert "━" in run_row and "eta" in run_row
+
+
+def test_the_run_row_has_an_eta_before_the_first_epoch_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    console = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None)
+    monkeypatch.setattr(ui, "err_console", console)
+    view = ui.TrainView(live=True)
+    with view:
+        view(STARTED)
+        view(EpochStarted(1, 4, 10, 10))
+        assert view._progress is not None and view._run_task is not None
+        task = view._progress.tasks[view._run_task]
+        view(StepProgress(1, 2, 10, 20, 2.2, 0.1, 0.05, 100.0))
+        view(StepProgress(1, 6, 10, 60, 2.0, 0.2, 0.05, 100.0))
+        assert task.completed == pytest.approx(0.6) and task.time_remaining is not None
+        view(
+            EpochEnded(
+                {
+                    "epoch": 1,
+                    "train_loss": 2.0,
+                    "train_accuracy": 0.2,
+                    "val_loss": 2.0,
+                    "val_accuracy": 0.3,
+                    "lr": 0.05,
+                    "images_per_second": 100.0,
+                    "epoch_seconds": 1.0,
+                },
+                True,
+            )
+        )
+        assert task.completed == 1 and task.fields["stats"] == "best 30.00%"
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_keys_are_not_echoed_while_bars_are_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    master, slave = os.openpty()
+    tty = os.fdopen(slave, "r")
+    monkeypatch.setattr(sys, "stdin", tty)
+    try:
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ECHO
+        with ui._NoEcho():
+            during = termios.tcgetattr(slave)
+            assert not during[3] & termios.ECHO and not during[3] & termios.ECHOCTL
+        assert termios.tcgetattr(slave) == before
+    finally:
+        tty.close()
+        os.close(master)
