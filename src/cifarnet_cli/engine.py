@@ -387,7 +387,7 @@ def fit(
     loss_limit = divergence_limit(num_classes)
     # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
     # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
-    start_state = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    start_state: dict[str, Any] | None = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     start_steps = scheduler.last_epoch
 
     final_accuracy = float("nan")
@@ -416,10 +416,11 @@ def fit(
                         step=step,
                         loss_limit=loss_limit,
                     )
+                    start_state = None  # past the first steps: no more retries, the copy can go
                     break
                 except torch.cuda.OutOfMemoryError:
                     smaller = _smaller_micro_batch(config, train_loader.num_examples)
-                    if scheduler.last_epoch != start_steps or smaller is None:
+                    if start_state is None or scheduler.last_epoch != start_steps or smaller is None:
                         raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
                     del step
                     model.load_state_dict(start_state["model"])
@@ -429,6 +430,8 @@ def fit(
                     old = config
                     config = smaller
                     train_loader.set_batch_size(config.batch_size)
+                    if eval_loader is not None:
+                        eval_loader.set_batch_size(config.batch_size * 2)
                     batch_sizes = train_loader.batch_sizes()
                     step = make_step()
                     run.update_config(config.to_dict())
@@ -472,6 +475,8 @@ def fit(
             on_event(EpochEnded(metrics, is_best))
     except KeyboardInterrupt:
         raise TrainingInterrupted(run, saved_epoch) from None
+    except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
+        raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
 
     return FitResult(
         config=config,
