@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import torchvision
 from cifarnet_cli import __version__, download, paths
 from cifarnet_cli.data.sources import find_source
 from cifarnet_cli.devices import bf16_supported, mps_available
+from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.fileio import display, problem
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 MEMINFO = Path("/proc/meminfo")
@@ -62,6 +65,47 @@ def cuda_devices() -> list[dict[str, Any]]:
     return out
 
 
+def _folder_problem(path: Path) -> str | None:
+    """Why cifarnet could not write into ``path`` (None when it can, or can create it)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{display(existing)} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "the file system is read-only" if _read_only(existing) else "no permission to write there"
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def directory_problems() -> list[str]:
+    """One sentence per folder cifarnet writes to but cannot use (CIFARNET_HOME a file, read-only ...)."""
+    out: list[str] = []
+    broken: list[Path] = []
+    for what, path in (
+        ("home", paths.home_dir()),
+        ("runs", paths.runs_dir()),
+        ("datasets", paths.datasets_dir()),
+        ("cache", paths.cache_dir()),
+    ):
+        if any(path.is_relative_to(b) for b in broken):
+            continue  # inside a folder already reported: same problem
+        try:
+            why = _folder_problem(path)
+        except OSError as exc:
+            why = problem(exc, path)
+        if why is not None:
+            broken.append(path)
+            out.append(f"Cannot write the {what} folder {display(path)}: {why}.")
+    return out
+
+
 def gather() -> dict[str, Any]:
     cuda = cuda_devices() if torch.cuda.is_available() else []
     devices: list[dict[str, Any]] = [{"type": "cuda", **d} for d in cuda]
@@ -80,12 +124,17 @@ def gather() -> dict[str, Any]:
     if mps_available():
         precisions["mps"] = ["fp32", "fp16"]
     data_dir = paths.default_data_dir()
+    problems = directory_problems()
     weights = {}
     for name in ("resnet50-v1", "resnet50-v2"):
         asset = download.ASSETS[name]
         f = paths.torch_hub_checkpoints_dir() / asset.filename
         weights[name] = str(f) if f.is_file() else None
-    found = find_source(data_dir)
+    try:
+        found = find_source(data_dir)
+    except CifarNetError as exc:
+        found = None
+        problems.append(str(exc))
     return {
         "cifarnet": __version__,
         "python": sys.version.split()[0],
@@ -111,4 +160,5 @@ def gather() -> dict[str, Any]:
             "cifar10": str(found[1]) if found is not None else None,
             **weights,
         },
+        "problems": problems,
     }
