@@ -302,14 +302,15 @@ def test_https_proxy_and_no_proxy_are_honoured(
 def test_from_file_of_the_wrong_size_is_refused_without_hashing(
     pinned: Asset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert pinned.size is not None
     wrong = tmp_path / "big.tar.gz"
-    wrong.write_bytes(b"\0" * (pinned.size + 1))  # type: ignore[operator]
+    wrong.write_bytes(b"\0" * (pinned.size + 1))
 
     def no_hashing(*_a: object) -> None:
         raise AssertionError("a file of the wrong size was hashed")
 
     monkeypatch.setattr(download.hashlib, "sha256", no_hashing)
-    with pytest.raises(CifarNetError, match=rf"is {pinned.size + 1} bytes, cifar10 is {pinned.size} bytes"):  # type: ignore[operator]
+    with pytest.raises(CifarNetError, match=rf"is {pinned.size + 1} bytes, cifar10 is {pinned.size} bytes"):
         fetch("cifar10", tmp_path / "d", DownloadOptions(from_file=wrong))
     assert _leftovers(tmp_path / "d") == []
 
