@@ -198,3 +198,41 @@ def test_tar_with_unexpected_member_is_not_read(tmp_path: Path) -> None:
     with pytest.raises(CifarNetError, match="data_batch_1"):
         load_source(archive)
     assert not (tmp_path.parent / "evil").exists()
+
+
+def test_skipped_images_are_named_again_when_the_cache_is_used(image_folder: Callable[..., Path]) -> None:
+    root = image_folder(per_class=2)
+    (root / "train" / "cat" / "broken.png").write_text("not an image")
+    for _run in ("decoded", "cached"):
+        src = load_source(root)
+        assert len(src.train) == 20
+        assert [w for w in src.warnings if "Skipped 1 unreadable image(s)" in w and "broken.png" in w]
+
+
+def test_cifarnet_home_moves_the_cache_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cifarnet_cli import paths
+    from cifarnet_cli.info import gather
+
+    monkeypatch.setenv("CIFARNET_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("CIFARNET_CACHE")
+    monkeypatch.delenv("CIFARNET_DATA")
+    assert paths.cache_dir() == tmp_path / "h" / "cache"
+    assert paths.default_data_dir() == tmp_path / "h" / "datasets" / "cifar10"
+    directories = gather()["directories"]
+    assert directories["home"] == str(tmp_path / "h") and directories["cache"] == str(tmp_path / "h" / "cache")
+    monkeypatch.setenv("CIFARNET_CACHE", str(tmp_path / "c"))  # the finer override still wins
+    assert paths.cache_dir() == tmp_path / "c"
+
+
+def test_the_same_data_has_the_same_fingerprint_wherever_it_lies(cifar_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from .conftest import write_cifar_tarball
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cifar_folder, copy)
+    archive = write_cifar_tarball(tmp_path / "archive")  # the same batches (same seed), archived
+    fingerprints = {load_source(p).fingerprint for p in (cifar_folder, copy, archive)}
+    assert len(fingerprints) == 1
+    other = write_cifar_tarball(tmp_path / "other", seed=5)
+    assert load_source(other).fingerprint not in fingerprints

@@ -297,3 +297,66 @@ def test_https_proxy_and_no_proxy_are_honoured(
         monkeypatch.setenv("no_proxy", "127.0.0.1")
         assert _fetch(tmp_path / "b", f"{base}/good/", ca_bundle=ca.pem).read_bytes() == payload
         assert len(tunnels) == 1  # bypassed
+
+
+def test_from_file_of_the_wrong_size_is_refused_without_hashing(
+    pinned: Asset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert pinned.size is not None
+    wrong = tmp_path / "big.tar.gz"
+    wrong.write_bytes(b"\0" * (pinned.size + 1))
+
+    def no_hashing(*_a: object) -> None:
+        raise AssertionError("a file of the wrong size was hashed")
+
+    monkeypatch.setattr(download.hashlib, "sha256", no_hashing)
+    with pytest.raises(CifarNetError, match=rf"is {pinned.size + 1} bytes, cifar10 is {pinned.size} bytes"):
+        fetch("cifar10", tmp_path / "d", DownloadOptions(from_file=wrong))
+    assert _leftovers(tmp_path / "d") == []
+
+
+def test_mirror_schemes(pinned: Asset, payload: bytes, tmp_path: Path) -> None:
+    local = tmp_path / "mirror" / pinned.filename
+    local.parent.mkdir()
+    local.write_bytes(payload)
+    # file:// is a local copy, verified like any other: allowed without --insecure-transport
+    assert _fetch(tmp_path / "a", local.parent.as_uri() + "/").read_bytes() == payload
+    notes: list[str] = []
+    with pytest.raises(DownloadError):
+        _fetch(tmp_path / "b", "http://127.0.0.1:9/x/", messages=notes)
+    assert "Skipping http://127.0.0.1:9/x/cifar-10-python.tar.gz" in notes[0] and "--insecure-transport" in notes[0]
+    notes.clear()
+    with pytest.raises(DownloadError):
+        _fetch(tmp_path / "c", "http://127.0.0.1:9/x/", messages=notes, insecure_transport=True)
+    assert not any("Skipping" in n for n in notes) and any("127.0.0.1" in n for n in notes[1:])
+
+
+def test_a_download_onto_a_full_disk_says_so(
+    pinned: Asset, payload: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = tmp_path / "mirror" / pinned.filename
+    local.parent.mkdir()
+    local.write_bytes(payload)
+
+    def full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(download.os, "fsync", full)
+    dest = tmp_path / "dest"
+    with pytest.raises(CifarNetError) as err:
+        _fetch(dest, local.parent.as_uri() + "/")
+    assert f"Cannot write {dest / pinned.filename}: no space left" in str(err.value)
+    assert not isinstance(err.value, DownloadError)  # not "could not download": the disk is the problem
+    assert _leftovers(dest) == []
+
+
+def test_a_disk_full_extraction_is_not_called_a_bad_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = write_cifar_tarball(tmp_path / "a")
+
+    def full(*_a: object, **_k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(CifarNetError, match="Cannot extract into .*: no space left"):
+        safe_extract_cifar(archive, tmp_path / "out")
+    assert _leftovers(tmp_path / "out") == []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,3 +97,33 @@ def test_evaluate_errors(trained_run: tuple[Path, dict[str, object]]) -> None:
 def test_evaluate_without_runs_says_how_to_train() -> None:
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 1 and "cifarnet train" in result.output
+
+
+def test_a_split_the_data_does_not_have_is_refused(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=6)  # a folder of class folders: no test split
+    trained = runner.invoke(app, ["train", "--data-dir", str(data / "train"), "--run", "one", *FAST])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["evaluate", "one", "--split", "test"])
+    assert result.exit_code == 1
+    assert "has no test split; choose one of: val, train, all" in result.output.replace("\n", " ")
+    everything = json.loads(runner.invoke(app, ["evaluate", "one", "--split", "all", "--json"]).stdout)
+    assert (everything["split"], everything["n"]) == ("all", 60)
+    default = json.loads(runner.invoke(app, ["evaluate", "one", "--json"]).stdout)
+    assert (default["split"], default["n"]) == ("val", 40)
+
+
+def test_a_copy_of_the_training_folder_is_recognised_by_content(
+    image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    data = image_folder(per_class=6)
+    trained = runner.invoke(app, ["train", "--data-dir", str(data / "train"), "--run", "c", *FAST])
+    assert trained.exit_code == 0, trained.output
+    copy = tmp_path / "copy"
+    shutil.copytree(data / "train", copy)  # new modification times and a new place: same images
+    result = runner.invoke(app, ["evaluate", "c", "--data-dir", str(copy), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["split"], out["n"]) == ("val", 40)
+    assert "differs" not in result.stderr
+    original = json.loads(runner.invoke(app, ["evaluate", "c", "--split", "val", "--json"]).stdout)
+    assert original["accuracy"] == out["accuracy"]

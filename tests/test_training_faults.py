@@ -28,7 +28,7 @@ def _run_dir(name: str) -> Path:
 def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(image_folder: Callable[..., Path]) -> None:
     data = image_folder(per_class=6)
     result = runner.invoke(
-        app, ["train", "--data-dir", str(data), "--run", "boom", "--epochs", "3", "--lr", "1e6", *QUICK]
+        app, ["train", "--data-dir", str(data), "--run", "boom", "--epochs", "3", "--lr", "100", *QUICK]
     )
     assert result.exit_code == 1, result.output
     assert "Training diverged" in result.output and "lower --lr" in result.output

@@ -1,53 +1,237 @@
-"""Checkpoints: plain dicts written atomically and read back with ``weights_only=True``."""
+"""Checkpoints: plain dicts written atomically and read back with ``weights_only=True``, and validated
+here, once, before any command uses them (evaluate, predict, export, resume, --weights).
+
+A checkpoint written by cifarnet holds ``model`` (a state dict), ``config`` (``asdict(TrainConfig)``),
+``meta`` (architecture, its arguments, class names, where the data came from) and, for ``last.pt``, the
+optimizer, schedule and random state to resume from. A hand-edited or foreign file is refused with a
+sentence that says what is missing, instead of a KeyError, an AttributeError or an IndexError later.
+"""
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
-import zipfile
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cifarnet_cli import fileio
 from cifarnet_cli.errors import CifarNetError
+
+if TYPE_CHECKING:
+    from cifarnet_cli.models import Classifier
 
 CHECKPOINT_VERSION = 1
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash or Ctrl-C leaves either the
-    old checkpoint or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through a temporary file in the same folder, then rename (fileio.atomic_writer): a crash,
+    Ctrl-C or a full disk leaves the old checkpoint or the new one, never half of one, and a failure
+    to write is one CifarNetError naming the file and the problem."""
+    with fileio.atomic_writer(path) as fh:
+        torch.save(obj, fh)
+
+
+def _display(path: Path) -> str:
+    return fileio.display(path)
+
+
+# How torch's weights-only unpickler words a refusal of an object it was asked to build (torch 2.4-2.9);
+# its other errors ("Unsupported operand 103") mean bytes that are not a pickle at all.
+_REFUSALS = ("Unsupported global", "unrecognized function", "Can only create", "Can only build", "Can only setstate")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a plain state dict) safely; unreadable files end in one clear error."""
-    if not path.is_file():
-        raise CifarNetError(f"No checkpoint at {path}.")
     try:
+        if not path.is_file():
+            raise CifarNetError(f"No checkpoint at {_display(path)}.")
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CifarNetError(f"{path} is not a readable checkpoint ({first[:200]}).") from exc
+    except CifarNetError:
+        raise
+    except OSError as exc:
+        raise fileio.os_error(exc, path, "read") from exc
+    except pickle.UnpicklingError as exc:
+        if not any(sign in str(exc) for sign in _REFUSALS):  # not a refused object: a damaged file
+            raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({_first_line(exc)}).") from exc
+        # torch's refusal is a page of advice about weights_only; the user needs one plain sentence.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        holding = f" (it holds {found.group(1)})" if found else ""
+        raise CifarNetError(
+            f"{_display(path)} contains code or Python objects that cifarnet will not load{holding}: "
+            "a cifarnet checkpoint holds only tensors and plain values. Load only files from sources you trust."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - any failure of torch.load means a damaged or foreign file
+        raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({_first_line(exc)}).") from exc
     if not isinstance(obj, dict):
-        raise CifarNetError(f"{path} does not hold a checkpoint dictionary.")
+        raise CifarNetError(f"{_display(path)} does not hold a checkpoint dictionary.")
     return obj
 
 
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def state_dict_of(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """``obj`` itself as a state dict (a torchvision weights file), or a clear refusal."""
+    if not _is_state_dict(obj):
+        raise CifarNetError(
+            f"{_display(path)} is neither a cifarnet checkpoint nor a state dict (names mapped to tensors)."
+        )
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelCheckpoint:
+    """A checkpoint that passed validation: everything evaluate, predict and export need."""
+
+    path: Path
+    arch: str
+    model_kwargs: dict[str, Any]
+    classes: tuple[str, ...]
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    config: dict[str, Any] | None
+    completed_epochs: int | None  # None when the file does not say (a foreign or older checkpoint)
+    raw: dict[str, Any]
+
+    @property
+    def untrained(self) -> bool:
+        return self.completed_epochs == 0
+
+    def untrained_notice(self) -> str | None:
+        """What to tell a user who named this checkpoint explicitly although no epoch completed."""
+        if not self.untrained:
+            return None
+        return (
+            f"{_display(self.path)} has no completed epoch: its weights are the random initialization, so its "
+            "predictions mean nothing. Train (or resume) the run for at least one epoch."
+        )
+
+
+def _completed_epochs(obj: dict[str, Any]) -> int | None:
+    fit_state = obj.get("fit_state")
+    epoch = fit_state.get("epoch") if isinstance(fit_state, dict) else obj.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
+
+
+def validate_model(obj: dict[str, Any], path: Path) -> ModelCheckpoint:
+    """Check that ``obj`` is a cifarnet checkpoint whose model can be built and used; say what is wrong."""
+    from cifarnet_cli.models import list_models  # the registry (and torchvision) only when a model is read
+
+    where = _display(path)
+    if "model" not in obj or "meta" not in obj:
+        raise CifarNetError(f"{where} is not a cifarnet checkpoint (no model/meta); pass a run's best.pt or last.pt.")
+    if not _is_state_dict(obj["model"]):
+        raise CifarNetError(f"{where}: 'model' is not a state dict (names mapped to tensors); the file is damaged.")
+    meta = obj["meta"]
+    if not isinstance(meta, dict):
+        raise CifarNetError(f"{where}: 'meta' is not a dictionary; the file is damaged or was edited by hand.")
+    arch = meta.get("arch")
+    if not isinstance(arch, str) or arch not in list_models():
+        what = "names no architecture" if arch is None else f"names an unknown architecture {arch!r}"
+        raise CifarNetError(f"{where} {what}; cifarnet knows: {', '.join(list_models())}.")
+    kwargs = meta.get("model_kwargs", {})
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in kwargs.items()
+    ):
+        raise CifarNetError(f"{where}: 'model_kwargs' must map argument names to positive integers.")
+    classes = meta.get("classes")
+    if (
+        not isinstance(classes, list | tuple)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise CifarNetError(f"{where}: 'classes' must be a list of distinct class names.")
+    outputs = kwargs.get("num_classes", len(classes))
+    if outputs != len(classes):
+        raise CifarNetError(
+            f"{where} names {len(classes)} classes for a model with {outputs} outputs; the file is damaged "
+            "or was edited by hand."
+        )
+    config = obj.get("config")
+    return ModelCheckpoint(
+        path,
+        arch,
+        dict(kwargs),
+        tuple(classes),
+        obj["model"],
+        meta,
+        config if isinstance(config, dict) else None,
+        _completed_epochs(obj),
+        obj,
+    )
+
+
+def read_model(path: Path, map_location: str | torch.device = "cpu") -> ModelCheckpoint:
+    """Load and validate the checkpoint at ``path``."""
+    return validate_model(load(path, map_location), path)
+
+
+def build_model(ckpt: ModelCheckpoint) -> Classifier:
+    """The checkpoint's model with its weights, loaded strictly; its head must fit the class names."""
+    from cifarnet_cli.models import get_model
+
+    try:
+        model = get_model(ckpt.arch, **ckpt.model_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CifarNetError(
+            f"{_display(ckpt.path)}: {ckpt.arch} cannot be built with {ckpt.model_kwargs} ({exc})."
+        ) from exc
+    load_state_strict(model, strip_prefixes(ckpt.state), _display(ckpt.path))
+    outputs = model.get_classifier().out_features
+    if outputs != len(ckpt.classes):
+        raise CifarNetError(
+            f"{_display(ckpt.path)} names {len(ckpt.classes)} classes for a model with {outputs} outputs; "
+            "the file is damaged or was edited by hand."
+        )
+    return model
+
+
+_FIT_STATE_NUMBERS = ("epoch", "best_accuracy", "train_images", "train_seconds")
+
+
+def validate_resumable(obj: dict[str, Any], path: Path) -> None:
+    """Check what `train --resume` reads besides the model: optimizer, schedule, progress, recipe."""
+    where = _display(path)
+    missing = [k for k in ("model", "optimizer", "scheduler", "fit_state", "config") if k not in obj]
+    if missing:
+        raise CifarNetError(
+            f"{where} is not a resumable checkpoint (no {', '.join(missing)}); resume from a run's last.pt."
+        )
+    if not _is_state_dict(obj["model"]):
+        raise CifarNetError(f"{where}: 'model' is not a state dict (names mapped to tensors); the file is damaged.")
+    for key in ("optimizer", "scheduler", "config"):
+        if not isinstance(obj[key], dict):
+            raise CifarNetError(f"{where}: {key!r} is not a dictionary; the file is damaged or was edited by hand.")
+    fit_state = obj["fit_state"]
+    if not isinstance(fit_state, dict) or not all(
+        isinstance(fit_state.get(k), int | float) and not isinstance(fit_state.get(k), bool) for k in _FIT_STATE_NUMBERS
+    ):
+        raise CifarNetError(f"{where}: 'fit_state' lacks the epoch count and progress; the file is damaged.")
+    if _completed_epochs(obj) is None:
+        raise CifarNetError(f"{where}: the completed epoch count is not a whole number; the file is damaged.")
+
+
 def is_cifarnet_checkpoint(obj: dict[str, Any]) -> bool:
-    return "model" in obj and "config" in obj
+    """Written by cifarnet (as opposed to a plain state dict): validate it with :func:`validate_model`."""
+    return "model" in obj and ("meta" in obj or "config" in obj)
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -64,6 +64,11 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         _ui().warn("Interrupted.")
         raise typer.Exit(130) from None
+    except OSError as exc:  # the operating system refused a file operation the library did not word itself
+        from cifarnet_cli.fileio import os_error_message
+
+        _ui().error(os_error_message(exc))
+        raise typer.Exit(1) from None
 
 
 def _print_json(obj: Any) -> None:
@@ -583,7 +588,8 @@ def evaluate(
     split: Annotated[
         str | None,
         typer.Option(
-            help="test, val (the run's validation split) or train. \\[default: test if the data has one]",
+            help="test, val (the run's validation split), train (the rest of the run's training images) or all "
+            "(every image of the data). \\[default: test if the data has one; else val on the run's own data; else all]",
             show_default=False,
             autocompletion=_complete_split,
         ),
@@ -666,13 +672,15 @@ def predict(
     with _user_errors():
         if run is not None and checkpoint is not None:
             raise UsageError("Give --run or --checkpoint, not both.")
-        predictions, _loaded = run_predict(
+        predictions, loaded = run_predict(
             images,
             ref=str(checkpoint) if checkpoint is not None else run,
             top_k=top_k,
             device_spec=device or "auto",
             batch_size=batch_size,
         )
+        if loaded.notice:
+            _ui().warn(loaded.notice)
         if as_json:
             _print_json([p.to_json() for p in predictions])
         else:
@@ -734,6 +742,8 @@ def export(
         result = export_model(
             run, fmt=fmt, output=output, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, verify=verify
         )
+        if result.notice:
+            _ui().warn(result.notice)
         if as_json:
             _print_json(
                 {
@@ -797,6 +807,10 @@ def info(as_json: JsonOut = False) -> None:
             _print_json(data)
         else:
             _ui().info_tables(data)
+        for problem in data["problems"]:  # after the tables: devices and versions are still worth seeing
+            _ui().error(problem)
+        if data["problems"]:
+            raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------------------------------

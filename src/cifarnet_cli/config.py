@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -10,6 +11,14 @@ from cifarnet_cli import choices
 from cifarnet_cli.errors import UsageError
 
 SCHEDULES = ("cosine", "multistep")
+
+# Upper bounds of the numeric options: far beyond any sensible run, low enough that a typo (an extra zero
+# or three) is caught before it allocates memory or runs for a year.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20  # images per micro-batch, and micro-batches per step
+MAX_LR = 100.0  # the recipe's peak is 0.4 per 512 images; even a 64k batch scales it to 51.2
+MAX_IMAGES = 100_000_000  # --val-split
+MAX_IMAGE_SIZE = 1024  # ResNet-50's input side: 224 is ImageNet's; 1024 is 20x its compute already
 
 
 @dataclass(frozen=True)
@@ -70,43 +79,56 @@ class TrainConfig:
         return (max(1, self.epochs // 2), max(1, self.epochs * 3 // 4))
 
     def validate(self) -> TrainConfig:
-        def bad(msg: str) -> UsageError:
-            return UsageError(msg)
+        """Check every numeric option up front (a NaN compares false with everything, so each float is
+        first checked to be finite): a bad value is a usage error naming the option and its range."""
 
-        if self.epochs < 1:
-            raise bad("--epochs must be at least 1.")
-        if self.batch_size < 1:
-            raise bad("--batch-size must be at least 1.")
-        if self.accum < 1:
-            raise bad(f"--accum must be at least 1 (got {self.accum}); it is the number of micro-batches per step.")
-        if self.lr is not None and self.lr <= 0:
-            raise bad("--lr must be positive.")
-        if not 0 <= self.momentum < 1:
-            raise bad("--momentum must be in [0, 1).")
-        if self.weight_decay < 0:
-            raise bad("--weight-decay must be 0 or more.")
+        def bad(option: str, value: object, accepted: str) -> UsageError:
+            return UsageError(f"--{option} must be {accepted} (got {value}).")
+
+        def integer(option: str, value: int, low: int, high: int) -> None:
+            if not low <= value <= high:
+                raise UsageError(f"--{option} must be at least {low} and at most {high} (got {value}).")
+
+        def number(option: str, value: float, accepted: str, ok: bool) -> None:
+            if not (math.isfinite(value) and ok):
+                raise bad(option, value, accepted)
+
+        integer("epochs", self.epochs, 1, MAX_EPOCHS)
+        integer("accum", self.accum, 1, MAX_BATCH)
+        if self.batch_size == 1:  # BatchNorm cannot normalise a training batch of one image
+            raise UsageError("--batch-size must be at least 2: BatchNorm normalises over the images of a micro-batch.")
+        integer("batch-size", self.batch_size, 2, MAX_BATCH)
+        if self.lr is not None:
+            number("lr", self.lr, f"a positive number, at most {MAX_LR:g}", 0 < self.lr <= MAX_LR)
+        number("base-lr", self.base_lr, "a positive number", self.base_lr > 0)
+        number("momentum", self.momentum, "in [0, 1)", 0 <= self.momentum < 1)
+        number("weight-decay", self.weight_decay, "in [0, 1)", 0 <= self.weight_decay < 1)
         if self.capture not in choices.CAPTURE:
-            raise bad(f"Unknown --capture {self.capture!r}; choose one of: {', '.join(choices.CAPTURE)}.")
+            raise UsageError(f"Unknown --capture {self.capture!r}; choose one of: {', '.join(choices.CAPTURE)}.")
         if self.schedule not in SCHEDULES:
-            raise bad(f"Unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
+            raise UsageError(f"Unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
         if any(m < 1 or m > self.epochs for m in self.milestones):
-            raise bad(f"--milestones must be epochs between 1 and {self.epochs}.")
+            raise UsageError(f"--milestones must be epochs between 1 and {self.epochs}.")
         if list(self.milestones) != sorted(self.milestones):
-            raise bad("--milestones must be increasing, e.g. 20,40.")
-        if not 0 < self.gamma <= 1:
-            raise bad("--gamma must be in (0, 1].")
-        if self.warmup < 0 or self.warmup >= self.epochs:
-            raise bad(f"--warmup-epochs must be in [0, {self.epochs}).")
-        if not 0 <= self.label_smoothing < 1:
-            raise bad("--label-smoothing must be in [0, 1).")
-        if self.val_split is not None and self.val_split < 0:
-            raise bad("--val-split must be 0 or more.")
-        if self.image_size is not None and self.image_size < 32:
-            raise bad("--image-size must be at least 32.")
-        if self.unfreeze_at is not None and not 1 <= self.unfreeze_at <= self.epochs:
-            raise bad(f"--unfreeze-at must be an epoch between 1 and {self.epochs}.")
-        if self.backbone_lr_scale < 0:
-            raise bad("--backbone-lr-scale must be 0 or more.")
+            raise UsageError("--milestones must be increasing, e.g. 20,40.")
+        number("gamma", self.gamma, "in (0, 1]", 0 < self.gamma <= 1)
+        number(
+            "warmup-epochs", self.warmup, f"in [0, {self.epochs}), i.e. below --epochs", 0 <= self.warmup < self.epochs
+        )
+        number("label-smoothing", self.label_smoothing, "in [0, 1)", 0 <= self.label_smoothing < 1)
+        if self.val_split is not None:
+            integer("val-split", self.val_split, 0, MAX_IMAGES)
+        integer("seed", self.seed, 0, 2**32 - 1)
+        if self.image_size is not None:
+            integer("image-size", self.image_size, 32, MAX_IMAGE_SIZE)
+        if self.unfreeze_at is not None:
+            integer("unfreeze-at", self.unfreeze_at, 1, self.epochs)
+        number(
+            "backbone-lr-scale",
+            self.backbone_lr_scale,
+            "a number from 0 to 10",
+            0 <= self.backbone_lr_scale <= 10,
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:

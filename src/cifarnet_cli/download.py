@@ -7,8 +7,9 @@ same pins and the same chain; (4) stop with the exact command to finish by hand.
 
 Verification is never switched off unless ``--insecure-transport`` is given for a pinned asset; size and
 SHA-256 are enforced whatever the transport. Bytes stream to ``<dest>.<random>.partial`` next to the
-destination and are renamed into place only after they verify, so nothing unverified sits at the
-destination. ``ssl`` is never patched globally: each attempt builds its own context.
+destination (fileio.atomic_writer: ``.<name>.<random>.partial``) and are renamed into place only after they
+verify, so nothing unverified sits at the destination; a failure to write (no space, read-only) is named
+as such, never mistaken for a network problem. ``ssl`` is never patched globally: each attempt builds its own context.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import http.client
+import math
 import os
-import secrets
 import shutil
 import socket
 import ssl
@@ -26,12 +27,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarnet_cli import paths
+from cifarnet_cli import fileio, paths
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 
@@ -81,6 +83,7 @@ MIRROR_ENV = "CIFARNET_MIRROR"
 OFFLINE_ENV = "CIFARNET_OFFLINE"
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 86400.0  # a day; the socket layer refuses far larger values with an OverflowError
 
 Notify = Callable[[str], None]
 Progress = Callable[[int, int | None], None]
@@ -97,6 +100,13 @@ class DownloadOptions:
     ca_bundle: Path | None = None
     insecure_transport: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def validate(self) -> DownloadOptions:
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
+            raise UsageError(
+                f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}] (got {self.timeout_s:g})."
+            )
+        return self
 
 
 def get_asset(name: str) -> Asset:
@@ -205,6 +215,8 @@ def classify(exc: BaseException, url: str, timeout_s: float) -> Failure:
     reason: object = (
         exc.reason if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError) else exc
     )
+    if url.lower().startswith("file:"):
+        return Failure("network", f"Cannot read the mirror {url} ({getattr(reason, 'strerror', None) or reason}).")
     if isinstance(exc, http.client.IncompleteRead):
         return Failure(
             "truncated",
@@ -310,28 +322,27 @@ class _VerifyFailed(Exception):
 def _stream(
     url: str, dest: Path, asset: Asset, ctx: ssl.SSLContext, timeout_s: float, progress: Progress | None
 ) -> None:
-    """Download ``url`` to ``dest`` through a random ``.partial`` file; verify; rename."""
+    """Download ``url`` to ``dest`` through a temporary file in its folder; verify; rename."""
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoDowngradeRedirect())
     request = urllib.request.Request(url, headers={"User-Agent": "cifarnet"})
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f"{dest.name}.{secrets.token_hex(6)}.partial")
-    try:
-        with opener.open(request, timeout=timeout_s) as response, partial.open("wb") as out:
-            length = response.headers.get("Content-Length")
-            total = asset.size or (int(length) if length and length.isdigit() else None)
-            h = hashlib.sha256()
-            done = 0
-            while True:
-                chunk = response.read(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                if asset.size is not None and done > asset.size:
-                    raise _VerifyFailed(Failure("size", f"{url} sent more than the pinned {asset.size} bytes."))
-                if progress is not None:
-                    progress(done, total)
+    # Network errors leave the atomic writer unchanged (the caller explains them); a failure to write the
+    # file (no space, read-only) comes out as one CifarNetError naming it. Unverified bytes never reach dest.
+    with opener.open(request, timeout=timeout_s) as response, fileio.atomic_writer(dest) as out:
+        length = response.headers.get("Content-Length")
+        total = asset.size or (int(length) if length and length.isdigit() else None)
+        h = hashlib.sha256()
+        done = 0
+        while True:
+            chunk = response.read(CHUNK)
+            if not chunk:
+                break
+            out.write(chunk)
+            h.update(chunk)
+            done += len(chunk)
+            if asset.size is not None and done > asset.size:
+                raise _VerifyFailed(Failure("size", f"{url} sent more than the pinned {asset.size} bytes."))
+            if progress is not None:
+                progress(done, total)
         announced = int(length) if length and length.isdigit() else None
         if announced is not None and done < announced:
             raise _VerifyFailed(
@@ -349,9 +360,6 @@ def _stream(
                     f"{asset.size} bytes with SHA-256 {asset.sha256}; refusing it.",
                 )
             )
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def mirror_urls(asset: Asset, mirrors: Sequence[str]) -> list[str]:
@@ -384,8 +392,10 @@ def _download(asset: Asset, dest: Path, options: DownloadOptions, notify: Notify
         )
     last: Failure | None = None
     for url in urls:
-        if not url.lower().startswith("https://") and not options.insecure_transport:
-            notify(f"Skipping {url}: only https URLs are used.")
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if scheme not in ("https", "file") and not (scheme == "http" and options.insecure_transport):
+            allowed = "https:// and file://" + (" (http:// with --insecure-transport)" if scheme == "http" else "")
+            notify(f"Skipping {url}: only {allowed} URLs are used.")
             continue
         contexts = list(_attempts(options))
         i = 0
@@ -422,6 +432,39 @@ def _manual_message(asset: Asset, dest: Path, reason: str) -> str:
     )
 
 
+def _from_file(src: Path, asset: Asset, dest: Path) -> Path:
+    """Verify a local copy (size first: a wrong file is refused without reading it) and store it at dest."""
+    if not src.is_file():
+        raise CifarNetError(f"--from-file {src}: no such file.")
+    size = src.stat().st_size
+    if asset.size is not None and size != asset.size:
+        raise CifarNetError(
+            f"--from-file {src} is not {asset.name}: it is {size} bytes, {asset.name} is {asset.size} bytes "
+            "(not hashed). Nothing was copied."
+        )
+    same = src.resolve() == dest.resolve()
+
+    def wrong(digest: str) -> CifarNetError:
+        return CifarNetError(
+            f"--from-file {src} is not {asset.name}: {size} bytes with SHA-256 {digest}, "
+            f"expected {asset.size} bytes with SHA-256 {asset.sha256}. Nothing was copied."
+        )
+
+    if same:
+        digest = sha256_file(src)
+        if asset.sha256 is not None and digest != asset.sha256:
+            raise wrong(digest)
+        return dest
+    h = hashlib.sha256()
+    with src.open("rb") as fin, fileio.atomic_writer(dest) as out:  # hashed while copied: one read
+        for chunk in iter(lambda: fin.read(CHUNK), b""):
+            h.update(chunk)
+            out.write(chunk)
+        if asset.sha256 is not None and h.hexdigest() != asset.sha256:
+            raise wrong(h.hexdigest())  # the partial copy is removed; nothing reaches dest
+    return dest
+
+
 def fetch(
     name: str,
     dest_dir: Path | None = None,
@@ -432,28 +475,12 @@ def fetch(
 ) -> Path:
     """Return the verified file of asset ``name``, fetching it if no verified local copy exists."""
     asset = get_asset(name)
-    dest_dir = dest_dir or default_destination(asset)
+    options.validate()
+    dest_dir = fileio.ensure_dir(dest_dir or default_destination(asset))  # a file in the way is named now
     dest = dest_dir / asset.filename
     # (0) local copies first
     if options.from_file is not None:
-        src = options.from_file.expanduser()
-        if not src.is_file():
-            raise CifarNetError(f"--from-file {src}: no such file.")
-        if not _matches(src, asset):
-            digest = sha256_file(src)
-            raise CifarNetError(
-                f"--from-file {src} is not {asset.name}: {src.stat().st_size} bytes with SHA-256 {digest}, "
-                f"expected {asset.size} bytes with SHA-256 {asset.sha256}. Nothing was copied."
-            )
-        if src.resolve() != dest.resolve():
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            partial = dest.with_name(f"{dest.name}.{secrets.token_hex(6)}.partial")
-            try:
-                shutil.copyfile(src, partial)
-                os.replace(partial, dest)
-            finally:
-                partial.unlink(missing_ok=True)
-        return dest
+        return _from_file(options.from_file.expanduser(), asset, dest)
     candidates = [dest]
     if asset.kind == "weights":
         hub = paths.torch_hub_checkpoints_dir() / asset.filename
@@ -490,34 +517,50 @@ CIFAR_MEMBERS = frozenset(
 def safe_extract_cifar(archive: Path, dest_dir: Path) -> Path:
     """Extract only the expected regular files of the CIFAR-10 archive into ``dest_dir``; refuse the whole
     archive if it holds anything else (``..``, absolute paths, links, devices, unexpected names)."""
+
+    def unreadable(exc: BaseException) -> CifarNetError:
+        return CifarNetError(f"{archive} is not a readable CIFAR-10 archive ({exc}).")
+
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for m in members:
-                name = m.name.rstrip("/")
-                if m.isdir() and name == "cifar-10-batches-py":
-                    continue
-                if name not in CIFAR_MEMBERS or not m.isfile():
-                    what = "a link" if (m.issym() or m.islnk()) else ("a directory" if m.isdir() else "an entry")
-                    raise CifarNetError(
-                        f"{archive} holds {what} {m.name!r} that a CIFAR-10 archive does not; refusing to extract it."
-                    )
-            files = [m for m in members if m.isfile()]
-            dest_dir.mkdir(parents=True, exist_ok=True)
+        tar = tarfile.open(archive, "r:*")
+        members = tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise unreadable(exc) from exc
+    with tar:
+        for m in members:
+            name = m.name.rstrip("/")
+            if m.isdir() and name == "cifar-10-batches-py":
+                continue
+            if name not in CIFAR_MEMBERS or not m.isfile():
+                what = "a link" if (m.issym() or m.islnk()) else ("a directory" if m.isdir() else "an entry")
+                raise CifarNetError(
+                    f"{archive} holds {what} {m.name!r} that a CIFAR-10 archive does not; refusing to extract it."
+                )
+        files = [m for m in members if m.isfile()]
+        fileio.ensure_dir(dest_dir)
+        try:
             staging = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=dest_dir))
-            try:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(staging, members=files, filter="data")
-                else:  # Python without PEP 706; the names were checked above
-                    tar.extractall(staging, members=files)  # noqa: S202
-                target = dest_dir / "cifar-10-batches-py"
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(staging / "cifar-10-batches-py", target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise CifarNetError(f"{archive} is not a readable CIFAR-10 archive ({exc}).") from exc
+        except OSError as exc:
+            raise fileio.os_error(exc, dest_dir, "extract into") from exc
+        try:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, members=files, filter="data")
+            else:  # Python without PEP 706; the names were checked above
+                tar.extractall(staging, members=files)  # noqa: S202
+            target = dest_dir / "cifar-10-batches-py"
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / "cifar-10-batches-py", target)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise unreadable(exc) from exc
+        except OSError as exc:
+            # An errno means the file system refused a write (no space, read-only); none (BadGzipFile)
+            # means the archive's bytes are bad.
+            if exc.errno is None:
+                raise unreadable(exc) from exc
+            raise fileio.os_error(exc, dest_dir, "extract into") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarnet_cli import choices
+from cifarnet_cli import choices, paths
 from cifarnet_cli.data.classes import match_classes
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import ImageSet, find_source
@@ -20,6 +20,7 @@ from cifarnet_cli.devices import resolve_device, resolve_precision
 from cifarnet_cli.engine import predict_logits
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import Notice
+from cifarnet_cli.fileio import display
 from cifarnet_cli.inference import LoadedModel, load_model
 from cifarnet_cli.training import open_data, split_data
 
@@ -90,38 +91,63 @@ def _eval_set(
         on_event(Notice(message))
 
     recorded = loaded.meta.get("data_location")
-    if data_dir is None and recorded and find_source(Path(recorded)) is not None:
-        location: str | None = recorded
-    else:
-        location = str(data_dir) if data_dir is not None else None
+    location: str | None = str(data_dir) if data_dir is not None else None
+    if data_dir is None and isinstance(recorded, str) and recorded:
+        if find_source(Path(recorded)) is not None:
+            location = recorded
+        elif Path(recorded) != paths.default_data_dir() and loaded.meta.get("data_kind") == "image-folder":
+            # Not CIFAR-10 from the default place, which would be downloaded: the run's own images are gone.
+            raise CifarNetError(
+                f"The data this run was trained on ({display(recorded)}) is not there any more; "
+                "evaluate on other data with --data-dir DIR."
+            )
     source = open_data(
         location,
         classes=loaded.classes,
         on_event=on_event,
     )
+    desc = f"{display(source.location)} ({source.kind})"
     same_data = source.fingerprint == loaded.meta.get("data_fingerprint")
+    n_val = int(loaded.meta.get("val_split", 0) or 0)
+    has_pool = "train" in source.splits or "images" in source.splits
+    available = (
+        (["test"] if source.has_test else [])
+        + (["val"] if has_pool and n_val else [])
+        + (["train"] if has_pool else [])
+    )
+    available.append("all")
     if split is None:
         if source.has_test:
             split = "test"
-        elif same_data and int(loaded.meta.get("val_split", 0)) > 0:
+        elif same_data and n_val > 0:
             split = "val"
         else:
-            split = "all" if "images" in source.splits else "test"
-    if split in ("val", "train") and ("train" in source.splits or "images" in source.splits):
-        n_val = int(loaded.meta.get("val_split", 0))
-        if split == "val" and n_val == 0:
+            split = "all"
+    if split not in available:
+        if split == "val" and has_pool:
             raise CifarNetError("This run validated on the test split (--val-split 0); use --split test.")
-        if not same_data:
-            notify("This data differs from the run's training data; the split is recomputed on it.")
-        train_set, val_set, _ = (
-            split_data(source, n_val, int(loaded.meta.get("split_seed", 0))) if n_val else (source.train, None, "")
+        raise CifarNetError(
+            f"{display(source.location)} has no {split} split; choose one of: {', '.join(available)} "
+            "(all = every image it holds)."
         )
-        chosen = val_set if split == "val" else train_set
-        assert chosen is not None
-        return chosen, split, f"{source.location} ({source.kind})"
     if split == "all":
-        return source.split("images"), "all", f"{source.location} ({source.kind})"
-    return source.split(split), split, f"{source.location} ({source.kind})"
+        if same_data:
+            notify(
+                "These are the run's own data: --split all includes the images it trained on, so the accuracy "
+                "overstates how the model does on new images."
+            )
+        return source.everything(), "all", desc
+    if split == "test":
+        return source.split("test"), "test", desc
+    if not same_data:
+        notify("This data differs from the run's training data; the split is recomputed on it.")
+    pool = source.train
+    if not n_val:
+        return pool, split, desc
+    train_set, val_set, _ = split_data(source, n_val, int(loaded.meta.get("split_seed", 0)))
+    chosen = val_set if split == "val" else train_set
+    assert chosen is not None
+    return chosen, split, desc
 
 
 def evaluate_model(
@@ -142,6 +168,8 @@ def evaluate_model(
         raise UsageError("--batch-size must be at least 1.")
     device = resolve_device(device_spec)
     loaded = load_model(ref, device)
+    if loaded.notice is not None:
+        on_event(Notice(loaded.notice))
     precision = resolve_precision("auto", device)
     data, split_name, data_desc = _eval_set(loaded, data_dir, split, on_event)
 

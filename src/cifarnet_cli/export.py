@@ -50,6 +50,7 @@ class ExportResult:
     tolerance: float
     verified_with: str | None
     trtexec: str | None
+    notice: str | None = None  # e.g. the checkpoint has no completed epoch (untrained)
 
 
 def metadata(loaded: LoadedModel, fp16: bool) -> dict[str, str]:
@@ -231,7 +232,7 @@ def export_model(
         if fmt == "onnx"
         else None
     )
-    return ExportResult(output, fmt, diff, tolerance, runtime, trtexec)
+    return ExportResult(output, fmt, diff, tolerance, runtime, trtexec, loaded.notice)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

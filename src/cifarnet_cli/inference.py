@@ -11,8 +11,7 @@ import torch
 
 from cifarnet_cli import checkpoint, runs
 from cifarnet_cli.config import TrainConfig
-from cifarnet_cli.errors import CifarNetError
-from cifarnet_cli.models import Classifier, get_model
+from cifarnet_cli.models import Classifier
 
 
 @dataclass(frozen=True)
@@ -24,6 +23,7 @@ class LoadedModel:
     config: TrainConfig | None
     path: Path
     run: runs.Run | None
+    notice: str | None = None  # e.g. the checkpoint has no completed epoch (untrained)
 
     @property
     def inference_batch(self) -> int:
@@ -38,14 +38,11 @@ class LoadedModel:
 def load_model(ref: str | None, device: torch.device, *, prefer: str = "best") -> LoadedModel:
     """``ref`` is a run name, a run folder or a checkpoint file; None means the most recent run."""
     path, run = runs.resolve_checkpoint(ref, prefer=prefer)
-    ckpt = checkpoint.load(path)
-    if not checkpoint.is_cifarnet_checkpoint(ckpt) or "meta" not in ckpt:
-        raise CifarNetError(
-            f"{path} is not a cifarnet checkpoint (no model/config/meta); pass a run's best.pt or last.pt."
-        )
-    meta = ckpt["meta"]
-    model = get_model(meta["arch"], **meta.get("model_kwargs", {}))
-    checkpoint.load_state_strict(model, checkpoint.strip_prefixes(ckpt["model"]), str(path))
+    ckpt = checkpoint.read_model(path)  # validated: a foreign or edited file is refused in one sentence
+    model = checkpoint.build_model(ckpt)
     model.to(device).eval()
-    config = TrainConfig.from_dict(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else None
-    return LoadedModel(model, meta["arch"], tuple(meta["classes"]), meta, config, path, run)
+    try:
+        config = TrainConfig.from_dict(ckpt.config) if ckpt.config is not None else None
+    except (TypeError, ValueError):
+        config = None  # the recipe is informative only; the model itself loaded
+    return LoadedModel(model, ckpt.arch, ckpt.classes, ckpt.meta, config, path, run, ckpt.untrained_notice())

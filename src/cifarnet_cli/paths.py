@@ -1,7 +1,9 @@
 """Where cifarnet keeps its files: runs, datasets, caches and the torch hub.
 
-Everything lives under the user's platform directories (platformdirs) unless ``CIFARNET_HOME`` moves
-the runs and datasets, or ``CIFARNET_DATA`` / ``CIFARNET_CACHE`` point elsewhere.
+Everything lives under the user's platform directories (platformdirs) unless ``CIFARNET_HOME`` moves it:
+one variable moves everything cifarnet writes (runs, datasets, the decoded-image cache).
+``CIFARNET_DATA`` and ``CIFARNET_CACHE`` are finer overrides of the data set and the cache. Downloaded
+ResNet-50 weights go to torchvision's own hub cache (``TORCH_HOME``), so both tools share them.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ import platformdirs
 APP_NAME = "cifarnet"
 
 
+def _from_env(value: str) -> Path:
+    # Absolute: a run records where its data is, and a relative path means another place from another folder.
+    return Path(os.path.abspath(os.path.expanduser(value)))
+
+
 def home_dir() -> Path:
-    """Root of runs and datasets: ``$CIFARNET_HOME`` or the platform's user data dir."""
+    """Root of everything cifarnet writes: ``$CIFARNET_HOME`` or the platform's user data dir."""
     env = os.environ.get("CIFARNET_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME))
+    return _from_env(env) if env else Path(platformdirs.user_data_dir(APP_NAME))
 
 
 def runs_dir() -> Path:
@@ -31,13 +38,16 @@ def datasets_dir() -> Path:
 def default_data_dir() -> Path:
     """Default CIFAR-10 location: ``$CIFARNET_DATA``, else ``<home>/datasets/cifar10``."""
     env = os.environ.get("CIFARNET_DATA")
-    return Path(env).expanduser() if env else datasets_dir() / "cifar10"
+    return _from_env(env) if env else datasets_dir() / "cifar10"
 
 
 def cache_dir() -> Path:
-    """Decoded image-folder caches: ``$CIFARNET_CACHE``, else the platform's user cache dir."""
+    """Decoded image-folder caches: ``$CIFARNET_CACHE``, else ``$CIFARNET_HOME/cache``, else the
+    platform's user cache dir."""
     env = os.environ.get("CIFARNET_CACHE")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir(APP_NAME))
+    if env:
+        return _from_env(env)
+    return home_dir() / "cache" if os.environ.get("CIFARNET_HOME") else Path(platformdirs.user_cache_dir(APP_NAME))
 
 
 def torch_hub_checkpoints_dir() -> Path:

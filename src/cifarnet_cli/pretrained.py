@@ -42,11 +42,13 @@ def load_weights(
     path = resolve_weights_file(spec, notify=notify, progress=progress)
     state = checkpoint.load(path)
     if checkpoint.is_cifarnet_checkpoint(state):
-        checkpoint.load_state_strict(model, checkpoint.strip_prefixes(state["model"]), str(path))
+        ckpt = checkpoint.validate_model(state, path)
+        checkpoint.load_state_strict(model, checkpoint.strip_prefixes(ckpt.state), str(path))
         return f"Loaded the whole model from the cifarnet checkpoint {path}."
+    weights = checkpoint.state_dict_of(state, path)
     if not isinstance(model, ResNet50Transfer):
         raise CifarNetError(f"{path} is a torchvision state dict; only resnet50 loads those.")
-    body = checkpoint.strip_prefixes(state)
+    body = checkpoint.strip_prefixes(weights)
     # The ImageNet classifier (1000 classes) is replaced by the new head: its keys are expected to differ.
     body = {k: v for k, v in body.items() if not k.startswith("fc.")}
     target = model.body

@@ -6,6 +6,7 @@ their :class:`TrainConfig` (architecture, weights, freezing, learning rates).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_pr
 from cifarnet_cli.engine import backbone_frozen, fit, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
+from cifarnet_cli.fileio import display
 from cifarnet_cli.models import Classifier, count_parameters, get_model
 from cifarnet_cli.train_step import choose_mode
 
@@ -54,7 +56,7 @@ def open_data(
     """Load the data set; fetch CIFAR-10 into the default location when nothing is there yet."""
     from cifarnet_cli import download  # imported late: only needed when data is missing
 
-    location = Path(config_data_dir).expanduser() if config_data_dir else paths.default_data_dir()
+    location = Path(absolute_path(config_data_dir)) if config_data_dir else paths.default_data_dir()
     if find_source(location) is None and config_data_dir is None:
         on_event(Notice(f"No CIFAR-10 at {location}; downloading it (cifarnet download cifar10)."))
         notify, progress_cb = download_callbacks("cifar10", on_event)
@@ -68,6 +70,30 @@ def open_data(
     for warning in source.warnings:
         on_event(Notice(warning))
     return source
+
+
+def absolute_path(location: str) -> str:
+    """``~`` expanded and made absolute against the current folder (symbolic links are kept as named)."""
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def check_training_data(source: DataSource, val_split: int, *, user_set_val_split: bool) -> None:
+    """Refuse data a classifier cannot be trained on, saying what is wrong with the data itself."""
+    full = source.train
+    where = display(source.location)
+    present = sorted(set(full.labels.tolist()))
+    if len(present) == 1:
+        raise CifarNetError(
+            f"{where} has training images of one class only ({source.classes[present[0]]}): a classifier needs "
+            "examples of at least two classes to learn anything (a one-class model is 100% right by "
+            "construction). Add folders of the other classes."
+        )
+    if val_split == 0 and not source.has_test and not user_set_val_split:
+        raise CifarNetError(
+            f"{where} has too few images to hold out a validation split: {len(full)} training image(s) (10% "
+            "rounds to 0) and no test split. Add images (at least 10), add a test/<class>/ folder, or choose "
+            "how many to hold out with --val-split N."
+        )
 
 
 def default_val_split(n_train: int) -> int:
@@ -121,8 +147,7 @@ def _resume_checkpoint(ref: str) -> tuple[runs.Run, dict[str, Any]]:
         run = runs.resolve_run(ref)
         ckpt_path = run.last
     ckpt = checkpoint.load(ckpt_path)
-    if not {"optimizer", "scheduler", "fit_state", "config"} <= ckpt.keys():
-        raise CifarNetError(f"{ckpt_path} is not a resumable checkpoint (resume from a run's last.pt).")
+    checkpoint.validate_resumable(ckpt, ckpt_path)
     return run, ckpt
 
 
@@ -138,7 +163,10 @@ def train(
     ckpt: dict[str, Any] | None = None
     if resume is not None:
         run, ckpt = _resume_checkpoint(resume)
-        config = TrainConfig.from_dict(ckpt["config"])
+        try:
+            config = TrainConfig.from_dict(ckpt["config"]).validate()
+        except (TypeError, ValueError, UsageError) as exc:  # a hand-edited recipe, or a value out of range
+            raise CifarNetError(f"{run.last} records a recipe cifarnet cannot use ({exc}); start a new run.") from exc
         changed = {k: v for k, v in (overrides or {}).items() if v is not None}
         refused = sorted(set(changed) - RESUME_OVERRIDABLE)
         if refused:
@@ -166,6 +194,9 @@ def train(
     else:
         assert config is not None
         config.validate()
+    if config.data_dir is not None:
+        # Absolute, so that `evaluate RUN` and `--resume` from another folder find the same data.
+        config = config.replace(data_dir=absolute_path(config.data_dir))
 
     device = resolve_device(config.device)
     precision: Precision = resolve_precision(config.precision, device)
@@ -180,10 +211,12 @@ def train(
     source = open_data(config.data_dir, on_event=on_event)
     if ckpt is not None and ckpt.get("meta", {}).get("data_fingerprint") not in (None, source.fingerprint):
         on_event(Notice("The data differs from the data this run started with; continuing anyway."))
+    val_split_given = config.val_split is not None
     if ckpt is None:
         n_val = config.val_split if config.val_split is not None else default_val_split(len(source.train))
         config = config.replace(val_split=n_val, data_dir=config.data_dir)
     assert config.val_split is not None
+    check_training_data(source, config.val_split, user_set_val_split=ckpt is not None or val_split_given)
     train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed)
     if len(train_set) < 2:
         raise CifarNetError(
@@ -193,6 +226,8 @@ def train(
 
     torch.manual_seed(config.seed)  # model initialization is reproducible
     model = build_model(config, len(source.classes), load_weights=ckpt is None, on_event=on_event)
+    if ckpt is not None:  # a clear message, not a RuntimeError from load_state_dict, if the weights do not fit
+        checkpoint.load_state_strict(model, ckpt["model"], str(run.last))
     channels_last = device.type == "cuda"
     if device.type == "cuda":
         # Let cuDNN pick the fastest convolution algorithms for the few input shapes a run sees.

@@ -10,20 +10,35 @@ the shorter side to 32 with an antialiased bicubic filter and center-crop to 32�
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from cifarnet_cli.fileio import display
+
 IMAGE_SIZE = 32
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 
-# Refuse decompression bombs early but allow large photos (PIL's default warns at ~89 MP).
-Image.MAX_IMAGE_PIXELS = 200_000_000
+#: Largest image decoded, in pixels (width × height as the file's header states them, read before any
+#: decoding). 64 MP admits every camera and phone photo up to 61 MP (9504×6336); above it, one image costs
+#: more than 200 MB to decode (3 bytes a pixel, 4 with alpha, plus a converted copy), and a 388 KB PNG can
+#: claim 20000×20000 = 400 MP (1.2 GB). A PNG cannot be decoded at a reduced size, so the header is the
+#: only safe place to stop it.
+MAX_IMAGE_PIXELS = 64_000_000
+#: Images above this many pixels are decoded one at a time, so that the decoding threads cannot hold
+#: several large images in memory at once (8 × 64 MP would be over 1.5 GB; a Jetson shares ~7.4 GB).
+_LARGE_PIXELS = 16_000_000
+_large_image = threading.Lock()
+
+# load_image checks every image against MAX_IMAGE_PIXELS before decoding and names the file; PIL's own check
+# (a warning above its limit, an error above twice it, with neither the file nor a way out) is redundant.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageDecodeError(ValueError):
-    """The file is not an image PIL can read (or is truncated)."""
+    """The file is not an image PIL can read (or is truncated, or too large to decode safely)."""
 
 
 def decode_workers() -> int:
@@ -68,14 +83,32 @@ def _resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _decode(img: Image.Image, size: int) -> np.ndarray:
+    if img.mode != "RGB" or img.size != (size, size):
+        img.draft("RGB", (size * 2, size * 2))  # JPEG: let libjpeg decode at a reduced scale
+    img = ImageOps.exif_transpose(img)
+    img = _resize(_to_rgb(img), size)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
 def load_image(path: str | os.PathLike[str], size: int = IMAGE_SIZE) -> np.ndarray:
-    """Return ``size×size×3`` uint8 RGB pixels of the image at ``path``."""
+    """Return ``size×size×3`` uint8 RGB pixels of the image at ``path``.
+
+    Raises :class:`ImageDecodeError` for a file that is not a readable image, and for one whose header
+    states more than :data:`MAX_IMAGE_PIXELS` pixels (refused before any pixel is decoded)."""
     try:
-        with Image.open(path) as img:
-            if img.mode != "RGB" or img.size != (size, size):
-                img.draft("RGB", (size * 2, size * 2))  # JPEG: let libjpeg decode at a reduced scale
-            img = ImageOps.exif_transpose(img)
-            img = _resize(_to_rgb(img), size)
-            return np.asarray(img, dtype=np.uint8).copy()
+        with Image.open(path) as img:  # reads the header only
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(
+                    f"{display(path)}: {width}×{height} = {width * height / 1e6:.0f} megapixels, above the "
+                    f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale first)"
+                )
+            if width * height > _LARGE_PIXELS:
+                with _large_image:
+                    return _decode(img, size)
+            return _decode(img, size)
+    except ImageDecodeError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{path}: not a readable image ({exc})") from exc
+        raise ImageDecodeError(f"{display(path)}: not a readable image ({exc})") from exc

@@ -5,8 +5,8 @@ Accepted (``--data-dir``):
   (b) the official ``cifar-10-python.tar.gz`` (read in place; nothing is extracted);
   (c) an image-folder root with ``train/<class>/*`` and optionally ``test/<class>/*``, or a folder of
       class folders (one split, usable for training or evaluation).
-Image folders are decoded once and cached in the user cache dir, keyed by a fingerprint of the files'
-names, sizes and modification times.
+Image folders are decoded once and cached (data/cache.py), one entry per folder. Every source gets a
+fingerprint of its content (labels and pixels), so the same data is recognised wherever it lies.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,16 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from cifarnet_cli import paths
+from cifarnet_cli import fileio
+from cifarnet_cli.data import cache
 from cifarnet_cli.data.classes import CIFAR10_CLASSES, classes_for_folders, match_classes
 from cifarnet_cli.data.images import IMAGE_SIZE, ImageDecodeError, decode_workers, is_image_file, load_image
+from cifarnet_cli.data.walk import ImageWalk
 from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.fileio import display
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TARBALL = "cifar-10-python.tar.gz"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
-_CACHE_VERSION = 1  # bump when the decoding recipe in images.py changes
+_CACHE_VERSION = cache.CACHE_VERSION
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,27 @@ class DataSource:
     warnings: tuple[str, ...] = field(default=())
 
     def split(self, name: str) -> ImageSet:
-        """``train`` / ``test``; a single-split folder serves any name."""
+        """``train`` / ``test``. A folder of class folders has one split ("images"): it is the training pool
+        (``train``), never a test split."""
         if name in self.splits:
             return self.splits[name]
-        if "images" in self.splits:
+        if name == "train" and "images" in self.splits:
             return self.splits["images"]
         have = ", ".join(self.splits) or "none"
-        raise CifarNetError(f"{self.location} has no {name!r} split (it has: {have}).")
+        raise CifarNetError(f"{display(self.location)} has no {name!r} split (it has: {have}).")
+
+    def everything(self) -> ImageSet:
+        """Every image of every split, in split order (train, then test)."""
+        parts = [self.splits[name] for name in sorted(self.splits, key=lambda n: (n == "test", n))]
+        if len(parts) == 1:
+            return parts[0]
+        with_paths = all(p.paths is not None for p in parts)
+        return ImageSet(
+            np.concatenate([p.images for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            self.classes,
+            tuple(x for p in parts for x in (p.paths or ())) if with_paths else None,
+        )
 
     @property
     def train(self) -> ImageSet:
@@ -162,23 +178,16 @@ def _splits_from_batches(read: Callable[[str], bytes | None], where: str) -> dic
     return splits
 
 
-def _stat_fingerprint(files: Sequence[Path], extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def load_cifar_folder(folder: Path) -> DataSource:
-    files = [folder / n for n in (*TRAIN_BATCHES, TEST_BATCH) if (folder / n).is_file()]
-
     def read(name: str) -> bytes | None:
         p = folder / name
         return p.read_bytes() if p.is_file() else None
 
-    splits = _splits_from_batches(read, str(folder))
-    return DataSource("cifar-python", folder, CIFAR10_CLASSES, splits, _stat_fingerprint(files))
+    try:
+        splits = _splits_from_batches(read, str(folder))
+    except OSError as exc:
+        raise fileio.os_error(exc, None, "read") from exc
+    return DataSource("cifar-python", folder, CIFAR10_CLASSES, splits, content_fingerprint(CIFAR10_CLASSES, splits))
 
 
 def load_cifar_tarball(archive: Path) -> DataSource:
@@ -197,7 +206,7 @@ def load_cifar_tarball(archive: Path) -> DataSource:
             f"{archive} is not a readable CIFAR-10 archive ({exc}); re-download it (cifarnet download cifar10)."
         ) from exc
     splits = _splits_from_batches(found.get, str(archive))
-    return DataSource("cifar-tarball", archive, CIFAR10_CLASSES, splits, _stat_fingerprint([archive]))
+    return DataSource("cifar-tarball", archive, CIFAR10_CLASSES, splits, content_fingerprint(CIFAR10_CLASSES, splits))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,17 +214,10 @@ def load_cifar_tarball(archive: Path) -> DataSource:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    out = [
-        Path(dirpath) / f
-        for dirpath, _dirs, files in os.walk(folder, followlinks=True)
-        for f in files
-        if is_image_file(f) and not f.startswith(".")
-    ]
-    return sorted(out)
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise fileio.os_error(exc, root, "read") from exc
 
 
 def _has_images(folder: Path) -> bool:
@@ -226,23 +228,35 @@ def _is_split_layout(root: Path) -> bool:
     return any((root / s).is_dir() and _class_dirs(root / s) for s in ("train", "test"))
 
 
-def _decode_many(files: Sequence[Path], progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[int]]:
-    """Decode files in a thread pool (PIL releases the GIL while decoding); return pixels and the
-    indices of files that could not be read."""
+def _decode_many(files: Sequence[Path], progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[str]]:
+    """Decode files in a thread pool (PIL releases the GIL while decoding); return pixels and, per file,
+    why it could not be used ("" when it decoded)."""
     out = np.zeros((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    bad: list[int] = []
+    why = [""] * len(files)
 
     def work(i: int) -> None:
         try:
             out[i] = load_image(files[i])
-        except ImageDecodeError:
-            bad.append(i)
+        except ImageDecodeError as exc:
+            why[i] = str(exc)
 
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for done, _ in enumerate(pool.map(work, range(len(files))), start=1):
             if progress is not None and (done % 2048 == 0 or done == len(files)):
                 progress(done, len(files))
-    return out, sorted(bad)
+    return out, why
+
+
+def content_fingerprint(classes: Sequence[str], splits: dict[str, ImageSet]) -> str:
+    """Identifies the data by what it holds (class names, labels and pixels of each split), not by where it
+    lies: a copy of a folder, or the archive and its extracted folder, are recognised as the same data."""
+    h = hashlib.sha256(("cifarnet-data-v1\0" + "|".join(classes)).encode())
+    for name in sorted(splits):
+        part = splits[name]
+        h.update(f"\0{name}\0{len(part)}\0".encode())
+        h.update(np.ascontiguousarray(part.labels, dtype="<i8").data)
+        h.update(np.ascontiguousarray(part.images, dtype=np.uint8).data)
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -250,51 +264,47 @@ class _FolderScan:
     split_files: dict[str, list[tuple[Path, int]]]
     classes: tuple[str, ...]
     warnings: tuple[str, ...]
-    fingerprint: str
+    key: str  # names, sizes and modification times: whether a cache entry is still current
 
 
 def _scan_folder(root: Path, classes: Sequence[str] | None) -> _FolderScan:
     split_roots = (
         {s: root / s for s in ("train", "test") if (root / s).is_dir()} if _is_split_layout(root) else {"images": root}
     )
-    folder_names = sorted({d.name for r in split_roots.values() for d in _class_dirs(r)})
+    class_dirs = {split: _class_dirs(sroot) for split, sroot in split_roots.items()}
+    folder_names = sorted({d.name for dirs in class_dirs.values() for d in dirs})
     if not folder_names:
-        raise CifarNetError(f"{root} has no class folders; expected train/<class>/*.png (or <class>/*.jpg) inside it.")
+        raise CifarNetError(
+            f"{display(root)} has no class folders; expected train/<class>/*.png (or <class>/*.jpg) inside it."
+        )
     target = tuple(classes) if classes is not None else classes_for_folders(folder_names)
     mapping, unknown = match_classes(folder_names, target)
     warnings = []
     if unknown:
         warnings.append(
-            f"Skipped folders that match no class ({', '.join(unknown)}); classes are: {', '.join(target)}."
+            f"Skipped folders that match no class ({', '.join(map(display, unknown))}); classes are: "
+            f"{', '.join(target)}."
         )
-    h = hashlib.sha256(f"v{_CACHE_VERSION}\0{root.resolve()}\0{'|'.join(target)}\n".encode())
+    # Links inside a class folder never lead into the data set's own folders: each image keeps its class.
+    walk = ImageWalk(reserved=[root, *split_roots.values(), *(d for dirs in class_dirs.values() for d in dirs)])
+    h = hashlib.sha256(f"v{_CACHE_VERSION}\0{'|'.join(target)}\n".encode())
     split_files: dict[str, list[tuple[Path, int]]] = {}
-    for split, sroot in split_roots.items():
+    for split, dirs in class_dirs.items():
         items: list[tuple[Path, int]] = []
-        for d in _class_dirs(sroot):
+        for d in dirs:
             if d.name not in mapping:
                 continue
-            for f in _image_files(d):
-                st = f.stat()
-                h.update(f"{split}\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                items.append((f, mapping[d.name]))
+            label = mapping[d.name]
+            for f, st in walk.entries(d):
+                h.update(os.fsencode(f"{split}\0{f.relative_to(root)}\0{label}\0"))
+                h.update(f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                items.append((f, label))
         if items:
             split_files[split] = items
+    warnings.extend(walk.warnings(root))
     if not split_files:
-        raise CifarNetError(f"{root} has no images in folders named after classes ({', '.join(target)}).")
-    return _FolderScan(split_files, target, tuple(warnings), h.hexdigest()[:16])
-
-
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise CifarNetError(f"{display(root)} has no images in folders named after classes ({', '.join(target)}).")
+    return _FolderScan(split_files, target, tuple(warnings), h.hexdigest())
 
 
 def load_image_folder(
@@ -305,49 +315,44 @@ def load_image_folder(
     progress: Callable[[int, int], None] | None = None,
 ) -> DataSource:
     scan = _scan_folder(root, classes)
-    cache_file = paths.cache_dir() / "folders" / f"{scan.fingerprint}.npz"
-    splits: dict[str, ImageSet] = {}
     warnings = list(scan.warnings)
-    if use_cache and cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                for split in scan.split_files:
-                    splits[split] = ImageSet(
-                        z[f"{split}_images"],
-                        z[f"{split}_labels"],
-                        scan.classes,
-                        tuple(str(p) for p in z[f"{split}_paths"]),
-                    )
-        except (OSError, KeyError, ValueError):
-            splits = {}  # a damaged cache is rebuilt below
-    if not splits:
-        arrays: dict[str, np.ndarray] = {}
-        for split, items in scan.split_files.items():
-            files = [f for f, _ in items]
-            images, bad = _decode_many(files, progress)
-            keep = np.setdiff1d(np.arange(len(files)), np.asarray(bad, dtype=np.int64))
-            if bad:
-                shown = ", ".join(str(files[i]) for i in bad[:3])
-                warnings.append(
-                    f"Skipped {len(bad)} unreadable image(s) in {split}: {shown}{' ...' if len(bad) > 3 else ''}"
-                )
-            labels = np.asarray([items[i][1] for i in keep], dtype=np.int64)
-            kept_paths = np.asarray([str(files[i]) for i in keep])
-            arrays[f"{split}_images"] = images[keep]
-            arrays[f"{split}_labels"] = labels
-            arrays[f"{split}_paths"] = kept_paths
-            splits[split] = ImageSet(
-                arrays[f"{split}_images"],
-                labels,
-                scan.classes,
-                tuple(kept_paths.tolist()),
+    entry_file = cache.entry_path(root, scan.classes)
+    if use_cache:
+        hit, damage = cache.read(entry_file, scan.key)
+        if damage is not None:
+            warnings.append(f"The decoded-image cache {display(entry_file)} is damaged ({damage}); rebuilding it.")
+        if hit is not None and set(hit.splits) == set(scan.split_files):
+            splits = {
+                name: ImageSet(part.images, part.labels, scan.classes, part.paths) for name, part in hit.splits.items()
+            }
+            return DataSource("image-folder", root, scan.classes, splits, hit.fingerprint, (*warnings, *hit.warnings))
+    splits = {}
+    decode_warnings: list[str] = []
+    for split, items in scan.split_files.items():
+        files = [f for f, _ in items]
+        images, why = _decode_many(files, progress)
+        bad = [i for i, w in enumerate(why) if w]
+        keep = np.asarray([i for i, w in enumerate(why) if not w], dtype=np.int64)
+        if bad:
+            shown = "; ".join(why[i] for i in bad[:3])
+            decode_warnings.append(
+                f"Skipped {len(bad)} unreadable image(s) in {split}: {shown}{' ...' if len(bad) > 3 else ''}"
             )
-        if use_cache:
-            try:
-                _write_cache(cache_file, arrays)
-            except OSError as exc:
-                warnings.append(f"Could not cache decoded images in {cache_file.parent} ({exc}).")
-    return DataSource("image-folder", root, scan.classes, splits, scan.fingerprint, tuple(warnings))
+        labels = np.asarray([items[i][1] for i in keep.tolist()], dtype=np.int64)
+        splits[split] = ImageSet(images[keep], labels, scan.classes, tuple(str(files[i]) for i in keep.tolist()))
+    fingerprint = content_fingerprint(scan.classes, splits)
+    if use_cache:
+        entry = cache.CacheEntry(
+            scan.key,
+            fingerprint,
+            {n: cache.CachedSplit(s.images, s.labels, s.paths or ()) for n, s in splits.items()},
+            tuple(decode_warnings),
+        )
+        try:
+            cache.write(entry_file, entry)
+        except CifarNetError as exc:
+            warnings.append(f"Decoded images are not cached: {exc}")
+    return DataSource("image-folder", root, scan.classes, splits, fingerprint, (*warnings, *decode_warnings))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,6 +368,13 @@ def missing_data_message(path: Path) -> str:
 
 def find_source(path: Path) -> tuple[str, Path] | None:
     """Identify what ``path`` holds without reading it all: (kind, location) or None."""
+    try:
+        return _find_source(path)
+    except OSError as exc:  # a folder on the way that cannot be read (permissions, a failing disk)
+        raise fileio.os_error(exc, path, "read") from exc
+
+
+def _find_source(path: Path) -> tuple[str, Path] | None:
     if path.is_file():
         return ("cifar-tarball", path) if path.name.endswith((".tar.gz", ".tgz", ".tar")) else None
     if not path.is_dir():

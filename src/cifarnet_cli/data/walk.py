@@ -1,0 +1,139 @@
+"""Finding image files under a folder: each real file once, whatever links point where.
+
+Symbolic links are followed (a folder of links to images kept elsewhere is a common way to build a
+subset), but every folder is entered once and every file is used once, identified by ``(st_dev, st_ino)``
+of what the link resolves to. So ``ln -s . cat/self`` or ``cat/todog -> ../dog`` cannot make the walk run
+forever, and the same image cannot end up twice in a data set (in both the training and the validation
+split). Folders that are reserved for another purpose (the other class folders of a data set) are never
+entered through a link. File names are whatever the operating system allows: names that are not valid
+UTF-8 stay as Python keeps them (surrogate escapes) and are printed with :func:`fileio.display`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cifarnet_cli.data.images import is_image_file
+from cifarnet_cli.fileio import display, problem
+
+_FileKey = tuple[int, int]
+
+
+def _key(st: os.stat_result) -> _FileKey:
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass
+class ImageWalk:
+    """A walk over one or more folders that shares what it has seen: a file reached a second time (through
+    a link, or a hard link) is skipped and counted, as is a linked folder that leads back to one already
+    visited (a loop) or to a reserved folder."""
+
+    reserved: Iterable[Path] = ()
+    duplicates: list[Path] = field(default_factory=list)
+    loops: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._files: set[_FileKey] = set()
+        self._dirs: set[_FileKey] = set()
+        self._reserved: set[_FileKey] = set()
+        for folder in self.reserved:
+            try:
+                self._reserved.add(_key(os.stat(folder)))
+            except OSError:
+                continue
+
+    def files(self, folder: Path) -> list[Path]:
+        """Image files under ``folder`` (recursively, hidden names skipped), sorted, each real file once."""
+        return [path for path, _st in self.entries(folder)]
+
+    def entries(self, folder: Path) -> list[tuple[Path, os.stat_result]]:
+        """Like :meth:`files`, with the ``os.stat`` of each file (of the file a link points to)."""
+        try:
+            top = _key(os.stat(folder))
+        except OSError as exc:
+            self.unreadable.append((folder, problem(exc, folder)))
+            return []
+        if top in self._dirs:
+            self.loops.append(folder)
+            return []
+        self._dirs.add(top)
+        found: list[tuple[Path, os.stat_result]] = []
+
+        def on_error(exc: OSError) -> None:
+            where = Path(exc.filename) if exc.filename else folder
+            self.unreadable.append((where, problem(exc, where)))
+
+        for dirpath, dirs, names in os.walk(folder, followlinks=True, onerror=on_error):
+            keep = []
+            for d in sorted(dirs):
+                if d.startswith("."):
+                    continue
+                sub = os.path.join(dirpath, d)
+                try:
+                    key = _key(os.stat(sub))
+                except OSError as exc:
+                    self.unreadable.append((Path(sub), problem(exc, sub)))
+                    continue
+                if key in self._dirs or key in self._reserved:
+                    self.loops.append(Path(sub))
+                    continue
+                self._dirs.add(key)
+                keep.append(d)
+            dirs[:] = keep  # os.walk descends only into these, in sorted order
+            for name in sorted(names):
+                if name.startswith(".") or not is_image_file(name):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except OSError as exc:  # a dangling link, no permission
+                    self.unreadable.append((path, problem(exc, path)))
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.png would block the decoder
+                    self.unreadable.append((path, "not a regular file"))
+                    continue
+                found.append((path, st))
+        out = []
+        for path, st in sorted(found, key=lambda item: item[0]):
+            key = _key(st)
+            if key in self._files:
+                self.duplicates.append(path)
+                continue
+            self._files.add(key)
+            out.append((path, st))
+        return out
+
+    def warnings(self, root: Path | None = None) -> list[str]:
+        """One sentence per kind of skipped entry, naming a few of them (relative to ``root``)."""
+
+        def show(paths: list[Path]) -> str:
+            shown = []
+            for p in paths[:3]:
+                rel = p.relative_to(root) if root is not None and p.is_relative_to(root) else p
+                shown.append(display(rel))
+            return ", ".join(shown) + (" ..." if len(paths) > 3 else "")
+
+        out = []
+        if self.duplicates:
+            out.append(
+                f"Skipped {len(self.duplicates)} duplicate image file(s) (the same file reached again through "
+                f"a link; each file is used once): {show(self.duplicates)}"
+            )
+        if self.loops:
+            out.append(
+                f"Skipped {len(self.loops)} linked folder(s) that lead back to a folder already read (a "
+                f"symbolic-link loop or a link to another class): {show(self.loops)}"
+            )
+        if self.unreadable:
+            first, why = self.unreadable[0]
+            out.append(
+                f"Skipped {len(self.unreadable)} file(s) or folder(s) that cannot be opened, e.g. "
+                f"{show([first])} ({why})"
+            )
+        return out

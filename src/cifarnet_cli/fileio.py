@@ -1,0 +1,220 @@
+"""Writing files so that a crash, a full disk or Ctrl-C never leaves half of one, and operating-system
+errors as one sentence a user can act on.
+
+:func:`atomic_writer` is the one way cifarnet writes a file it cares about (checkpoints, the decoded-image
+cache, downloads): the bytes go to a temporary file in the destination's folder, are flushed and fsync'ed,
+and replace the destination with ``os.replace`` (atomic on POSIX and Windows), so a reader sees the old file
+or the new one. The temporary file is removed on any failure. Files are created with mode 0666 minus the
+user's umask, like every other file the user's programs write (``tempfile.mkstemp`` would force 0600).
+
+Kept free of torch and numpy: the CLI imports it to word a stray ``OSError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cifarnet_cli.errors import CifarNetError
+
+PARTIAL_SUFFIX = ".partial"
+
+_PROBLEMS = {
+    errno.ENOSPC: "no space left on the device; free some space or point CIFARNET_HOME at a disk with room",
+    errno.EDQUOT: "disk quota exceeded; free some space or point CIFARNET_HOME at a disk with room",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large (a file-size limit: ulimit -f, or the file system's maximum)",
+    errno.EIO: "input/output error (a failing disk or a lost network mount)",
+    errno.ENOENT: "no such file or folder",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def display(path: str | os.PathLike[str]) -> str:
+    """``path`` as printable text: bytes that are not valid UTF-8 (kept by Python as surrogates) are shown
+    as ``\\xNN`` escapes instead of failing to print."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first ancestor of ``path`` (or ``path``) that exists but is not a folder."""
+    for candidate in [*reversed(path.parents), path]:
+        try:
+            if candidate.exists() and not candidate.is_dir():
+                return candidate
+        except OSError:
+            return None
+    return None
+
+
+def problem(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """What went wrong, in words: the errno's meaning, or the real obstacle for "Not a directory"."""
+    target = Path(path if path is not None else (exc.filename or "."))
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_in_the_way(target)
+        if blocker is not None:
+            return f"{display(blocker)} is a file, not a folder"
+    if exc.errno in _PROBLEMS:
+        return _PROBLEMS[exc.errno]
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _home_hint(path: str | os.PathLike[str]) -> str:
+    home = os.environ.get("CIFARNET_HOME")
+    if not home:
+        return ""
+    try:
+        inside = Path(path).is_relative_to(Path(home).expanduser())
+    except (OSError, ValueError):
+        inside = False
+    return f" (CIFARNET_HOME is {display(home)})" if inside else ""
+
+
+def os_error_message(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "use") -> str:
+    """One line naming the file and the problem, e.g. ``Cannot write /x/last.pt: no space left ...``."""
+    if action == "use" and exc.errno in _WRITE_ERRORS:
+        action = "write"
+    where = path if path is not None else (exc.filename if exc.filename is not None else None)
+    if where is None:
+        return f"Cannot {action} a file: {problem(exc)}."
+    if isinstance(where, bytes):
+        where = os.fsdecode(where)
+    return f"Cannot {action} {display(where)}: {problem(exc, where)}{_home_hint(where)}."
+
+
+def os_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "use") -> CifarNetError:
+    return CifarNetError(os_error_message(exc, path, action))
+
+
+def ensure_dir(path: Path) -> Path:
+    """``mkdir -p``, with a failure worded for the user (a file in the way, read-only, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # FileExistsError included: a file where the folder should be
+        raise os_error(exc, path, "create the folder") from exc
+    return path
+
+
+class _Sink:
+    """The file object handed to the writer. It remembers the first ``OSError`` of a write: torch.save
+    turns a failed write into an unrelated RuntimeError ("unexpected pos ..."), and the real cause
+    (no space left, file too large) is what the user needs to hear."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def write(self, data: Any) -> int:
+        return int(self._guard(self._fh.write, data))
+
+    def flush(self) -> None:
+        self._guard(self._fh.flush)
+
+    def tell(self) -> int:
+        return int(self._fh.tell())
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return int(self._fh.seek(offset, whence))
+
+    def seekable(self) -> bool:
+        return bool(self._fh.seekable())
+
+    def writable(self) -> bool:
+        return True
+
+    def read(self, _size: int = -1) -> bytes:
+        # Present only because numpy tells file objects from paths by a ``read`` attribute.
+        raise io.UnsupportedOperation("write-only")
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is durable only once the folder is synced; best effort (not possible on Windows).
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[Any]:
+    """Yield a binary file object; on a clean exit its bytes replace ``path`` atomically.
+
+    Failures of the file itself (no space, read-only, no permission, size limit) become a
+    :class:`CifarNetError` naming ``path``; anything else the writer raises (Ctrl-C, a network error)
+    propagates unchanged. Either way the temporary file is gone and ``path`` is as it was."""
+    folder = ensure_dir(path.parent)
+    tmp = folder / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    try:
+        # 0o666 & ~umask, the mode open() gives; O_EXCL: never write through a planted file or link.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise os_error(exc, path, "write") from exc
+    fh = os.fdopen(fd, "wb")
+    sink = _Sink(fh)
+    stage = "body"
+    try:
+        yield sink
+        stage = "finish"
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            fh.close()  # a no-op when closed; otherwise its flush may fail too, after the first error
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if sink.error is not None:
+            raise os_error(sink.error, path, "write") from exc
+        if isinstance(exc, OSError) and stage == "finish":
+            raise os_error(exc, path, "write") from exc
+        raise
+    _fsync_dir(folder)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+
+
+def remove_stale_partials(folder: Path, older_than_s: float = 3600.0) -> int:
+    """Delete temporary files a killed process left in ``folder`` (``kill -9`` skips every cleanup).
+    Only files older than ``older_than_s`` go: a younger one may belong to a writer still at work."""
+    import time
+
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX):
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
