@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cifarnet_cli import checkpoint, runs
 from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.devices import autocast, resolve_device, resolve_precision
 from cifarnet_cli.errors import CifarNetError
 from cifarnet_cli.models import Classifier, get_model
+from cifarnet_cli.runtime import inference_batch
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,7 @@ class LoadedModel:
 
     @property
     def inference_batch(self) -> int:
-        """Default images per forward pass: small for ResNet-50 (it upsamples inside; Jetson memory)."""
-        return 128 if self.arch == "resnet50" else 500
+        return inference_batch(self.arch)
 
     @property
     def input_size(self) -> int:
@@ -49,3 +51,29 @@ def load_model(ref: str | None, device: torch.device, *, prefer: str = "best") -
     model.to(device).eval()
     config = TrainConfig.from_dict(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else None
     return LoadedModel(model, meta["arch"], tuple(meta["classes"]), meta, config, path, run)
+
+
+class TorchClassifier:
+    """A checkpoint behind :class:`cifarnet_cli.runtime.ImageClassifier`, so that `predict` treats it
+    like an exported model: uint8 pixels in, float32 logits out."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device) -> None:
+        self.model = loaded.model.eval()
+        self.path = loaded.path
+        self.arch = loaded.arch
+        self.classes = loaded.classes
+        self.input_size = loaded.input_size
+        self.default_batch = loaded.inference_batch
+        self.device = device
+        self.precision = resolve_precision("auto", device)
+        self.runtime = f"torch {torch.__version__} on {device}, {self.precision.name}"
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.model(x).float().cpu().numpy()
+
+
+def open_checkpoint(ref: str | None, device_spec: str = "auto") -> TorchClassifier:
+    device = resolve_device(device_spec)
+    return TorchClassifier(load_model(ref, device), device)
