@@ -88,6 +88,19 @@ def test_predict_onnx_gives_the_checkpoints_probabilities(trained: tuple[Path, P
 
 
 @needs_ort
+def test_predict_onnx_gives_the_checkpoints_top_class_on_real_images(
+    shared_data: Path, trained: tuple[Path, Path], onnx_file: Path, tmp_path: Path
+) -> None:
+    files = [str(p) for p in sorted(real_subset(tmp_path / "real", per_class=5).rglob("*.jpg"))]
+    from_ckpt, _ = _probabilities([*files, "--checkpoint", str(trained[1])])
+    from_onnx, _ = _probabilities([*files, "--model", str(onnx_file)])
+    for path in files:
+        a, b = from_ckpt[path], from_onnx[path]
+        assert max(a, key=a.get) == max(b, key=b.get)  # type: ignore[arg-type]
+        assert max(abs(a[c] - b[c]) for c in CIFAR10_CLASSES) <= 1e-4
+
+
+@needs_ort
 def test_predict_onnx_runs_without_torch(trained: tuple[Path, Path], onnx_file: Path) -> None:
     image = sorted((trained[0] / "test" / "cat").glob("*.png"))[0]
     proc, imported = _importtime(["predict", str(image), "--model", str(onnx_file), "--json"])
@@ -102,6 +115,20 @@ def test_checkpoint_predict_leaves_torchvision_alone(trained: tuple[Path, Path])
     proc, imported = _importtime(["predict", str(image), "--checkpoint", str(trained[1]), "--json"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch" in imported and "torchvision" not in imported  # a ResNet-20 needs no torchvision
+
+
+def test_one_image_runs_on_one_cpu_thread(trained: tuple[Path, Path]) -> None:
+    import torch
+
+    from cifarnet_cli.inference import ONE_THREAD_BATCH, open_checkpoint
+
+    model = open_checkpoint(str(trained[1]), "cpu")
+    seen: list[int] = []
+    model.model.register_forward_pre_hook(lambda _m, _a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    model.logits(np.zeros((1, 32, 32, 3), np.uint8))
+    model.logits(np.zeros((ONE_THREAD_BATCH + 1, 32, 32, 3), np.uint8))
+    assert seen == [1, before] and torch.get_num_threads() == before
 
 
 @needs_ort

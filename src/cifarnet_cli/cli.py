@@ -779,7 +779,7 @@ def export(
                 f"Verified with {result.verified_with}: largest absolute difference in the {result.compared} "
                 f"{result.max_abs_diff:.2e} (allowed {result.tolerance:g})"
             )
-        else:
+        elif verify is None:
             _ui().info("Not verified (install onnxruntime: pip install 'cifarnet[export]').")
         if result.imagenet:
             _ui().info(f"Run it with jetson-inference: {result.imagenet}")

@@ -21,6 +21,8 @@ from cifarnet_cli.events import Notice
 from cifarnet_cli.runtime import ExportedModel, is_exported, open_exported
 
 if TYPE_CHECKING:
+    import torch
+
     from cifarnet_cli.inference import LoadedModel
 
 SPLITS = choices.SPLITS
@@ -249,7 +251,7 @@ def evaluate_model(
 
 
 def _checkpoint_logits(
-    loaded: LoadedModel, data: ImageSet, device: Any, batch_size: int | None, tta: bool
+    loaded: LoadedModel, data: ImageSet, device: torch.device, batch_size: int | None, tta: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels from the device-resident loader (the data moves to the GPU once, as uint8)."""
     import torch

@@ -53,6 +53,12 @@ def load_model(ref: str | None, device: torch.device, *, prefer: str = "best") -
     return LoadedModel(model, meta["arch"], tuple(meta["classes"]), meta, config, path, run)
 
 
+#: Batches of at most this many images of a CIFAR ResNet run on one CPU thread: one 32×32 image takes ~5 ms
+#: there, while with two intra-op threads, one of which waits for a busy core, every layer stalls (0.06-1.0 s
+#: per image, measured on the 2-core development machine while other processes ran).
+ONE_THREAD_BATCH = 16
+
+
 class TorchClassifier:
     """A checkpoint behind :class:`cifarnet_cli.runtime.ImageClassifier`, so that `predict` treats it
     like an exported model: uint8 pixels in, float32 logits out."""
@@ -70,8 +76,16 @@ class TorchClassifier:
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            return self.model(x).float().cpu().numpy()
+        threads = torch.get_num_threads()
+        one_thread = self.device.type == "cpu" and self.arch != "resnet50" and len(pixels) <= ONE_THREAD_BATCH
+        if one_thread:
+            torch.set_num_threads(1)
+        try:
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                return self.model(x).float().cpu().numpy()
+        finally:
+            if one_thread:
+                torch.set_num_threads(threads)
 
 
 def open_checkpoint(ref: str | None, device_spec: str = "auto") -> TorchClassifier:

@@ -154,6 +154,10 @@ def open_model(ref: str | None, model_file: Path | None, device_spec: str = "aut
     """An exported file (.onnx, .engine) without torch; a run or checkpoint with torch."""
     if model_file is not None and is_exported(model_file):
         return open_exported(model_file, device_spec)
+    if model_file is not None and model_file.suffix.lower() in (".ts", ".torchscript"):
+        raise UsageError(
+            f"{model_file} is a TorchScript export (for libtorch and C++); give predict its checkpoint or ONNX file."
+        )
     from cifarnet_cli.inference import open_checkpoint  # torch: only for checkpoints
 
     return open_checkpoint(str(model_file) if model_file is not None else ref, device_spec)
