@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cifarnet_cli import choices, runtime
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.errors import CifarNetError, UsageError, first_line
 from cifarnet_cli.inference import LoadedModel, load_model
 
 FORMATS = choices.EXPORT_FORMATS
@@ -185,9 +185,8 @@ def _onnx_proto(net: nn.Module, example: torch.Tensor, opset: int, dynamic: bool
             )
             return onnx.load_from_string(buffer.getvalue())
         except Exception as exc:  # noqa: BLE001 - the exporters raise many types; the user needs one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CifarNetError(
-                f"torch {torch.__version__} could not export this model at opset {opset} ({first[:200]}); "
+                f"torch {torch.__version__} could not export this model at opset {opset} ({first_line(exc, 200)}); "
                 f"try --opset {JETSON_OPSET} or --opset {DEFAULT_OPSET}."
             ) from None
 

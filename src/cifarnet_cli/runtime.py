@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cifarnet_cli import paths
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.errors import CifarNetError, UsageError, first_line
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -142,9 +142,8 @@ class ExportedModel:
         self.input_size = info.input_size
         self.runtime = runtime
         self._run = run
-        self.batch_range = batch_range
-        largest = batch_range[1]
-        self.default_batch = min(inference_batch(info.arch), largest) if largest else inference_batch(info.arch)
+        self.batch_range = batch_range  # what the file accepts; logits() splits and pads to fit
+        self.default_batch = inference_batch(info.arch)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         out = _batched(self._run, to_input(pixels, self.info.normalization), *self.batch_range)
@@ -205,8 +204,7 @@ def open_onnx(path: Path, device: str = "auto") -> ExportedModel:
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (unexported) exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CifarNetError(f"{path} is not an ONNX model onnxruntime can run ({first[:300]}).") from None
+        raise CifarNetError(f"{path} is not an ONNX model onnxruntime can run ({first_line(exc)}).") from None
     info = ExportInfo.from_props(dict(session.get_modelmeta().custom_metadata_map), path)
     (inp,) = session.get_inputs()
     batch = inp.shape[0]
@@ -248,7 +246,7 @@ def engine_metadata(engine: Path) -> dict[str, str]:
 
             return {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
     except Exception as exc:  # noqa: BLE001 - unreadable JSON or ONNX (protobuf's DecodeError) alike
-        raise CifarNetError(f"Cannot read the metadata of {engine} ({exc}).") from None
+        raise CifarNetError(f"Cannot read the metadata of {engine} ({first_line(exc)}).") from None
     raise CifarNetError(
         f"{engine} comes without its class names: keep {meta_file.name} (from `cifarnet export --format engine`) or "
         f"the ONNX file it was built from ({onnx_file.name}) beside it."
