@@ -108,9 +108,9 @@ def describe_decode_error(exc: ImageDecodeError, path: Path) -> str:
     if isinstance(cause, IsADirectoryError):
         return "a folder, not an image file"
     if "truncated" in low:
-        return "truncated: the file ends early (an interrupted download or copy?)"
+        return "truncated: the file ends early"
     if "cannot identify image file" in low:
-        return "not an image file (or a format Pillow cannot read)"
+        return "not an image file Pillow can read"
     prefix = f"{path}: "
     message = str(exc)
     return message[len(prefix) :] if cause is None and message.startswith(prefix) else text
