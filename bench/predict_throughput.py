@@ -1,7 +1,8 @@
 """`predict` throughput on image files: decode + resize + batched inference, images per second.
 
 Writes N image files (real JPEGs from --source when given, else synthetic PNGs of mixed sizes), saves a
-ResNet-20 checkpoint, and times cifarnet's predict on them. Prints one JSON object.
+ResNet-20 checkpoint and its ONNX export, and times cifarnet's predict on them with each (torch, then
+onnxruntime when installed). Prints one JSON object.
 
     python bench/predict_throughput.py [--files 1000] [--source ../shared/datasets/cifar10-jpeg/train]
 """
@@ -9,6 +10,7 @@ ResNet-20 checkpoint, and times cifarnet's predict on them. Prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -26,9 +28,10 @@ from _common import environment  # noqa: E402
 
 from cifarnet_cli.data.classes import CIFAR10_CLASSES  # noqa: E402
 from cifarnet_cli.devices import resolve_device  # noqa: E402
-from cifarnet_cli.inference import load_model  # noqa: E402
+from cifarnet_cli.inference import open_checkpoint  # noqa: E402
 from cifarnet_cli.models import get_model  # noqa: E402
 from cifarnet_cli.predict import collect_inputs, predict_files  # noqa: E402
+from cifarnet_cli.runtime import ImageClassifier, open_exported  # noqa: E402
 
 
 def main() -> None:
@@ -62,13 +65,25 @@ def main() -> None:
             "input_size": 32,
         }
         torch.save({"model": model.state_dict(), "config": {}, "meta": meta}, ckpt)
-        loaded = load_model(str(ckpt), device)
-        files, _ = collect_inputs([str(folder)])
-        predict_files(loaded, files[:64], device=device)  # warm-up
+        files = [f for f in collect_inputs([str(folder)]) if isinstance(f, Path)]
+        models: dict[str, ImageClassifier] = {"checkpoint": open_checkpoint(str(ckpt), args.device)}
+        if importlib.util.find_spec("onnxruntime") is not None:
+            from cifarnet_cli.export import export_model
+
+            onnx_file = export_model(str(ckpt), output=Path(tmp) / "model.onnx").path
+            models["onnx"] = open_exported(onnx_file, args.device)
         os.sync()
-        start = time.perf_counter()
-        out = predict_files(loaded, files, device=device, batch_size=args.batch_size)
-        seconds = time.perf_counter() - start
+        results = {}
+        for name, model in models.items():
+            predict_files(model, files[:64])  # warm-up
+            start = time.perf_counter()
+            out = predict_files(model, files, batch_size=args.batch_size)
+            seconds = time.perf_counter() - start
+            results[name] = {
+                "runtime": model.runtime,
+                "seconds": round(seconds, 3),
+                "images_per_second": round(len(out) / seconds),
+            }
     print(
         json.dumps(
             {
@@ -77,8 +92,7 @@ def main() -> None:
                 "files": len(out),
                 "kind": kind,
                 "batch_size": args.batch_size,
-                "seconds": round(seconds, 3),
-                "images_per_second": round(len(out) / seconds),
+                **results,
             }
         )
     )

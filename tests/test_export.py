@@ -55,7 +55,9 @@ def test_onnx_matches_predict(run: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": x.numpy()})
     probs = torch.softmax(torch.from_numpy(logits), 1)
-    predicted = json.loads(runner.invoke(app, ["predict", *map(str, files), "--json", "-k", "10"]).stdout)
+    predicted = json.loads(runner.invoke(app, ["predict", *map(str, files), "--json", "-k", "10"]).stdout)[
+        "predictions"
+    ]
     classes = json.loads(meta["cifarnet_classes"])
     for row, p in zip(probs, predicted, strict=True):
         expected = {t["class"]: t["probability"] for t in p["top"]}

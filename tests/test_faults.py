@@ -184,7 +184,7 @@ def test_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "m.pt")
     predicted = runner.invoke(app, ["predict", str(root), "--checkpoint", str(ckpt), "--json", "-k", "1"])
     assert predicted.exit_code == 0, predicted.output
-    assert len(json.loads(predicted.stdout)) == 7
+    assert len(json.loads(predicted.stdout)["predictions"]) == 7
     evaluated = runner.invoke(app, ["evaluate", str(ckpt), "--data-dir", str(root), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["n"] == 7
@@ -234,7 +234,7 @@ def test_a_bomb_in_a_folder_is_skipped_with_its_name(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["predict", str(root / "train" / "dog" / "bomb.png"), "--checkpoint", str(ckpt), "--json"]
     )
-    assert result.exit_code == 1 and "megapixels" in json.loads(result.stdout)[0]["error"]
+    assert result.exit_code == 1 and "megapixels" in json.loads(result.stdout)["predictions"][0]["error"]
 
 
 # --------------------------------------------------------------------------------------------------

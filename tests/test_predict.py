@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cifarnet_cli.cli import app
+from cifarnet_cli.data.classes import CIFAR10_CLASSES
 from cifarnet_cli.data.images import ImageDecodeError, load_image
 
 from .conftest import train_quick
@@ -95,7 +97,7 @@ def test_predict_json_lists_good_and_broken_files(run: Path, tmp_path: Path) -> 
     files = _images(tmp_path / "imgs")
     result = runner.invoke(app, ["predict", str(tmp_path / "imgs"), "--json", "--top-k", "3"])
     assert result.exit_code == 1  # two files are broken
-    out = json.loads(result.stdout)
+    out = json.loads(result.stdout)["predictions"]
     by_name = {Path(o["path"]).name: o for o in out}
     assert set(by_name) == set(files)
     for name in ("truncated.jpg", "notes.png"):
@@ -110,12 +112,12 @@ def test_predict_all_good_exits_zero_and_globs(run: Path) -> None:
     pattern = str(run / "test" / "cat" / "*.png")
     result = runner.invoke(app, ["predict", pattern, "--json", "-k", "1"])
     assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)) == 8
+    assert len(json.loads(result.stdout)["predictions"]) == 8
 
 
 def test_predict_matches_evaluate_on_test_images(run: Path) -> None:
     result = runner.invoke(app, ["predict", str(run / "test"), "--json", "-k", "1"])
-    preds = json.loads(result.stdout)
+    preds = json.loads(result.stdout)["predictions"]
     correct = sum(Path(p["path"]).parent.name == p["top"][0]["class"] for p in preds)
     evaluation = json.loads(runner.invoke(app, ["evaluate", "p", "--split", "test", "--json"]).stdout)
     assert evaluation["n"] == len(preds)
@@ -126,7 +128,7 @@ def test_predict_table_and_missing_file(run: Path) -> None:
     result = runner.invoke(app, ["predict", str(run / "test" / "dog" / "0000.png"), "missing.png"])
     assert result.exit_code == 1
     assert "probability" in result.output and "%" in result.output  # the good file got a row
-    assert "no such file" in result.output and "1 of 2 file(s)" in result.output
+    assert "no such file" in result.output and "1 of 2 input(s)" in result.output
 
 
 def test_predict_without_runs_explains(tmp_path: Path) -> None:
@@ -140,6 +142,43 @@ def test_predict_with_checkpoint_path(run: Path) -> None:
 
     best = runs.resolve_run("p").best
     result = runner.invoke(app, ["predict", str(run / "test" / "cat"), "--checkpoint", str(best), "--json"])
-    assert result.exit_code == 0 and len(json.loads(result.stdout)) == 8
+    assert result.exit_code == 0 and len(json.loads(result.stdout)["predictions"]) == 8
     both = runner.invoke(app, ["predict", "x.png", "--checkpoint", str(best), "--run", "p"])
     assert both.exit_code == 2
+
+
+def test_predict_keeps_input_order_and_explains_errors(run: Path, tmp_path: Path) -> None:
+    a, b = run / "test" / "cat" / "0000.png", run / "test" / "dog" / "0001.png"
+    truncated = tmp_path / "cut.jpg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (tmp_path / "text.png").write_text("not a picture")
+    inputs = [str(b), "missing.png", str(truncated), str(a), str(tmp_path / "text.png"), str(b)]
+    table = runner.invoke(app, ["predict", *inputs, "-k", "1"])
+    assert table.exit_code == 1
+    lines = table.stdout.splitlines()
+    header = next(line for line in lines if "file" in line)
+    assert [h.strip() for h in header.split("┃")[1:-1]] == ["file", "class", "probability", "error"]
+    assert "Truncated File Read" not in table.stdout and "truncated" in table.stdout
+    assert "not an image file" in table.stdout
+    rows = runner.invoke(app, ["predict", *inputs, "--json", "--save-csv", str(tmp_path / "out.csv")])
+    expected = [str(b), "missing.png", str(truncated), str(a), str(tmp_path / "text.png")]  # b is listed once
+    assert [p["path"] for p in json.loads(rows.stdout)["predictions"]] == expected
+    with (tmp_path / "out.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in csv_rows] == expected
+    assert csv_rows[0]["class"] in CIFAR10_CLASSES and 0 < float(csv_rows[0]["probability"]) <= 1
+    assert csv_rows[1]["class"] == "" and csv_rows[1]["error"] == "no such file or folder"
+
+
+def test_predict_checks_numbers_first_and_names_the_model(run: Path) -> None:
+    for args in (["--batch-size", "-5"], ["--batch-size", "0"], ["--top-k", "0"]):
+        result = runner.invoke(app, ["predict", "missing.png", *args])
+        assert result.exit_code == 2 and args[0] in result.output and "at least 1" in result.output, args
+        assert result.stdout == ""
+    from cifarnet_cli import runs
+
+    result = runner.invoke(app, ["predict", str(run / "test" / "cat" / "0000.png"), "--json"])
+    out = json.loads(result.stdout)
+    assert out["model"] == str(runs.resolve_run("p").best) and out["arch"] == "resnet20"
+    assert f"Model: {runs.resolve_run('p').best}" in result.stderr

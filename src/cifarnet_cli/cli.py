@@ -285,6 +285,16 @@ PrecisionOpt = Annotated[
         autocompletion=_complete_precision,
     ),
 ]
+InferencePrecision = Annotated[
+    str | None,
+    _option(
+        str,
+        "--precision",
+        help="fp32, bf16, fp16 or auto. \\[default: on a GPU the precision the run trained in, as its validation "
+        "figures were measured; fp32 on the CPU]",
+        autocompletion=_complete_precision,
+    ),
+]
 Capture = Annotated[
     str | None,
     _option(
@@ -574,6 +584,18 @@ def _complete_split(incomplete: str) -> list[str]:
     return [s for s in choices.SPLITS if s.startswith(incomplete)]
 
 
+ModelFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="A model file: an exported ONNX file or TensorRT engine (read with onnxruntime / TensorRT, without "
+        "torch; class names come from the file) or a checkpoint.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def evaluate(
     run: RunArg = None,
@@ -581,7 +603,7 @@ def evaluate(
         Path | None,
         typer.Option(
             "--data-dir",
-            help="Data or image folder to evaluate on. \\[default: the run's data]",
+            help="Data or image folder to evaluate on. \\[default: the run's data; with --model, $CIFARNET_DATA or the user data dir]",
             show_default=False,
         ),
     ] = None,
@@ -610,26 +632,32 @@ def evaluate(
             "--batch-size", "-b", help="Images per forward pass. \\[default: 500; ResNet-50: 128]", show_default=False
         ),
     ] = None,
+    model: ModelFile = None,
     device: Device = None,
+    precision: InferencePrecision = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Accuracy, per-class accuracy and confusion matrix of a trained model.
+    """Accuracy, per-class accuracy and confusion matrix of a trained or exported model.
 
-    Example: cifarnet evaluate my-run --split val --tta
+    Example: cifarnet evaluate my-run --split val --tta; cifarnet evaluate --model model.onnx --data-dir photos/
     """
     from cifarnet_cli.evaluation import evaluate_model
 
     with _user_errors():
+        if run is not None and model is not None:
+            raise UsageError("Give a run or --model, not both.")
         class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
         with _ui().TrainView(quiet=False) as view:  # renders notices and download progress
             report = evaluate_model(
                 run,
+                model_file=model,
                 data_dir=data_dir,
                 split=split,
                 classes=class_list,
                 tta=tta,
                 batch_size=batch_size,
                 device_spec=device or "auto",
+                precision=precision,
                 on_event=view,
             )
         if as_json:
@@ -653,41 +681,69 @@ def predict(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="A checkpoint file to use instead of a run.")
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
+    model: ModelFile = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image (at least 1).")] = 3,
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", "-b", help="Images per forward pass. \\[default: 500; ResNet-50: 128]", show_default=False
+            "--batch-size",
+            "-b",
+            help="Images per forward pass (at least 1). \\[default: 500; ResNet-50: 128]",
+            show_default=False,
         ),
     ] = None,
     device: Device = None,
-    as_json: JsonOut = False,
+    precision: InferencePrecision = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='Print one JSON object on stdout: {"model", "arch", "runtime", "predictions": [{"path", "top": '
+            '[{"class", "probability"}]} or {"path", "error"}, ...]}, in input order.',
+        ),
+    ] = False,
+    save_csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-csv",
+            help="Also write path,class,probability,error for every input (top class; in input order) to this file.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Classify image files (PNG, JPEG, BMP, WebP, ... of any size) with a trained model.
+    """Classify image files (PNG, JPEG, BMP, WebP, ... of any size) with a trained or exported model.
 
-    Exit code 1 if any file could not be read. Example: cifarnet predict photos/ --top-k 3
+    Prints the model used on stderr. Exit code 1 if any file could not be read.
+    Example: cifarnet predict photos/ --top-k 3; cifarnet predict cat.jpg --model model.onnx
     """
     from cifarnet_cli.predict import predict as run_predict
+    from cifarnet_cli.predict import write_csv
 
     with _user_errors():
-        if run is not None and checkpoint is not None:
-            raise UsageError("Give --run or --checkpoint, not both.")
-        predictions, loaded = run_predict(
+        if sum(x is not None for x in (run, checkpoint, model)) > 1:
+            raise UsageError("Give one of --run, --checkpoint and --model.")
+        result = run_predict(
             images,
-            ref=str(checkpoint) if checkpoint is not None else run,
+            ref=run,
+            model_file=model if model is not None else checkpoint,
             top_k=top_k,
             device_spec=device or "auto",
+            precision=precision,
             batch_size=batch_size,
         )
-        if loaded.notice:
-            _ui().warn(loaded.notice)
+        _ui().info(f"Model: {result.model} ({result.arch}, {result.runtime})")
+        if result.notice:
+            _ui().warn(result.notice)
+        if save_csv is not None:
+            write_csv(result.predictions, save_csv)
         if as_json:
-            _print_json([p.to_json() for p in predictions])
+            _print_json(result.to_json())
         else:
-            _ui().prediction_table(predictions, top_k)
-        failed = sum(p.error is not None for p in predictions)
-        if failed:
-            _ui().warn(f"{failed} of {len(predictions)} file(s) could not be classified.")
+            _ui().prediction_table(result.predictions, top_k)
+        if save_csv is not None:
+            _ui().info(f"Wrote {save_csv}")
+        if result.failed:
+            _ui().warn(f"{result.failed} of {len(result.predictions)} input(s) could not be classified.")
             raise typer.Exit(1)
 
 
@@ -699,72 +755,128 @@ def _complete_format(incomplete: str) -> list[str]:
     return [f for f in choices.EXPORT_FORMATS if f.startswith(incomplete)]
 
 
+def _complete_target(incomplete: str) -> list[str]:
+    return [t for t in choices.EXPORT_TARGETS if t.startswith(incomplete)]
+
+
 @app.command()
 def export(
     run: RunArg = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="onnx or torchscript.", autocompletion=_complete_format)
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="onnx, torchscript, or engine (a TensorRT engine, built where TensorRT is installed).",
+            autocompletion=_complete_format,
+        ),
     ] = "onnx",
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="jetson-inference: an ONNX file and labels.txt that its imagenet program runs as they are "
+            "(input_0 → output_0 probabilities, 1×3×32×32).",
+            autocompletion=_complete_target,
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            help="Output file. \\[default: model.onnx / model.ts in the run folder]",
+            help="Output file. \\[default: model.onnx / model.ts / model.engine in the run folder; "
+            "jetson-inference/model.onnx for --for jetson-inference]",
             show_default=False,
         ),
     ] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    opset: Annotated[
+        int | None,
+        typer.Option(
+            help="ONNX opset; the written file is checked. \\[default: 18; 13 for --for jetson-inference and "
+            "--format engine, which older TensorRT (JetPack 4) needs]",
+            show_default=False,
+        ),
+    ] = None,
     dynamic_batch: Annotated[
-        bool, typer.Option("--dynamic-batch/--static", help="Dynamic batch dimension, or a fixed batch of 2.")
-    ] = True,
-    fp16: Annotated[
         bool,
-        typer.Option("--fp16", help="Half-precision weights and arithmetic (ONNX; inputs and outputs stay float32)."),
-    ] = False,
+        typer.Option("--dynamic-batch/--static", help="Dynamic batch dimension, or a fixed one (--batch, default 1)."),
+    ] = True,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch", help="Fixed batch size of a static export (implies --static).", show_default=False),
+    ] = None,
+    batch_range: Annotated[
+        str | None,
+        typer.Option(
+            "--batch-range",
+            help="Batch sizes a dynamic TensorRT engine accepts, MIN:OPT:MAX (also used in the trtexec line). "
+            "\\[default: 1:32:256]",
+            show_default=False,
+        ),
+    ] = None,
+    fp16: Annotated[
+        bool | None,
+        typer.Option(
+            "--fp16/--fp32",
+            help="Half-precision arithmetic inside (inputs and outputs stay float32). \\[default: fp32 for ONNX, "
+            "fp16 for engines]",
+            show_default=False,
+        ),
+    ] = None,
     verify: Annotated[
         bool | None,
         typer.Option(
             "--verify/--no-verify",
-            help="Compare the exported model with PyTorch on one batch. \\[default: on when onnxruntime is installed]",
+            help="Compare the exported model with PyTorch on a batch of images. \\[default: on when onnxruntime is "
+            "installed]",
             show_default=False,
         ),
     ] = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Export a trained model to ONNX or TorchScript; inputs are float RGB in [0, 1], outputs logits.
+    """Export a trained model to ONNX, TorchScript or a TensorRT engine; inputs are float RGB in [0, 1], outputs logits.
 
-    Example: cifarnet export my-run --format onnx --fp16
+    Example: cifarnet export my-run --opset 13; cifarnet export my-run --for jetson-inference
     """
     from cifarnet_cli.export import export_model
 
     with _user_errors():
         result = export_model(
-            run, fmt=fmt, output=output, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, verify=verify
+            run,
+            fmt=fmt,
+            target=target,
+            output=output,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            batch=batch,
+            batch_range=batch_range,
+            fp16=fp16,
+            verify=verify,
         )
         if result.notice:
             _ui().warn(result.notice)
         if as_json:
-            _print_json(
-                {
-                    "path": str(result.path),
-                    "format": result.format,
-                    "max_abs_diff": result.max_abs_diff,
-                    "tolerance": result.tolerance,
-                    "verified_with": result.verified_with,
-                    "trtexec": result.trtexec,
-                }
-            )
+            _print_json(result.to_json())
             return
-        _ui().success(f"Exported {result.format} to {result.path}")
+        what = f"{result.format} (opset {result.opset})" if result.opset else result.format
+        _ui().success(f"Exported {what} to {result.path}")
+        if result.labels is not None:
+            _ui().success(f"Wrote the class names to {result.labels}")
         if result.max_abs_diff is not None:
             _ui().info(
-                f"Verified with {result.verified_with}: largest absolute logit difference {result.max_abs_diff:.2e} (allowed {result.tolerance:g})"
+                f"Verified with {result.verified_with}: largest absolute difference in the {result.compared} "
+                f"{result.max_abs_diff:.2e} (allowed {result.tolerance:g})"
             )
-        else:
+        elif verify is None:
             _ui().info("Not verified (install onnxruntime: pip install 'cifarnet[export]').")
+        if result.imagenet:
+            _ui().info(f"Run it with jetson-inference: {result.imagenet}")
         if result.trtexec:
-            _ui().info(f"TensorRT engine on a Jetson: {result.trtexec}")
+            _ui().info(f"TensorRT engine (build it on the device that will run it, e.g. the Jetson): {result.trtexec}")
+        if result.format != "torchscript":
+            _ui().info(f"Classify with it: cifarnet predict image.png --model {result.path}")
 
 
 @app.command()

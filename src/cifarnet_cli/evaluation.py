@@ -1,5 +1,7 @@
 """`cifarnet evaluate`: accuracy, per-class accuracy and the confusion matrix of a trained model on
-any split or image folder, optionally restricted to a subset of classes."""
+any split or image folder, optionally restricted to a subset of classes.
+
+torch is imported only for checkpoints: an exported model (ONNX, TensorRT) is evaluated without it."""
 
 from __future__ import annotations
 
@@ -7,30 +9,30 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from cifarnet_cli import choices, paths
 from cifarnet_cli.data.classes import match_classes
-from cifarnet_cli.data.loader import DeviceLoader
-from cifarnet_cli.data.sources import ImageSet, find_source
-from cifarnet_cli.devices import resolve_device, resolve_precision
-from cifarnet_cli.engine import predict_logits
+from cifarnet_cli.data.sources import ImageSet, find_source, load_source
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import Notice
 from cifarnet_cli.fileio import display
-from cifarnet_cli.inference import LoadedModel, load_model
-from cifarnet_cli.training import open_data, split_data
+from cifarnet_cli.runtime import ExportedModel, is_exported, open_exported
+
+if TYPE_CHECKING:
+    import torch
+
+    from cifarnet_cli.inference import LoadedModel
 
 SPLITS = choices.SPLITS
 
 
-def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``m[i, j]`` = images of true class i predicted as class j."""
-    index = labels.long() * num_classes + predictions.long()
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+def confusion_matrix(predictions: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """``m[i, j]`` = images of true class i predicted as class j (numpy or CPU torch inputs)."""
+    index = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predictions, dtype=np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,12 @@ class EvalReport:
 
 
 def metrics_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, class_ids: list[int], class_names: list[str]
+    logits: Any, labels: Any, class_ids: list[int], class_names: list[str]
 ) -> tuple[float, dict[str, float | None], dict[str, int], list[list[int]]]:
     """Accuracy over the classes ``class_ids`` (argmax restricted to them) with per-class figures."""
-    sub_logits = logits[:, class_ids]
+    sub_logits = np.asarray(logits)[:, class_ids]
     remap = {c: i for i, c in enumerate(class_ids)}
-    sub_labels = torch.tensor([remap[int(y)] for y in labels.tolist()], dtype=torch.long)
+    sub_labels = np.asarray([remap[int(y)] for y in np.asarray(labels).tolist()], dtype=np.int64)
     preds = sub_logits.argmax(1)
     cm = confusion_matrix(preds, sub_labels, len(class_ids))
     counts = cm.sum(1)
@@ -80,13 +82,15 @@ def metrics_from_logits(
         name: (float(cm[i, i]) / int(counts[i]) if int(counts[i]) else None) for i, name in enumerate(class_names)
     }
     per_class_n = {name: int(counts[i]) for i, name in enumerate(class_names)}
-    accuracy = float(cm.diag().sum()) / max(int(cm.sum()), 1)
+    accuracy = float(np.trace(cm)) / max(int(cm.sum()), 1)
     return accuracy, per_class, per_class_n, cm.tolist()
 
 
 def _eval_set(
     loaded: LoadedModel, data_dir: Path | None, split: str | None, on_event: Callable[[object], None]
 ) -> tuple[ImageSet, str, str]:
+    from cifarnet_cli.training import open_data, split_data  # torch: checkpoints only
+
     def notify(message: str) -> None:
         on_event(Notice(message))
 
@@ -150,39 +154,89 @@ def _eval_set(
     return chosen, split, desc
 
 
+def _exported_eval_set(
+    model: ExportedModel, data_dir: Path | None, split: str | None, on_event: Callable[[object], None]
+) -> tuple[ImageSet, str, str]:
+    """The data an exported model is scored on: ``--data-dir`` (else the default CIFAR-10) and its own
+    splits. A run's validation split is not available: recomputing it needs the run's record (and torch)."""
+    if split == "val":
+        raise UsageError(
+            "--split val is a run's own validation split, which an exported model does not record; evaluate the "
+            "run's checkpoint for it (cifarnet evaluate RUN --split val), or use --split test or train here."
+        )
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 10240 == 0:
+            on_event(Notice(f"Decoding images: {done}/{total}"))
+
+    source = load_source(data_dir or paths.default_data_dir(), classes=model.classes, progress=progress)
+    for warning in source.warnings:
+        on_event(Notice(warning))
+    if split is None:
+        split = "test" if source.has_test else "all"
+    if split == "all":
+        return source.everything(), "all", f"{display(source.location)} ({source.kind})"
+    return source.split(split), split, f"{display(source.location)} ({source.kind})"
+
+
+def _exported_logits(model: ExportedModel, data: ImageSet, batch_size: int | None, tta: bool) -> np.ndarray:
+    step = batch_size or model.default_batch
+    out = []
+    for start in range(0, len(data), step):
+        pixels = data.images[start : start + step]
+        logits = model.logits(pixels)
+        if tta:  # the horizontal flip of N×H×W×3 pixels, as predict_logits flips N×3×H×W
+            logits = (logits + model.logits(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+        out.append(logits)
+    return np.concatenate(out)
+
+
 def evaluate_model(
     ref: str | None,
     *,
+    model_file: Path | None = None,
     data_dir: Path | None = None,
     split: str | None = None,
     classes: list[str] | None = None,
     tta: bool = False,
     batch_size: int | None = None,
     device_spec: str = "auto",
+    precision: str | None = None,
     on_event: Callable[[object], None] = lambda _e: None,
     write_report: bool = True,
 ) -> EvalReport:
+    """Score the run or checkpoint ``ref`` (None: the most recent run), or the model file ``model_file``
+    (an exported ONNX file or TensorRT engine runs without torch)."""
     if split is not None and split not in SPLITS:
         raise UsageError(f"Unknown --split {split!r}; choose one of: {', '.join(SPLITS)}.")
     if batch_size is not None and batch_size < 1:
-        raise UsageError("--batch-size must be at least 1.")
-    device = resolve_device(device_spec)
-    loaded = load_model(ref, device)
-    if loaded.notice is not None:
-        on_event(Notice(loaded.notice))
-    precision = resolve_precision("auto", device)
-    data, split_name, data_desc = _eval_set(loaded, data_dir, split, on_event)
+        raise UsageError(f"--batch-size {batch_size}: give a number of images of at least 1.")
+    exported = open_exported(model_file, device_spec) if model_file is not None and is_exported(model_file) else None
+    loaded: LoadedModel | None = None
+    if exported is not None:
+        model_classes, model_path, run = exported.classes, exported.path, None
+        data, split_name, data_desc = _exported_eval_set(exported, data_dir, split, on_event)
+    else:
+        from cifarnet_cli.devices import resolve_device
+        from cifarnet_cli.inference import load_model
+
+        device = resolve_device(device_spec)
+        loaded = load_model(str(model_file) if model_file is not None else ref, device)
+        if loaded.notice is not None:
+            on_event(Notice(loaded.notice))
+        model_classes, model_path, run = loaded.classes, loaded.path, loaded.run
+        data, split_name, data_desc = _eval_set(loaded, data_dir, split, on_event)
 
     def notify(message: str) -> None:
         on_event(Notice(message))
 
-    all_ids = list(range(len(loaded.classes)))
+    all_ids = list(range(len(model_classes)))
     class_ids = all_ids
     if classes:
-        mapping, unknown = match_classes(classes, loaded.classes)
+        mapping, unknown = match_classes(classes, model_classes)
         if unknown:
             raise UsageError(
-                f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(loaded.classes)})."
+                f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(model_classes)})."
             )
         class_ids = sorted(set(mapping.values()))
         keep = np.isin(data.labels, class_ids)
@@ -193,6 +247,49 @@ def evaluate_model(
     if len(data) == 0:
         raise CifarNetError("No images to evaluate" + (" in the chosen classes." if classes else "."))
 
+    if exported is not None:
+        logits, labels = _exported_logits(exported, data, batch_size, tta), np.asarray(data.labels)
+    else:
+        assert loaded is not None
+        logits, labels = _checkpoint_logits(loaded, data, device, batch_size, tta, precision)
+    names = [model_classes[i] for i in class_ids]
+    accuracy, per_class, per_class_n, cm = metrics_from_logits(logits, labels, class_ids, names)
+    unrestricted = None
+    if class_ids != all_ids:
+        unrestricted = float((logits.argmax(1) == labels).mean())
+    report = EvalReport(
+        accuracy,
+        int(labels.shape[0]),
+        names,
+        per_class,
+        per_class_n,
+        cm,
+        split_name,
+        str(model_path),
+        data_desc,
+        tta,
+        unrestricted,
+    )
+    if write_report and run is not None:
+        suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
+        target = run.dir / f"eval-{suffix}.json"
+        try:
+            target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as exc:
+            notify(f"Could not write {target} ({exc}).")
+    return report
+
+
+def _checkpoint_logits(
+    loaded: LoadedModel, data: ImageSet, device: torch.device, batch_size: int | None, tta: bool, precision: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels from the device-resident loader (the data moves to the GPU once, as uint8)."""
+    import torch
+
+    from cifarnet_cli.data.loader import DeviceLoader
+    from cifarnet_cli.engine import predict_logits
+    from cifarnet_cli.inference import inference_precision
+
     loader = DeviceLoader(
         data,
         batch_size=batch_size or loaded.inference_batch,
@@ -202,30 +299,7 @@ def evaluate_model(
     )
     if device.type == "cuda":
         loaded.model.to(memory_format=torch.channels_last)
-    logits, labels = predict_logits(loaded.model, loader, device=device, precision=precision, tta=tta)
-    names = [loaded.classes[i] for i in class_ids]
-    accuracy, per_class, per_class_n, cm = metrics_from_logits(logits, labels, class_ids, names)
-    unrestricted = None
-    if class_ids != all_ids:
-        unrestricted = float((logits.argmax(1) == labels).double().mean())
-    report = EvalReport(
-        accuracy,
-        int(labels.numel()),
-        names,
-        per_class,
-        per_class_n,
-        cm,
-        split_name,
-        str(loaded.path),
-        data_desc,
-        tta,
-        unrestricted,
+    logits, labels = predict_logits(
+        loaded.model, loader, device=device, precision=inference_precision(loaded, device, precision), tta=tta
     )
-    if write_report and loaded.run is not None:
-        suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
-        target = loaded.run.dir / f"eval-{suffix}.json"
-        try:
-            target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        except OSError as exc:
-            notify(f"Could not write {target} ({exc}).")
-    return report
+    return logits.numpy(), labels.numpy()

@@ -1,31 +1,51 @@
 """`cifarnet export`: ONNX and TorchScript files that take float RGB in [0, 1] (N×3×32×32) and return
-logits. Normalization (and a ResNet-50's resize) is inside the graph, so a deployment needs no other
-preprocessing than the one `predict` documents."""
+logits, TensorRT engines built from them, and ONNX files for jetson-inference's `imagenet` program.
+
+Normalization (and a ResNet-50's resize) is inside the graph, so a deployment needs no other preprocessing
+than the one `predict` documents. Every file is checked before success is reported: the ONNX opset that
+was asked for, then the outputs against PyTorch's on the same images (``--verify``).
+"""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import inspect
+import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from cifarnet_cli import choices
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli import choices, runtime
+from cifarnet_cli.errors import CifarNetError, UsageError, first_line
+from cifarnet_cli.fileio import write_bytes
 from cifarnet_cli.inference import LoadedModel, load_model
 
 FORMATS = choices.EXPORT_FORMATS
+TARGETS = choices.EXPORT_TARGETS
 DEFAULT_OPSET = 18
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+#: Opset for files meant for TensorRT on a Jetson: JetPack 4's TensorRT 8.2 (Jetson Nano) reads at most
+#: opset 13, and every later TensorRT reads it too.
+JETSON_OPSET = 13
+#: torch's dynamo exporter writes opset 18 and later; for lower opsets it only "converts down", which
+#: fails for these models (an onnxscript traceback, and the file stays at 18). The TorchScript-based
+#: exporter writes lower opsets directly.
+DYNAMO_MIN_OPSET = 18
+OPSET_RANGE = (9, 23)
+#: Largest absolute difference from PyTorch that verification accepts: on logits, or on probabilities
+#: for jetson-inference files. TensorRT fp16 is looser than ONNX Runtime fp16 (fp16 accumulation in
+#: some kernels); that figure is a bound chosen for safety, not one measured on a Jetson.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "engine-fp16": 1e-1}
+DEFAULT_BATCH_RANGE = (1, 32, 256)  # TensorRT optimization profile: min, opt, max images
 EXPORT_EXTRA_HINT = "pip install 'cifarnet[export]'"
+INPUT, OUTPUT = "images", "logits"
+JETSON_INPUT, JETSON_OUTPUT = "input_0", "output_0"  # the blob names jetson-inference's docs use
 
 
 class _Deployable(nn.Module):
@@ -42,24 +62,72 @@ class _Deployable(nn.Module):
         return self.model(images)
 
 
+class _ForJetsonInference(nn.Module):
+    """What jetson-inference's `imagenet` expects of an ONNX classifier: it feeds ``(pixel / 255 - mean) /
+    std`` with ImageNet's mean and std (c/imageNet.cpp → cudaTensorNormMeanRGB) and ranks the raw outputs
+    as confidences. So the graph first undoes that normalization (giving back the [0, 1] pixels every
+    cifarnet model takes; the model then applies its own) and ends in a softmax."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(runtime.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(runtime.IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, input_0: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(input_0 * self.std + self.mean), dim=1)
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
     format: str
+    target: str | None
+    opset: int | None
     max_abs_diff: float | None  # None when not verified
+    compared: str  # "logits" or "probabilities"
     tolerance: float
     verified_with: str | None
     trtexec: str | None
+    labels: Path | None = None
+    imagenet: str | None = None  # the jetson-inference command line
     notice: str | None = None  # e.g. the checkpoint has no completed epoch (untrained)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "for": self.target,
+            "opset": self.opset,
+            "max_abs_diff": self.max_abs_diff,
+            "compared": self.compared,
+            "tolerance": self.tolerance,
+            "verified_with": self.verified_with,
+            "trtexec": self.trtexec,
+            "labels": str(self.labels) if self.labels else None,
+            "imagenet": self.imagenet,
+            "notice": self.notice,
+        }
 
-def metadata(loaded: LoadedModel, fp16: bool) -> dict[str, str]:
+
+def metadata(loaded: LoadedModel, fp16: bool, *, jetson: bool = False) -> dict[str, str]:
     mean, std = loaded.model.normalization
+    size = loaded.input_size
     return {
         "cifarnet_arch": loaded.arch,
         "cifarnet_classes": json.dumps(list(loaded.classes)),
-        "cifarnet_input_size": str(loaded.input_size),
-        "cifarnet_input": "float32 RGB in [0, 1], N x 3 x H x W; normalization is inside the graph",
+        "cifarnet_input_size": str(size),
+        "cifarnet_input": (
+            f"float32 RGB, 1 x 3 x {size} x {size}, (pixel / 255 - ImageNet mean) / ImageNet std, as "
+            "jetson-inference's imagenet feeds it"
+            if jetson
+            else "float32 RGB in [0, 1], N x 3 x H x W; normalization is inside the graph"
+        ),
+        "cifarnet_input_normalization": "imagenet" if jetson else "none",
+        "cifarnet_output": "probabilities" if jetson else "logits",
         "cifarnet_mean": json.dumps([round(m, 6) for m in mean]),
         "cifarnet_std": json.dumps([round(s, 6) for s in std]),
         "cifarnet_model_kwargs": json.dumps(loaded.meta.get("model_kwargs", {})),
@@ -72,24 +140,28 @@ def _need(module: str) -> None:
         raise CifarNetError(f"ONNX export needs the {module} package: {EXPORT_EXTRA_HINT}")
 
 
-def _export_onnx(
-    net: nn.Module, example: torch.Tensor, target: Path, opset: int, dynamic: bool, meta: dict[str, str]
-) -> None:
+def onnx_opset(proto: Any) -> int | None:
+    """The default-domain (ai.onnx) opset a model declares."""
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _onnx_proto(net: nn.Module, example: torch.Tensor, opset: int, dynamic: bool, names: tuple[str, str]) -> Any:
+    """The exported graph, in memory (nothing half-written on disk if export fails)."""
     _need("onnx")
     import onnx
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dynamo_exporter = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch >= 2.5
-            if dynamo_exporter and importlib.util.find_spec("onnxscript") is not None:
-                shapes = {"images": {0: torch.export.Dim("batch", min=1, max=65536)}} if dynamic else None
+    dynamo_exporter = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch >= 2.5
+    use_dynamo = dynamo_exporter and opset >= DYNAMO_MIN_OPSET and importlib.util.find_spec("onnxscript") is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if use_dynamo:
+                shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
                 program = torch.onnx.export(
                     net,
                     (example,),
-                    input_names=["images"],
-                    output_names=["logits"],
+                    input_names=[names[0]],
+                    output_names=[names[1]],
                     opset_version=opset,
                     dynamo=True,
                     dynamic_shapes=shapes,
@@ -97,151 +169,276 @@ def _export_onnx(
                     verbose=False,
                 )
                 assert program is not None
-                program.save(str(raw))
-            else:  # the TorchScript-based exporter (older torch, as on some Jetson images, or no onnxscript)
-                axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
-                extra: dict[str, Any] = {"dynamo": False} if dynamo_exporter else {}
-                torch.onnx.export(
-                    net,
-                    (example,),
-                    str(raw),
-                    input_names=["images"],
-                    output_names=["logits"],
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                    **extra,
-                )
-        proto = onnx.load(str(raw))
+                return program.model_proto
+            # The TorchScript-based exporter (below opset 18; older torch, as on some Jetson images; no onnxscript).
+            axes = {names[0]: {0: "batch"}, names[1]: {0: "batch"}} if dynamic else None
+            extra: dict[str, Any] = {"dynamo": False} if dynamo_exporter else {}
+            buffer = io.BytesIO()
+            torch.onnx.export(
+                net,
+                (example,),
+                buffer,  # type: ignore[arg-type]  # a file-like object is documented and works
+                input_names=[names[0]],
+                output_names=[names[1]],
+                opset_version=opset,
+                dynamic_axes=axes,
+                **extra,
+            )
+            return onnx.load_from_string(buffer.getvalue())
+        except Exception as exc:  # noqa: BLE001 - the exporters raise many types; the user needs one line
+            raise CifarNetError(
+                f"torch {torch.__version__} could not export this model at opset {opset} ({first_line(exc, 200)}); "
+                f"try --opset {JETSON_OPSET} or --opset {DEFAULT_OPSET}."
+            ) from None
+
+
+def _finish_onnx(proto: Any, opset: int, meta: dict[str, str]) -> bytes:
+    """Check the opset the exporter actually wrote, add the metadata, validate, serialize."""
+    import onnx
+
+    written = onnx_opset(proto)
+    if written != opset:
+        raise CifarNetError(
+            f"torch {torch.__version__} wrote an opset-{written} graph when opset {opset} was asked for; nothing was "
+            f"saved. Choose --opset {JETSON_OPSET} (TorchScript-based exporter) or {DEFAULT_OPSET} and above."
+        )
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "cifarnet"
     onnx.checker.check_model(proto)
-    _atomic_write(target, proto.SerializeToString())
+    return bytes(proto.SerializeToString())
 
 
-def _export_torchscript(net: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, str]) -> None:
+def _torchscript_bytes(net: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the format that C++
+        # (libtorch) and older Jetson stacks load
         traced = torch.jit.trace(net, example)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".partial", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
+        # Serialized in memory: torch.jit.save writing to a full disk aborts the process in C++ (exit 134).
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"cifarnet.json": json.dumps(meta)})
+    return buffer.getvalue()
+
+
+def _build_engine(onnx_bytes: bytes, fp16: bool, batch_range: tuple[int, int, int] | None, size: int) -> bytes:
+    """A serialized TensorRT engine for this GPU and TensorRT version (it runs nowhere else)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT 8 needs explicit-batch networks for ONNX; in TensorRT 10 the flag is gone (always explicit).
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CifarNetError(f"TensorRT {trt.__version__} could not read the ONNX graph ({errors[:300]}).")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if batch_range is not None:
+        low, opt, high = ((n, 3, size, size) for n in batch_range)
+        profile = builder.create_optimization_profile()
+        profile.set_shape(INPUT, low, opt, high)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CifarNetError(f"TensorRT {trt.__version__} could not build an engine for this model on this GPU.")
+    return bytes(serialized)
+
+
+def parse_batch_range(spec: str) -> tuple[int, int, int]:
+    """``N`` (fixed), ``MIN:MAX`` (optimized for MAX) or ``MIN:OPT:MAX``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream but still the
-            # format that C++ (libtorch) and older Jetson stacks load
-            torch.jit.save(traced, str(tmp_path), _extra_files={"cifarnet.json": json.dumps(meta)})
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+        values = [int(v) for v in spec.split(":")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    elif len(values) == 2:
+        values = [values[0], values[1], values[1]]
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise UsageError(
+            f"--batch-range {spec!r}: give MIN:OPT:MAX (or MIN:MAX, or N) with 1 <= MIN <= OPT <= MAX, e.g. 1:32:256."
+        )
+    return values[0], values[1], values[2]
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".partial", delete=False) as tmp:
-        tmp.write(data)
-        tmp_path = Path(tmp.name)
-    try:
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+def trtexec_command(onnx_path: Path, size: int, batch_range: tuple[int, int, int] | None) -> str:
+    engine = onnx_path.with_suffix(".engine")
+    line = f"trtexec --onnx={onnx_path} --saveEngine={engine} --fp16"
+    if batch_range is not None:
+        low, opt, high = batch_range
+        line += (
+            f" --minShapes={INPUT}:{low}x3x{size}x{size} --optShapes={INPUT}:{opt}x3x{size}x{size}"
+            f" --maxShapes={INPUT}:{high}x3x{size}x{size}"
+        )
+    return line
 
 
-def run_exported(path: Path, fmt: str, images: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Logits of the exported file on ``images`` (float32 N×3×H×W) and the runtime that produced them."""
-    if fmt == "onnx":
-        import onnxruntime as ort
+def imagenet_command(onnx_path: Path, labels: Path) -> str:
+    return (
+        f"imagenet --model={onnx_path} --labels={labels} --input_blob={JETSON_INPUT} "
+        f"--output_blob={JETSON_OUTPUT} image.jpg"
+    )
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (out,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
-        return torch.from_numpy(out), f"onnxruntime {ort.__version__}"
+
+def _verify_pixels(size: int) -> np.ndarray:
+    """Eight fixed uint8 images (random pixels, seed 0) for comparing an export with PyTorch."""
+    return np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+
+
+def _torchscript_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu")
     with torch.inference_mode():
-        return module(images), "torch.jit"
+        return module(x)
 
 
 def export_model(
     ref: str | None,
     *,
     fmt: str = "onnx",
+    target: str | None = None,
     output: Path | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     dynamic_batch: bool = True,
-    fp16: bool = False,
+    batch: int | None = None,
+    batch_range: str | None = None,
+    fp16: bool | None = None,
     verify: bool | None = None,
-    verify_images: torch.Tensor | None = None,
+    verify_pixels: np.ndarray | None = None,
 ) -> ExportResult:
+    """Export the run or checkpoint ``ref``. ``batch`` fixes the batch size (a static export); ``fp16``
+    defaults to off for ONNX and on for TensorRT engines. ``verify_pixels`` (uint8 N×H×W×3) replaces the
+    random verification images."""
     if fmt not in FORMATS:
         raise UsageError(f"Unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
-    if fmt == "onnx" and not 7 <= opset <= 23:
-        raise UsageError(f"--opset {opset}: choose an ONNX opset between 7 and 23 (default {DEFAULT_OPSET}).")
+    if target is not None and target not in TARGETS:
+        raise UsageError(f"Unknown --for {target!r}; choose one of: {', '.join(TARGETS)}.")
+    jetson = target == "jetson-inference"
+    if jetson and fmt != "onnx":
+        raise UsageError("--for jetson-inference writes an ONNX file (imagenet builds its own engine); drop --format.")
+    if opset is not None and not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise UsageError(
+            f"--opset {opset}: choose an ONNX opset between {OPSET_RANGE[0]} and {OPSET_RANGE[1]} "
+            f"(default {DEFAULT_OPSET}; {JETSON_OPSET} for older TensorRT)."
+        )
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch {batch}: give a batch size of at least 1.")
+    if fmt == "torchscript" and fp16:
+        raise UsageError("--fp16 is for ONNX and TensorRT; TorchScript exports are fp32.")
+    static = jetson or batch is not None or not dynamic_batch
+    if jetson and batch not in (None, 1):
+        raise UsageError("--for jetson-inference: imagenet feeds one image at a time, so the batch is 1.")
+    fixed_batch = batch or 1
+    profile = None if static else (parse_batch_range(batch_range) if batch_range else DEFAULT_BATCH_RANGE)
+    if batch_range is not None and static:
+        raise UsageError("--batch-range is for a dynamic batch; a static export has the one batch size of --batch.")
+    if fmt == "engine":
+        missing = runtime.tensorrt_missing()
+        if missing:
+            raise CifarNetError(
+                f"--format engine builds with TensorRT, and {missing}: run it on the Jetson (JetPack ships TensorRT), "
+                "or export ONNX here and build the engine there with trtexec."
+            )
+    opset = opset if opset is not None else (JETSON_OPSET if jetson or fmt == "engine" else DEFAULT_OPSET)
+    half = bool(fp16) if fp16 is not None else fmt == "engine"
+
     device = torch.device("cpu")  # export on the CPU: the file is device-independent
     loaded = load_model(ref, device)
     if output is None:
         folder = loaded.run.dir if loaded.run is not None else loaded.path.parent
-        output = folder / ("model.onnx" if fmt == "onnx" else "model.ts")
+        name = {"onnx": "model.onnx", "torchscript": "model.ts", "engine": "model.engine"}[fmt]
+        output = folder / "jetson-inference" / name if jetson else folder / name
     output = output.expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
     size = loaded.input_size
-    example = torch.rand(2, 3, size, size)
-    meta = metadata(loaded, fp16)
-    net = _Deployable(loaded.model, half=fp16).eval()
-    if fmt == "onnx":
-        _export_onnx(net, example, output, opset, dynamic_batch, meta)
+    example = torch.rand(fixed_batch if static else 2, 3, size, size)
+    meta = metadata(loaded, half, jetson=jetson)
+    labels: Path | None = None
+
+    if fmt == "torchscript":
+        write_bytes(output, _torchscript_bytes(_Deployable(loaded.model, half=False).eval(), example, meta))
     else:
-        if fp16:
-            raise UsageError("--fp16 is for ONNX (TensorRT); TorchScript exports are fp32.")
-        _export_torchscript(net, example, output, meta)
+        # An engine is built from an fp32 graph: TensorRT picks fp16 kernels itself with its FP16 flag.
+        net: nn.Module = _Deployable(loaded.model, half=half and fmt == "onnx").eval()
+        names = (INPUT, OUTPUT)
+        if jetson:
+            net, names = _ForJetsonInference(net).eval(), (JETSON_INPUT, JETSON_OUTPUT)
+        onnx_bytes = _finish_onnx(_onnx_proto(net, example, opset, not static, names), opset, meta)
+        if fmt == "engine":
+            engine = _build_engine(onnx_bytes, half, profile, size)
+            write_bytes(output, engine)
+            sidecar = {
+                **meta,
+                "cifarnet_engine_batch": json.dumps([fixed_batch] * 3 if static else list(profile or ())),
+            }
+            write_bytes(runtime.engine_metadata_path(output), (json.dumps(sidecar, indent=2) + "\n").encode())
+        else:
+            write_bytes(output, onnx_bytes)
+        if jetson:
+            labels = output.with_name("labels.txt")
+            write_bytes(labels, "".join(f"{c}\n" for c in loaded.classes).encode())
 
     if verify is None:
-        verify = fmt == "torchscript" or importlib.util.find_spec("onnxruntime") is not None
+        verify = fmt != "onnx" or importlib.util.find_spec("onnxruntime") is not None
     diff: float | None = None
-    runtime: str | None = None
-    tolerance = TOLERANCE["fp16" if fp16 else "fp32"]
+    verified_with: str | None = None
+    compared = "probabilities" if jetson else "logits"
+    tolerance = TOLERANCE[("engine-fp16" if fmt == "engine" else "fp16") if half else "fp32"]
     if verify:
-        if fmt == "onnx":
-            _need("onnxruntime")
-        images = (
-            verify_images
-            if verify_images is not None
-            else torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(0))
-        )
-        if not dynamic_batch:
-            images = images[: example.shape[0]]
-            if images.shape[0] < example.shape[0]:
-                images = torch.cat([images, images])[: example.shape[0]]
+        pixels = verify_pixels if verify_pixels is not None else _verify_pixels(size)
+        x = torch.from_numpy(runtime.to_input(pixels))
         with torch.inference_mode():
-            reference = loaded.model(images).float()
-        got, runtime = run_exported(output, fmt, images)
-        diff = float((got.float() - reference).abs().max())
+            reference = loaded.model(x).float()
+        if fmt == "torchscript":
+            got = _torchscript_logits(output, x).float()
+            verified_with = "torch.jit"
+        else:
+            if fmt == "onnx":
+                _need("onnxruntime")
+            exported = runtime.open_exported(output, "cpu" if fmt == "onnx" else "cuda")
+            got = torch.from_numpy(exported.logits(pixels))
+            verified_with = exported.runtime
+        if jetson:
+            got, reference = torch.softmax(got, 1), torch.softmax(reference, 1)
+        diff = float((got - reference).abs().max())
         if not diff <= tolerance:
             raise CifarNetError(
-                f"The exported model differs from the PyTorch model by up to {diff:.3g} (allowed {tolerance:g}); "
-                f"the file is at {output} but should not be trusted."
+                f"The exported model differs from the PyTorch model by up to {diff:.3g} in its {compared} (allowed "
+                f"{tolerance:g}); the file is at {output} but should not be trusted."
             )
-    trtexec = (
-        f"trtexec --onnx={output} --saveEngine={output.with_suffix('.engine')} --fp16"
-        + (
-            f" --minShapes=images:1x3x{size}x{size} --optShapes=images:32x3x{size}x{size} "
-            f"--maxShapes=images:256x3x{size}x{size}"
-            if dynamic_batch
-            else ""
-        )
-        if fmt == "onnx"
-        else None
+    trtexec = trtexec_command(output, size, profile) if fmt == "onnx" and not jetson else None
+    imagenet = imagenet_command(output, labels) if labels is not None else None
+    return ExportResult(
+        output,
+        fmt,
+        target,
+        None if fmt == "torchscript" else opset,
+        diff,
+        compared,
+        tolerance,
+        verified_with,
+        trtexec,
+        labels,
+        imagenet,
+        loaded.notice,
     )
-    return ExportResult(output, fmt, diff, tolerance, runtime, trtexec, loaded.notice)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The cifarnet metadata of an exported file (ONNX metadata_props or the TorchScript extra file)."""
+    """The cifarnet metadata of an exported file (ONNX metadata_props, the TorchScript extra file, or the
+    JSON file beside a TensorRT engine)."""
     if path.suffix == ".onnx":
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
         return {p.key: p.value for p in proto.metadata_props}
+    if path.suffix in runtime.ENGINE_SUFFIXES:
+        return runtime.engine_metadata(path)
     extra = {"cifarnet.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

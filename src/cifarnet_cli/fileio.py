@@ -26,8 +26,8 @@ from cifarnet_cli.errors import CifarNetError
 PARTIAL_SUFFIX = ".partial"
 
 _PROBLEMS = {
-    errno.ENOSPC: "no space left on the device; free some space or point CIFARNET_HOME at a disk with room",
-    errno.EDQUOT: "disk quota exceeded; free some space or point CIFARNET_HOME at a disk with room",
+    errno.ENOSPC: "no space left on the device; free some space",
+    errno.EDQUOT: "disk quota exceeded; free some space",
     errno.EROFS: "the file system is read-only",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
@@ -71,15 +71,20 @@ def problem(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _home_hint(path: str | os.PathLike[str]) -> str:
+def _home_hint(path: str | os.PathLike[str], exc: OSError) -> str:
+    """For a file in cifarnet's own folders: where they are, and (disk full) how to move them."""
+    from cifarnet_cli.paths import home_dir  # paths imports platformdirs; fileio stays light
+
     home = os.environ.get("CIFARNET_HOME")
-    if not home:
-        return ""
     try:
-        inside = Path(path).is_relative_to(Path(home).expanduser())
+        inside = Path(path).is_relative_to(Path(home).expanduser() if home else home_dir())
     except (OSError, ValueError):
         inside = False
-    return f" (CIFARNET_HOME is {display(home)})" if inside else ""
+    if not inside:
+        return ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return " or point CIFARNET_HOME at a disk with room" + (f" (it is {display(home)})" if home else "")
+    return f" (CIFARNET_HOME is {display(home)})" if home else ""
 
 
 def os_error_message(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "use") -> str:
@@ -91,7 +96,7 @@ def os_error_message(exc: OSError, path: str | os.PathLike[str] | None = None, a
         return f"Cannot {action} a file: {problem(exc)}."
     if isinstance(where, bytes):
         where = os.fsdecode(where)
-    return f"Cannot {action} {display(where)}: {problem(exc, where)}{_home_hint(where)}."
+    return f"Cannot {action} {display(where)}: {problem(exc, where)}{_home_hint(where, exc)}."
 
 
 def os_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "use") -> CifarNetError:

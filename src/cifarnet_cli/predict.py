@@ -1,26 +1,29 @@
 """`cifarnet predict`: classify image files in batches with a trained model.
 
 Files go through the same decoding as training and evaluation (:func:`cifarnet_cli.data.images.load_image`:
-EXIF orientation, any mode to RGB, shorter side to 32 and a center crop), then through the model in eval
-mode under ``torch.inference_mode()``. A file that cannot be read is reported and never stops the others.
+EXIF orientation, any mode to RGB, shorter side to 32 and a center crop), then through the model: a
+checkpoint (with torch) or an exported ONNX file or TensorRT engine (:mod:`cifarnet_cli.runtime`, without
+torch). A file that cannot be read is reported in its place and never stops the others.
+
+This module does not import torch: an exported model answers without it.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 from cifarnet_cli.data.images import ImageDecodeError, decode_workers, is_image_file, load_image
-from cifarnet_cli.devices import autocast, resolve_device, resolve_precision
-from cifarnet_cli.errors import UsageError
-from cifarnet_cli.inference import LoadedModel, load_model
+from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.runtime import ImageClassifier, is_exported, open_exported, softmax
 
 
 @dataclass(frozen=True)
@@ -36,42 +39,92 @@ class Prediction:
         return {"path": self.path, "top": [{"class": c, "probability": p} for c, p in self.top]}
 
 
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Prediction]]:
-    """Expand files, folders (recursively, image extensions only) and globs; missing inputs become errors."""
-    files: list[Path] = []
-    errors: list[Prediction] = []
+@dataclass(frozen=True)
+class PredictResult:
+    predictions: list[Prediction]  # in the order the inputs were given
+    model: str  # the checkpoint or exported file that answered
+    arch: str
+    runtime: str
+    notice: str | None = None  # e.g. the checkpoint never completed an epoch
+
+    @property
+    def failed(self) -> int:
+        return sum(p.error is not None for p in self.predictions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "arch": self.arch,
+            "runtime": self.runtime,
+            "predictions": [p.to_json() for p in self.predictions],
+        }
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
+    """Expand files, folders (recursively, image extensions only) and globs, in the order given; an input
+    that names nothing becomes an error in its place. A file named twice is predicted once."""
+    items: list[Path | Prediction] = []
+    seen: set[Path] = set()
+
+    def add(files: Sequence[Path]) -> None:
+        for f in files:
+            if f not in seen:
+                seen.add(f)
+                items.append(f)
+
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(
-                Path(d) / f
-                for d, _dirs, names in os.walk(path)
-                for f in names
-                if is_image_file(f) and not f.startswith(".")
+            add(
+                sorted(
+                    Path(d) / f
+                    for d, _dirs, names in os.walk(path)
+                    for f in names
+                    if is_image_file(f) and not f.startswith(".")
+                )
             )
-            files.extend(found)
         elif path.is_file():
-            files.append(path)
+            add([path])
         elif glob.has_magic(item):
             matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True))
             matched_files = [m for m in matches if m.is_file()]
             if not matched_files:
-                errors.append(Prediction(item, error="no files match this pattern"))
-            files.extend(matched_files)
+                items.append(Prediction(item, error="no files match this pattern"))
+            add(matched_files)
         else:
-            errors.append(Prediction(item, error="no such file or folder"))
-    unique = list(dict.fromkeys(files))  # a file named twice (or matched by two globs) is predicted once
-    return unique, errors
+            items.append(Prediction(item, error="no such file or folder"))
+    return items
 
 
-def _decoded(files: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
+def describe_decode_error(exc: ImageDecodeError, path: Path) -> str:
+    """A sentence for the error column: Pillow's messages ("Truncated File Read", "cannot identify image
+    file '/long/path'") say little to someone looking at a table of files."""
+    cause = exc.__cause__
+    text = str(cause) if cause is not None else str(exc)
+    low = text.lower()
+    if isinstance(cause, PermissionError):
+        return "permission denied"
+    if isinstance(cause, FileNotFoundError):
+        return "no such file"
+    if isinstance(cause, IsADirectoryError):
+        return "a folder, not an image file"
+    if "truncated" in low:
+        return "truncated: the file ends early"
+    if "cannot identify image file" in low:
+        return "not an image file Pillow can read"
+    prefix = f"{path}: "
+    message = str(exc)
+    return message[len(prefix) :] if cause is None and message.startswith(prefix) else text
+
+
+def _decoded(files: Sequence[Path], batch_size: int, size: int) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Decode files in a thread pool, yielding batches of (path, pixels or error message)."""
 
     def decode(path: Path) -> np.ndarray | str:
         try:
-            return load_image(path)
+            return load_image(path, size)
         except ImageDecodeError as exc:
-            return str(exc.__cause__ or exc)
+            return describe_decode_error(exc, path)
 
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for start in range(0, len(files), batch_size):
@@ -80,48 +133,81 @@ def _decoded(files: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path
 
 
 def predict_files(
-    loaded: LoadedModel,
-    files: Sequence[Path],
-    *,
-    device: torch.device,
-    top_k: int = 3,
-    batch_size: int | None = None,
+    model: ImageClassifier, files: Sequence[Path], *, top_k: int = 3, batch_size: int | None = None
 ) -> list[Prediction]:
-    batch_size = batch_size or loaded.inference_batch
-    k = min(top_k, len(loaded.classes))
-    precision = resolve_precision("auto", device)
+    """One prediction per file, in the order of ``files``."""
+    batch_size = batch_size or model.default_batch
+    k = min(top_k, len(model.classes))
     out: list[Prediction] = []
-    model = loaded.model.eval()
-    for batch in _decoded(files, batch_size):
+    for batch in _decoded(files, batch_size, model.input_size):
         good = [(p, px) for p, px in batch if not isinstance(px, str)]
         results: dict[Path, Prediction] = {p: Prediction(str(p), error=px) for p, px in batch if isinstance(px, str)}
         if good:
-            pixels = torch.from_numpy(np.stack([px for _p, px in good]))  # N×32×32×3 uint8
-            x = pixels.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            with torch.inference_mode(), autocast(device, precision):
-                probs = torch.softmax(model(x).float(), dim=1).cpu()
-            values, indices = probs.topk(k, dim=1)
-            for (p, _px), vals, idx in zip(good, values.tolist(), indices.tolist(), strict=True):
-                results[p] = Prediction(
-                    str(p), top=[(loaded.classes[i], float(v)) for v, i in zip(vals, idx, strict=True)]
-                )
+            probs = softmax(model.logits(np.stack([px for _p, px in good])))  # N×H×W×3 uint8 in
+            best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            for (p, _px), row, idx in zip(good, probs, best, strict=True):
+                results[p] = Prediction(str(p), top=[(model.classes[i], float(row[i])) for i in idx.tolist()])
         out.extend(results[p] for p, _ in batch)
     return out
+
+
+def open_model(
+    ref: str | None, model_file: Path | None, device_spec: str = "auto", precision: str | None = None
+) -> ImageClassifier:
+    """An exported file (.onnx, .engine) without torch; a run or checkpoint with torch (in ``precision``,
+    by default the one the run trained in on a GPU)."""
+    if model_file is not None and is_exported(model_file):
+        return open_exported(model_file, device_spec)
+    if model_file is not None and model_file.suffix.lower() in (".ts", ".torchscript"):
+        raise UsageError(
+            f"{model_file} is a TorchScript export (for libtorch and C++); give predict its checkpoint or ONNX file."
+        )
+    from cifarnet_cli.inference import open_checkpoint  # torch: only for checkpoints
+
+    return open_checkpoint(str(model_file) if model_file is not None else ref, device_spec, precision)
+
+
+def check_options(top_k: int, batch_size: int | None) -> None:
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: give a number of classes of at least 1.")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: give a number of images of at least 1.")
 
 
 def predict(
     inputs: Sequence[str],
     *,
-    ref: str | None,
+    ref: str | None = None,
+    model_file: Path | None = None,
     top_k: int = 3,
     device_spec: str = "auto",
+    precision: str | None = None,
     batch_size: int | None = None,
-) -> tuple[list[Prediction], LoadedModel]:
-    if top_k < 1:
-        raise UsageError("--top-k must be at least 1.")
+) -> PredictResult:
+    """Classify ``inputs`` (files, folders, globs) with the run or checkpoint ``ref`` (None: the most
+    recent run) or the model file ``model_file``."""
+    check_options(top_k, batch_size)
     if not inputs:
         raise UsageError("Give at least one image file, folder or glob.")
-    device = resolve_device(device_spec)
-    loaded = load_model(ref, device)
-    files, errors = collect_inputs(inputs)
-    return errors + predict_files(loaded, files, device=device, top_k=top_k, batch_size=batch_size), loaded
+    model = open_model(ref, model_file, device_spec, precision)
+    items = collect_inputs(inputs)
+    files = [i for i in items if isinstance(i, Path)]
+    by_file = dict(zip(files, predict_files(model, files, top_k=top_k, batch_size=batch_size), strict=True))
+    predictions = [by_file[i] if isinstance(i, Path) else i for i in items]
+    return PredictResult(predictions, str(model.path), model.arch, model.runtime, model.notice)
+
+
+def write_csv(predictions: Sequence[Prediction], target: Path) -> None:
+    """``path,class,probability,error``: one row per input, in input order (errors have no class)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "class", "probability", "error"])
+            for p in predictions:
+                if p.top:
+                    writer.writerow([p.path, p.top[0][0], f"{p.top[0][1]:.6f}", ""])
+                else:
+                    writer.writerow([p.path, "", "", p.error or ""])
+    except OSError as exc:
+        raise CifarNetError(f"Could not write {target} ({exc.strerror or exc}).") from None

@@ -9,7 +9,7 @@ import torch
 
 from cifarnet_cli import checkpoint, download
 from cifarnet_cli.errors import CifarNetError, UsageError
-from cifarnet_cli.models import Classifier, ResNet50Transfer
+from cifarnet_cli.models import Classifier
 
 #: torchvision's ``ResNet50_Weights`` member names → cifarnet's pinned assets.
 RESNET50_WEIGHTS = {"IMAGENET1K_V1": "resnet50-v1", "IMAGENET1K_V2": "resnet50-v2"}
@@ -46,6 +46,8 @@ def load_weights(
         checkpoint.load_state_strict(model, checkpoint.strip_prefixes(ckpt.state), str(path))
         return f"Loaded the whole model from the cifarnet checkpoint {path}."
     weights = checkpoint.state_dict_of(state, path)
+    from cifarnet_cli.models.resnet50 import ResNet50Transfer  # torchvision: only ResNet-50 reads these files
+
     if not isinstance(model, ResNet50Transfer):
         raise CifarNetError(f"{path} is a torchvision state dict; only resnet50 loads those.")
     body = checkpoint.strip_prefixes(weights)

@@ -330,17 +330,28 @@ def eval_tables(report: Any) -> None:
 
 
 def prediction_table(predictions: list[Any], top_k: int) -> None:
+    """One row per input, in input order; files that could not be read say why in an "error" column."""
+    show_next = top_k > 1 and any(p.top and len(p.top) > 1 for p in predictions)
+    show_error = any(p.error is not None for p in predictions)
     table = Table()
     table.add_column("file", overflow="fold")
     table.add_column("class")
     table.add_column("probability", justify="right")
-    table.add_column("next" if top_k > 1 else "", overflow="fold")  # errors are explained here too
+    if show_next:
+        table.add_column("next", overflow="fold")
+    if show_error:
+        table.add_column("error", overflow="fold")
     for p in predictions:
         if p.error is not None:
-            table.add_row(escape(p.path), "[red]error[/]", "", f"[red]{escape(p.error)}[/]")
-            continue
-        (cls, prob), rest = p.top[0], p.top[1:]
-        table.add_row(escape(p.path), cls, f"{100 * prob:.1f}%", "  ".join(f"{c} {100 * q:.1f}%" for c, q in rest))
+            row = [escape(p.path), "[red]—[/]", ""] + ([""] if show_next else []) + [f"[red]{escape(p.error)}[/]"]
+        else:
+            (cls, prob), rest = p.top[0], p.top[1:]
+            row = [escape(p.path), cls, f"{100 * prob:.1f}%"]
+            if show_next:
+                row.append("  ".join(f"{c} {100 * q:.1f}%" for c, q in rest))
+            if show_error:
+                row.append("")
+        table.add_row(*row)
     out_console.print(table)
 
 

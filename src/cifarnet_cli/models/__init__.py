@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cifarnet_cli.choices import CIFAR_ARCHS
 from cifarnet_cli.errors import UsageError
@@ -18,7 +19,26 @@ from cifarnet_cli.models.cifar_resnet import (
     resnet56,
     resnet110,
 )
-from cifarnet_cli.models.resnet50 import DEFAULT_IMAGE_SIZE, ResNet50Transfer, resnet50
+
+if TYPE_CHECKING:
+    from cifarnet_cli.models.resnet50 import DEFAULT_IMAGE_SIZE, ResNet50Transfer
+
+
+def _resnet50_module() -> Any:
+    """models/resnet50.py, imported on first use: it imports torchvision, which costs about 2 s and 170 MB
+    (torchvision pulls in torch._dynamo) that a ResNet-20 `predict` or `evaluate` never needs."""
+    return importlib.import_module("cifarnet_cli.models.resnet50")
+
+
+def _resnet50(**kwargs: Any) -> Classifier:
+    return _resnet50_module().resnet50(**kwargs)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the ResNet-50 names load torchvision only when asked for
+    if name in ("DEFAULT_IMAGE_SIZE", "ResNet50Transfer"):
+        return getattr(_resnet50_module(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "resnet20": resnet20,
@@ -26,7 +46,7 @@ _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "resnet44": resnet44,
     "resnet56": resnet56,
     "resnet110": resnet110,
-    "resnet50": resnet50,
+    "resnet50": _resnet50,
 }
 
 # CIFAR_ARCHS (from choices): what `cifarnet train` builds from scratch; resnet50 comes through
