@@ -48,6 +48,10 @@ class TrainConfig:
     freeze_backbone: bool = False
     unfreeze_at: int | None = None  # epoch (1-based) at which a frozen backbone starts training
     backbone_lr_scale: float = 1.0  # lr of the pretrained body relative to the head
+    # Run bookkeeping (they do not change the training trajectory, so a resume may change them)
+    save_every: int = 0  # keep epoch-NNN.pt every N epochs; 0 = only last.pt and best.pt
+    patience: int = 0  # stop when validation accuracy has not improved for N epochs; 0 = never
+    init_from: str | None = None  # the checkpoint a new run took its initial weights from (--init-from)
 
     @property
     def effective_batch(self) -> int:
@@ -102,6 +106,10 @@ class TrainConfig:
             raise bad(f"--unfreeze-at must be an epoch between 1 and {self.epochs}.")
         if self.backbone_lr_scale < 0:
             raise bad("--backbone-lr-scale must be 0 or more.")
+        if self.save_every < 0:
+            raise bad("--save-every must be 0 (off) or a number of epochs.")
+        if self.patience < 0:
+            raise bad("--patience must be 0 (off) or a number of epochs.")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ any split or image folder, optionally restricted to a subset of classes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from cifarnet_cli.engine import predict_logits
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import Notice
 from cifarnet_cli.inference import LoadedModel, load_model
+from cifarnet_cli.report import plot_confusion
 from cifarnet_cli.training import open_data, split_data
 
 SPLITS = choices.SPLITS
@@ -46,6 +48,7 @@ class EvalReport:
     tta: bool
     unrestricted_accuracy: float | None = None  # with --classes: argmax over every class
     warnings: list[str] = field(default_factory=list)
+    files: tuple[str, ...] = ()  # eval-<split>.json and confusion-<split>.png, when written
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -62,6 +65,8 @@ class EvalReport:
         }
         if self.unrestricted_accuracy is not None:
             out["unrestricted_accuracy"] = self.unrestricted_accuracy
+        if self.files:
+            out["files"] = list(self.files)
         return out
 
 
@@ -196,8 +201,13 @@ def evaluate_model(
     if write_report and loaded.run is not None:
         suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
         target = loaded.run.dir / f"eval-{suffix}.json"
+        picture = loaded.run.dir / f"confusion-{suffix}.png"
         try:
             target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+            title = f"{loaded.run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
+            drawn = plot_confusion(cm, names, picture, title=title)
         except OSError as exc:
-            notify(f"Could not write {target} ({exc}).")
+            notify(f"Could not write {target} or {picture.name} ({exc}).")
+        else:
+            report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
     return report
