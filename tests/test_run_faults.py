@@ -121,7 +121,11 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_partial_file(image_folder: Call
     data = image_folder(per_class=4)
     args = ["--data-dir", str(data), "--run", "t", "--epochs", "3", *QUICK]
     proc = subprocess.run(
-        [sys.executable, "-c", _SIGTERM_MID_WRITE, *args], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+        [sys.executable, "-c", _SIGTERM_MID_WRITE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
     )
     assert proc.returncode == 143, proc.stderr
     assert "Stopped by SIGTERM; epoch 1 is saved" in proc.stderr and "--resume t" in proc.stderr

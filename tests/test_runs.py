@@ -7,18 +7,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cifarnet_cli import paths, runlist, runs
 from cifarnet_cli.cli import app
 from cifarnet_cli.config import TrainConfig
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.errors import CifarNetError
 from cifarnet_cli.events import EpochStarted, TrainingInterrupted
 from cifarnet_cli.training import train
 
@@ -105,7 +104,9 @@ def test_listing_never_imports_torch() -> None:
         "try:\n    app(['runs'], prog_name='cifarnet')\nexcept SystemExit:\n    pass\n"
         "print('torch' in sys.modules, 'matplotlib' in sys.modules, file=sys.stderr)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ)
+    )
     assert proc.stderr.strip().splitlines()[-1] == "False False", proc.stderr
     assert "stopped after epoch 1" in proc.stdout
 

@@ -137,8 +137,6 @@ def curves_figure(
             ha="right" if best > planned / 2 else "left",
             fontsize=8,
         )
-        for ax in (loss_ax, acc_ax, lr_ax):
-            ax.axvline(best, color="tab:red", alpha=0.3, linestyle="--", linewidth=1)
 
     if step_lrs and steps_per_epoch:
         x = [(s + 1) / steps_per_epoch for s in range(len(step_lrs))]
@@ -152,6 +150,8 @@ def curves_figure(
         lr_ax.plot(epoch_x, series("lr"), label="last step of the epoch", **point)
         lr_ax.set_title("learning rate")
     for ax in (loss_ax, acc_ax, lr_ax):
+        if best is not None:
+            ax.axvline(best, color="tab:red", alpha=0.3, linestyle="--", linewidth=1)
         _integer_epochs(ax)
         ax.set_xlim(0, planned * 1.03 + 0.1)
         ax.legend(fontsize=8)
@@ -270,7 +270,12 @@ def plot_confusion(
         (norm_ax, normalised, "{:.2f}", "share of the true class"),
     ):
         image = ax.imshow(values, cmap="Blues", vmin=0)
-        fig.colorbar(image, ax=ax, shrink=0.8, label=label)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8, label=label)
+        if values is confusion:
+            from matplotlib.ticker import MaxNLocator
+
+            bar.locator = MaxNLocator(integer=True)
+            bar.update_ticks()
         ax.set_xticks(range(n), classes, rotation=45, ha="right")
         ax.set_yticks(range(n), classes)
         ax.set_xlabel("predicted")

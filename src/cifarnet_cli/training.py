@@ -141,9 +141,12 @@ def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) 
             f"--epochs cannot change when resuming: run {run.name!r} is planned for {config.epochs} epochs and "
             "its learning-rate schedule is laid out over them."
         )
+    # The new run validates on the same images (--val-split, --seed): otherwise its validation split
+    # would hold images this run trained on.
     extra = ["--arch", config.arch] if config.task == "train" and config.arch != TrainConfig().arch else []
     if config.data_dir:
         extra += ["--data-dir", shlex.quote(config.data_dir)]
+    extra += ["--val-split", str(config.val_split)] + (["--seed", str(config.seed)] if config.seed else [])
     more = wanted - config.epochs
     command = " ".join([_command(config), "--init-from", shlex.quote(run.name), "--epochs", str(more), *extra])
     if done >= config.epochs:

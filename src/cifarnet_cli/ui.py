@@ -321,9 +321,7 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
 
     print_fitted(console, matrix, droppable=["full row names"])
     if short != list(report.classes):
-        console.print(
-            "  ".join(f"{escape(a)} = {escape(c)}" for a, c in zip(short, report.classes, strict=True)), soft_wrap=True
-        )
+        console.print("  ".join(f"{escape(a)} = {escape(c)}" for a, c in zip(short, report.classes, strict=True)))
     if getattr(report, "files", None):
         err_console.print(
             f"Wrote {', '.join(escape(Path(f).name) for f in report.files)} to {escape(str(Path(report.files[0]).parent))}",
