@@ -159,13 +159,18 @@ def curves_figure(
     return fig
 
 
+#: The largest share of a run's time that redrawing curves.png may take.
+BUDGET = 0.1
+
+
 class CurvesWriter:
     """Redraws ``curves.png`` after every epoch, as a consumer of the engine's events.
 
-    Drawing takes about a quarter of a second on a laptop CPU (``python bench/plot_curves.py``), as long as
-    a whole epoch of ResNet-20 on a big GPU, so it runs in a background thread: the next epoch starts at
-    once, and requests that pile up while a drawing is under way collapse into one. :meth:`close` waits
-    for the last one (also after Ctrl-C, so the picture shows every saved epoch).
+    A drawing costs about a third of a second of CPU (``python bench/plot_curves.py``), as long as a whole
+    epoch of ResNet-20 on a big GPU, so it runs in a background thread: the training thread only hands the
+    epoch over (under a millisecond) and the next epoch starts at once. When epochs are shorter than ten
+    drawings, requests that arrive meanwhile collapse into one (at most :data:`BUDGET` of the time goes to
+    drawing). :meth:`close` draws the last state (also after Ctrl-C, so the picture shows every saved epoch).
     """
 
     def __init__(
@@ -215,7 +220,12 @@ class CurvesWriter:
                 if not self._pending:
                     return
                 self._pending = False
+            start = time.perf_counter()
             self.draw()
+            # Epochs shorter than ten drawings (a big GPU): rest so that drawing takes at most a tenth of
+            # the time; the requests of the epochs in between collapse into one, and close() ends the rest.
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing, timeout=(time.perf_counter() - start) * (1 / BUDGET - 1))
 
     def draw(self) -> Path | None:
         if self.error is not None:

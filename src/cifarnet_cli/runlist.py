@@ -73,7 +73,7 @@ def summarize(run: runs.Run) -> RunSummary:
 
     holder = runs.holder_of(run)
     if holder is not None:
-        state, status = "running", f"running ({runs.describe_holder(holder)})" if holder else "running"
+        state, status = "running", f"running ({runs.describe_holder(holder, since=False)})" if holder else "running"
     elif stopped_early:
         state, status = "stopped-early", f"stopped early after epoch {done} (--patience {patience})"
     elif planned and done >= planned:

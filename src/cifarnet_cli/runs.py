@@ -276,11 +276,11 @@ def _read_holder(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def describe_holder(holder: dict[str, Any]) -> str:
+def describe_holder(holder: dict[str, Any], *, since: bool = True) -> str:
     if not holder.get("pid"):
         return "pid unknown"
     text = f"pid {holder['pid']} on {holder.get('host', '?')}"
-    return text + (f", since {holder['since']}" if holder.get("since") else "")
+    return text + (f", since {holder['since']}" if since and holder.get("since") else "")
 
 
 def holder_of(run: Run) -> dict[str, Any] | None:

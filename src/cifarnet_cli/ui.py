@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -306,9 +307,10 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
 
     def matrix(dropped: set[str]) -> Table:
         compact = "full row names" in dropped
-        cm = Table(
-            title="Confusion matrix (rows: true class, columns: predicted)", padding=(0, 0, 0, 1) if compact else (0, 1)
-        )
+        title = "Confusion matrix (rows: true class, columns: predicted)"
+        # Narrow terminals: abbreviated row names, no vertical rules, one space between columns (10 classes
+        # with 4-digit counts then fit in 60 columns).
+        cm = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1)) if compact else Table(title=title)
         cm.add_column("", no_wrap=True)
         for s in short:
             cm.add_column(escape(s), justify="right", no_wrap=True)
@@ -321,7 +323,7 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
 
     print_fitted(console, matrix, droppable=["full row names"])
     if short != list(report.classes):
-        console.print("  ".join(f"{escape(a)} = {escape(c)}" for a, c in zip(short, report.classes, strict=True)))
+        console.print("  ".join(f"{escape(a)}={escape(c)}" for a, c in zip(short, report.classes, strict=True)))
     if getattr(report, "files", None):
         err_console.print(
             f"Wrote {', '.join(escape(Path(f).name) for f in report.files)} to {escape(str(Path(report.files[0]).parent))}",
