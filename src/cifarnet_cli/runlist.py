@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarnet_cli import paths, report, runs
+from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 #: Machine-readable states (``--json``); the table shows :attr:`RunSummary.status`.
@@ -197,13 +198,23 @@ class Comparison:
         }
 
 
+def _recipe(run: runs.Run) -> dict[str, Any]:
+    """The run's options with the current defaults filled in, so that a run recorded before an option
+    existed does not differ from one that left it at its default."""
+    recorded = run.read_config().get("config", {})
+    try:
+        return TrainConfig.from_dict(recorded).to_dict()
+    except (TypeError, ValueError):
+        return recorded if isinstance(recorded, dict) else {}
+
+
 def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:
     if len(refs) < 2:
         raise UsageError("Name at least two runs to compare.")
     chosen = [runs.resolve_run(ref) for ref in refs]
     if len({r.dir.resolve() for r in chosen}) < len(chosen):
         raise UsageError("Name each run once.")
-    configs = [r.read_config().get("config", {}) for r in chosen]
+    configs = [_recipe(r) for r in chosen]
     keys = sorted({k for c in configs for k in c} - _NOT_RECIPE)
     differences = {k: [c.get(k) for c in configs] for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1}
     curves = {r.name: r.read_metrics() for r in chosen}
