@@ -76,7 +76,9 @@ def main() -> None:
         run.dir.mkdir()
         run.write_metrics(_rows(args.epochs // 2))
         alone = statistics.median(_busy_loop(2_000_000) for _ in range(3))
-        writer = report.CurvesWriter(run, epochs=args.epochs, lr_schedule=lambda s: scheduled_lrs(TrainConfig(epochs=args.epochs), s))
+        writer = report.CurvesWriter(
+            run, epochs=args.epochs, lr_schedule=lambda s: scheduled_lrs(TrainConfig(epochs=args.epochs), s)
+        )
         writer(EpochStarted(1, args.epochs, args.steps, args.steps))
         handover = []
         beside = []

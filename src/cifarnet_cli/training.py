@@ -265,7 +265,8 @@ def train(
                     f"{names} cannot change when resuming: the run continues with its recorded recipe. "
                     "Start a new run to train with other settings."
                 )
-            config = config.replace(**changed).validate()
+            if changed:  # --device, --patience, ...: checked like a new run's options
+                config = config.replace(**changed).validate()
             if done >= config.epochs or ckpt["fit_state"].get("stopped_early"):
                 return _finished_result(run, ckpt)
         else:
