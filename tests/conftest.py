@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +192,25 @@ def real_subset(dest: Path, per_class: int, offset: int = 0) -> Path:
         for f in sorted(cls_dir.iterdir())[offset : offset + per_class]:
             (out / f.name).symlink_to(f)
     return dest
+
+
+@pytest.fixture
+def other_process_lock() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
+    """Lock a run folder from another process (a second `train` of the same run); killed (-9) at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def hold(run_dir: Path) -> subprocess.Popen[str]:
+        code = (
+            "import time\nfrom pathlib import Path\nfrom cifarnet_cli.runs import Run\n"
+            f"Run({run_dir.name!r}, Path({str(run_dir)!r})).lock().acquire()\n"
+            "print('locked', flush=True)\ntime.sleep(120)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        procs.append(proc)
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()

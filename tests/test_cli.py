@@ -52,11 +52,15 @@ def test_train_json_and_run_folder(image_folder: Callable[..., Path]) -> None:
         "final_accuracy",
         "images_per_second",
         "checkpoint",
+        "best_epoch",
+        "stopped_early",
     }
     assert out["run"] == "cli" and out["epochs"] == 2 and out["images_per_second"] > 0
     run_dir = Path(out["run_dir"])
     assert run_dir == Path(os.environ["CIFARNET_HOME"]) / "runs" / "cli"
-    assert {"last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png"} <= {p.name for p in run_dir.iterdir()}
+    assert {"last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "config.json", "curves.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
 
 
 def test_train_shows_effective_batch_and_device(image_folder: Callable[..., Path]) -> None:

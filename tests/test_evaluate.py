@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -127,3 +128,35 @@ def test_a_copy_of_the_training_folder_is_recognised_by_content(
     assert "differs" not in result.stderr
     original = json.loads(runner.invoke(app, ["evaluate", "c", "--split", "val", "--json"]).stdout)
     assert original["accuracy"] == out["accuracy"]
+
+
+def test_evaluate_writes_a_confusion_png_and_says_where(trained_run: tuple[Path, dict[str, object]]) -> None:
+    pytest.importorskip("matplotlib")
+    run_dir = Path(str(trained_run[1]["run_dir"]))
+    result = runner.invoke(app, ["evaluate", "ev", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "confusion-val.png").stat().st_size > 10_000
+    assert f"Wrote eval-val.json, confusion-val.png to {run_dir}" in result.output
+    out = json.loads(runner.invoke(app, ["evaluate", "ev", "--split", "val", "--json"]).stdout)
+    assert out["files"] == [str(run_dir / "eval-val.json"), str(run_dir / "confusion-val.png")]
+
+
+@pytest.mark.parametrize("width,terminal", [(80, False), (60, True)])
+def test_class_names_are_never_cut(
+    trained_run: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch, width: int, terminal: bool
+) -> None:
+    """Redirected output (Rich assumes 80 columns) and narrow terminals: full names or a legend, no "…"."""
+    from rich.console import Console
+
+    from cifarnet_cli import ui
+
+    monkeypatch.setattr(ui, "out_console", Console(width=width, force_terminal=terminal, highlight=False))
+    result = runner.invoke(app, ["evaluate", "ev"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    for name in ("airplane", "automobile", "deer", "dog"):
+        assert name in result.stdout
+    assert "aut=automobile" in result.stdout and "dee=deer" in result.stdout  # the matrix's legend
+    if terminal:  # and the tables fit the terminal
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+        assert max(len(line) for line in plain.splitlines() if "best.pt" not in line) <= width

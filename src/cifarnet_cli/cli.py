@@ -56,14 +56,16 @@ def _user_errors() -> Iterator[None]:
         _ui().error(str(exc))
         raise typer.Exit(exc.exit_code) from None
     except TrainingInterrupted as exc:
-        _ui().warn(
-            f"Interrupted. {exc.completed_epochs} completed epoch(s) are saved in {exc.run.last}; "
-            f"continue with: cifarnet train --resume {exc.run.name}"
-        )
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        _ui().warn("Interrupted.")
-        raise typer.Exit(130) from None
+        how = "Stopped by SIGTERM" if exc.exit_code == 143 else "Interrupted"
+        if exc.completed_epochs:
+            saved = f"epoch {exc.completed_epochs} is saved in {exc.run.last}"
+        else:
+            saved = f"no epoch had completed, so {exc.run.last} holds the starting point"
+        _ui().warn(f"{how}; {saved}. Continue with: cifarnet train --resume {exc.run.name}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:  # SIGTERM arrives as a KeyboardInterrupt subclass with its own code
+        _ui().warn("Stopped by SIGTERM." if getattr(exc, "exit_code", 130) == 143 else "Interrupted.")
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     except OSError as exc:  # the operating system refused a file operation the library did not word itself
         from cifarnet_cli.fileio import os_error_message
 
@@ -314,15 +316,48 @@ Resume = Annotated[
     ),
 ]
 Seed = Annotated[int | None, _option(int, help="Random seed (data order, augmentation, init, split). \\[default: 0]")]
+InitFrom = Annotated[
+    str | None,
+    typer.Option(
+        "--init-from",
+        help="Start a new run from another run's weights (a run name, 'last', or a checkpoint file), with a fresh "
+        "optimizer and schedule. The architecture must match (train takes the run's by default).",
+        show_default=False,
+        autocompletion=_complete_run,
+    ),
+]
+SaveEvery = Annotated[
+    int | None, _option(int, "--save-every", help="Also keep epoch-NNN.pt every N epochs. \\[default: 0 = off]")
+]
+Patience = Annotated[
+    int | None,
+    _option(
+        int, "--patience", help="Stop when validation accuracy has not improved for N epochs. \\[default: 0 = off]"
+    ),
+]
+TensorBoard = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard",
+        help="Log scalars to <run>/tensorboard (needs the tensorboard package; also $CIFARNET_TENSORBOARD=1).",
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; errors only.")]
 
 
 def _run_training(
-    task: str, options: dict[str, Any], *, run: str | None, resume: str | None, as_json: bool, quiet: bool
+    task: str,
+    options: dict[str, Any],
+    *,
+    run: str | None,
+    resume: str | None,
+    as_json: bool,
+    quiet: bool,
+    tensorboard: bool = False,
 ) -> None:
     from cifarnet_cli.config import make_config, parse_milestones
-    from cifarnet_cli.training import train
+    from cifarnet_cli.training import init_defaults, train
 
     with _user_errors():
         if resume is not None and run is not None:
@@ -331,17 +366,23 @@ def _run_training(
             options["batch_size"], options["batch_size_auto"] = None, True
         elif options.get("batch_size") is not None:
             options["batch_size"] = int(options["batch_size"])
+        if resume is None and task == "train" and options.get("init_from") and options.get("arch") is None:
+            arch = init_defaults(options["init_from"]).get("arch")
+            options["arch"] = arch if arch in choices.CIFAR_ARCHS else None
         if isinstance(options.get("milestones"), str):
             options["milestones"] = parse_milestones(options["milestones"]) or None
         if options.get("data_dir") is not None:
             options["data_dir"] = str(options["data_dir"])
         with _ui().TrainView(quiet=quiet) as view:
             if resume is not None:
-                result = train(None, resume=resume, overrides=options, on_event=view)
+                result = train(None, resume=resume, overrides=options, tensorboard=tensorboard, on_event=view)
             else:
-                result = train(make_config(task, options), run_name=run, on_event=view)
+                result = train(make_config(task, options), run_name=run, tensorboard=tensorboard, on_event=view)
         if result.already_finished and not quiet:
-            _ui().info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
+            if result.stopped_early:
+                _ui().info(f"Run {result.run} stopped early after epoch {result.epochs} (--patience); nothing to do.")
+            else:
+                _ui().info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
         if not quiet:
             _ui().train_summary(result, view.started.eval_split if view.started else None)
         if as_json:
@@ -377,6 +418,10 @@ def train(
     run: RunName = None,
     resume: Resume = None,
     seed: Seed = None,
+    init_from: InitFrom = None,
+    save_every: SaveEvery = None,
+    patience: Patience = None,
+    tensorboard: TensorBoard = False,
     as_json: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -408,8 +453,11 @@ def train(
         precision=precision,
         capture=capture,
         seed=seed,
+        init_from=init_from,
+        save_every=save_every,
+        patience=patience,
     )
-    _run_training("train", options, run=run, resume=resume, as_json=as_json, quiet=quiet)
+    _run_training("train", options, run=run, resume=resume, as_json=as_json, quiet=quiet, tensorboard=tensorboard)
 
 
 @app.command("finetune-resnet50")
@@ -466,6 +514,10 @@ def finetune_resnet50(
     run: RunName = None,
     resume: Resume = None,
     seed: Seed = None,
+    init_from: InitFrom = None,
+    save_every: SaveEvery = None,
+    patience: Patience = None,
+    tensorboard: TensorBoard = False,
     as_json: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -475,6 +527,8 @@ def finetune_resnet50(
     """
     if unfreeze_at is not None and not freeze_backbone and resume is None:
         raise _usage("--unfreeze-at needs --freeze-backbone (the backbone is trained from the start otherwise).")
+    if init_from is not None and weights is not None:
+        raise _usage("--weights and --init-from both give the starting weights; use one of them.")
     options = dict(
         weights=weights,
         image_size=image_size,
@@ -498,8 +552,13 @@ def finetune_resnet50(
         precision=precision,
         capture=capture,
         seed=seed,
+        init_from=init_from,
+        save_every=save_every,
+        patience=patience,
     )
-    _run_training("finetune-resnet50", options, run=run, resume=resume, as_json=as_json, quiet=quiet)
+    _run_training(
+        "finetune-resnet50", options, run=run, resume=resume, as_json=as_json, quiet=quiet, tensorboard=tensorboard
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -923,6 +982,144 @@ def info(as_json: JsonOut = False) -> None:
             _ui().error(problem)
         if data["problems"]:
             raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# runs: list, show, compare, rm (torch is never imported: config.json and metrics.jsonl are enough)
+
+runs_app = typer.Typer(
+    help="List, inspect, compare and delete runs. `cifarnet runs` alone lists them, newest first.",
+    no_args_is_help=False,
+)
+app.add_typer(runs_app, name="runs")
+
+RunNames = Annotated[
+    list[str], typer.Argument(help="Run names ('last' = the most recent).", autocompletion=_complete_run)
+]
+
+
+def _list_runs(as_json: bool) -> None:
+    from cifarnet_cli.runlist import list_summaries
+
+    summaries = list_summaries()
+    if as_json:
+        _print_json([s.to_json() for s in summaries])
+    else:
+        _ui().runs_table(summaries)
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_main(
+    ctx: typer.Context,
+    path: Annotated[
+        str | None,
+        typer.Option(
+            "--path",
+            help="Print the folder of run NAME ('last' = the most recent) and exit, for scripts: "
+            "cd $(cifarnet runs --path last)",
+            metavar="NAME",
+            show_default=False,
+            autocompletion=_complete_run,
+        ),
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """List runs (newest first): epochs, best and final accuracy, speed, device, state. Or print one's folder.
+
+    Example: cifarnet runs; cifarnet runs --path last
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with _user_errors():
+        if path is not None:
+            from cifarnet_cli.runs import resolve_run
+
+            folder = str(resolve_run(path).dir)
+            if as_json:
+                _print_json({"path": folder})
+            else:
+                typer.echo(folder)
+            return
+        _list_runs(as_json)
+
+
+@runs_app.command("list")
+def runs_list(as_json: JsonOut = False) -> None:
+    """List runs, newest first (the same as `cifarnet runs`)."""
+    with _user_errors():
+        _list_runs(as_json)
+
+
+@runs_app.command("show")
+def runs_show(
+    name: Annotated[str, typer.Argument(help="Run name ('last' = the most recent).", autocompletion=_complete_run)],
+    as_json: JsonOut = False,
+) -> None:
+    """A run's recipe, per-epoch metrics, evaluations, files and, if unfinished, the command that continues it.
+
+    Example: cifarnet runs show last
+    """
+    from cifarnet_cli.runlist import detail
+
+    with _user_errors():
+        d = detail(name)
+        if as_json:
+            _print_json(d.to_json())
+        else:
+            _ui().run_detail(d)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    names: RunNames,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Also write their validation curves, overlaid, to this PNG file.", show_default=False
+        ),
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Runs side by side: the recipe options that differ, then best and final accuracy.
+
+    Example: cifarnet runs compare run-a run-b --plot compare.png
+    """
+    from cifarnet_cli.runlist import compare
+
+    with _user_errors():
+        c = compare(names, plot=plot)
+        if as_json:
+            _print_json(c.to_json())
+        else:
+            _ui().compare_table(c)
+
+
+@runs_app.command("rm")
+def runs_rm(
+    names: RunNames,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete runs (their whole folders), after a confirmation; a run being trained is refused.
+
+    Example: cifarnet runs rm old-run other-run --yes
+    """
+    from cifarnet_cli.runlist import removable, remove, summarize
+
+    with _user_errors():
+        targets = list({r.dir: r for r in (removable(n) for n in names)}.values())
+        for run in targets:
+            _ui().info(f"{run.name}: {summarize(run).status}, {run.dir}")
+        if not yes:
+            try:
+                confirmed = typer.confirm(f"Delete {len(targets)} run(s)?", default=False, err=True)
+            except typer.Abort:
+                confirmed = False
+            if not confirmed:
+                _ui().warn("Nothing deleted.")
+                raise typer.Exit(1)
+        for run in targets:
+            remove(run)
+            _ui().success(f"Deleted {run.name}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ class TrainConfig:
     freeze_backbone: bool = False
     unfreeze_at: int | None = None  # epoch (1-based) at which a frozen backbone starts training
     backbone_lr_scale: float = 1.0  # lr of the pretrained body relative to the head
+    # Run bookkeeping (they do not change the training trajectory, so a resume may change them)
+    save_every: int = 0  # keep epoch-NNN.pt every N epochs; 0 = only last.pt and best.pt
+    patience: int = 0  # stop when validation accuracy has not improved for N epochs; 0 = never
+    init_from: str | None = None  # the checkpoint a new run took its initial weights from (--init-from)
 
     @property
     def effective_batch(self) -> int:
@@ -129,6 +133,8 @@ class TrainConfig:
             "a number from 0 to 10",
             0 <= self.backbone_lr_scale <= 10,
         )
+        integer("save-every", self.save_every, 0, MAX_EPOCHS)  # 0 = off
+        integer("patience", self.patience, 0, MAX_EPOCHS)  # 0 = off
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ checkpoints. It reports through a callback of events, so it runs the same in tes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarnet_cli import checkpoint
+from cifarnet_cli import checkpoint, interrupts
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.devices import Precision, autocast, synchronize
@@ -87,6 +88,18 @@ def build_scheduler(
         return lr_factor(step, total_steps=total, warmup_steps=warmup, config=config, epoch_steps=epoch_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scheduled_lrs(config: TrainConfig, epoch_steps: int) -> list[float]:
+    """The head's learning rate at each optimizer step of the whole run, as build_scheduler sets it:
+    the schedule depends only on the config and the steps per epoch, so metrics and curves.png can
+    report the rates the steps actually used without sampling the optimizer."""
+    total = config.epochs * epoch_steps
+    warmup = round(config.warmup * epoch_steps)
+    return [
+        config.peak_lr * lr_factor(s, total_steps=total, warmup_steps=warmup, config=config, epoch_steps=epoch_steps)
+        for s in range(total)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +293,7 @@ class FitState:
     best_epoch: int = 0
     train_images: int = 0
     train_seconds: float = 0.0
+    stopped_early: int = 0  # the epoch after which --patience stopped the run; 0 = it did not
 
 
 @dataclass(frozen=True)
@@ -290,6 +304,7 @@ class FitResult:
     final_accuracy: float
     images_per_second: float
     best_epoch: int
+    stopped_early: int = 0
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -340,12 +355,21 @@ def fit(
         scheduler.load_state_dict(resume_from["scheduler"])
         if scaler is not None and resume_from.get("scaler"):
             scaler.load_state_dict(resume_from["scaler"])
-        state = FitState(**resume_from["fit_state"])
+        known = {f.name for f in dataclasses.fields(FitState)}
+        state = FitState(**{k: v for k, v in resume_from["fit_state"].items() if k in known})
         set_rng_state(resume_from.get("rng", {}), device)
-        run.truncate_metrics(state.epoch)
     else:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
+    # The checkpoint is the truth: its rows replace metrics.jsonl, which may lack the last epoch (a kill
+    # between saving last.pt and appending the row) or hold rows of an epoch that never reached last.pt.
+    # Checkpoints from before rows were stored in them keep the file's rows up to their epoch.
+    if resume_from is not None and "history" in resume_from:
+        history = [dict(row) for row in resume_from["history"]]
+    else:
+        history = [row for row in run.read_metrics() if row["epoch"] <= state.epoch]
+    run.write_metrics(history)
+    lrs = scheduled_lrs(config, epoch_steps)
 
     def snapshot(kind: str) -> dict[str, Any]:
         ckpt: dict[str, Any] = {
@@ -362,10 +386,14 @@ def fit(
             ckpt["scheduler"] = scheduler.state_dict()
             ckpt["scaler"] = scaler.state_dict() if scaler is not None else {}
             ckpt["rng"] = rng_state(device)
+            ckpt["history"] = [dict(row) for row in history]  # metrics.jsonl is rebuilt from it on resume
+        elif history:
+            ckpt["metrics"] = dict(history[-1])
         return ckpt
 
     if resume_from is None:
-        checkpoint.save_atomic(snapshot("last"), run.last)  # epoch 0: a resume point from the start
+        with interrupts.deferred():
+            checkpoint.save_atomic(snapshot("last"), run.last)  # epoch 0: a resume point from the start
 
     def notice(message: str) -> None:
         on_event(Notice(message))
@@ -456,25 +484,44 @@ def fit(
             if is_best and ev is not None:
                 state.best_accuracy = ev.accuracy
                 state.best_epoch = epoch
+            if config.patience and epoch < config.epochs and epoch - state.best_epoch >= config.patience:
+                state.stopped_early = epoch
+            first_step = (epoch - 1) * epoch_steps
             metrics = {
                 "epoch": epoch,
                 "train_loss": round(stats.loss, 6),
                 "train_accuracy": round(stats.accuracy, 6),
                 "val_loss": round(ev.loss, 6) if ev is not None else None,
                 "val_accuracy": round(ev.accuracy, 6) if ev is not None else None,
-                "lr": optimizer.param_groups[-1]["lr"],
+                "lr_first": lrs[min(first_step, len(lrs) - 1)],  # the rates of the epoch's first and last steps
+                "lr": lrs[min(first_step + epoch_steps - 1, len(lrs) - 1)],
                 "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
                 "epoch_seconds": round(stats.seconds, 3),
             }
-            # best.pt first: if interrupted between the two writes, last.pt still points at the older epoch.
-            if is_best or eval_loader is None:
-                checkpoint.save_atomic(snapshot("best"), run.best)
-            checkpoint.save_atomic(snapshot("last"), run.last)
-            saved_epoch = epoch
-            run.append_metrics(metrics)
+            history.append(metrics)
+            # The epoch's files are written as one unit (a Ctrl-C or SIGTERM waits for them): best.pt, then
+            # last.pt, which holds the metrics rows, then metrics.jsonl/.csv. A kill -9 in between is
+            # mended on resume, from last.pt.
+            with interrupts.deferred():
+                if is_best or eval_loader is None:
+                    checkpoint.save_atomic(snapshot("best"), run.best)
+                if config.save_every and epoch % config.save_every == 0:
+                    checkpoint.save_atomic(snapshot("epoch"), run.epoch_checkpoint(epoch))
+                checkpoint.save_atomic(snapshot("last"), run.last)
+                saved_epoch = epoch
+                run.append_metrics(metrics)
             on_event(EpochEnded(metrics, is_best))
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(run, saved_epoch) from None
+            if state.stopped_early:
+                on_event(
+                    Notice(
+                        f"Stopped early after epoch {epoch}: validation accuracy has not improved for "
+                        f"{epoch - state.best_epoch} epoch(s) (--patience {config.patience}); the best is epoch "
+                        f"{state.best_epoch} ({100 * state.best_accuracy:.2f}%)."
+                    )
+                )
+                break
+    except KeyboardInterrupt as exc:
+        raise TrainingInterrupted(run, saved_epoch, exit_code=getattr(exc, "exit_code", 130)) from None
     except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
         raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
 
@@ -485,6 +532,7 @@ def fit(
         final_accuracy=final_accuracy,
         images_per_second=state.train_images / max(state.train_seconds, 1e-9),
         best_epoch=state.best_epoch,
+        stopped_early=state.stopped_early,
     )
 
 

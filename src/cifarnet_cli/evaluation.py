@@ -5,6 +5,7 @@ torch is imported only for checkpoints: an exported model (ONNX, TensorRT) is ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from cifarnet_cli.data.sources import ImageSet, find_source, load_source
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import Notice
 from cifarnet_cli.fileio import display
+from cifarnet_cli.report import plot_confusion
 from cifarnet_cli.runtime import ExportedModel, is_exported, open_exported
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class EvalReport:
     tta: bool
     unrestricted_accuracy: float | None = None  # with --classes: argmax over every class
     warnings: list[str] = field(default_factory=list)
+    files: tuple[str, ...] = ()  # eval-<split>.json and confusion-<split>.png, when written
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -65,6 +68,8 @@ class EvalReport:
         }
         if self.unrestricted_accuracy is not None:
             out["unrestricted_accuracy"] = self.unrestricted_accuracy
+        if self.files:
+            out["files"] = list(self.files)
         return out
 
 
@@ -273,10 +278,15 @@ def evaluate_model(
     if write_report and run is not None:
         suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
         target = run.dir / f"eval-{suffix}.json"
+        picture = run.dir / f"confusion-{suffix}.png"
         try:
             target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+            title = f"{run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
+            drawn = plot_confusion(cm, names, picture, title=title)
         except OSError as exc:
-            notify(f"Could not write {target} ({exc}).")
+            notify(f"Could not write {target} or {picture.name} ({exc}).")
+        else:
+            report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
     return report
 
 

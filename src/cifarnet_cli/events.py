@@ -103,12 +103,14 @@ class BenchProgress:
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training; the run's last.pt holds the last completed epoch."""
+    """Ctrl-C (exit code 130) or SIGTERM (143) during training; the run's last.pt holds the last
+    completed epoch."""
 
-    def __init__(self, run: Run, completed_epochs: int) -> None:
+    def __init__(self, run: Run, completed_epochs: int, *, exit_code: int = 130) -> None:
         super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
         self.run = run
         self.completed_epochs = completed_epochs
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class TrainResult:
     images_per_second: float
     checkpoint: str
     already_finished: bool = False
+    stopped_early: int = 0  # the epoch after which --patience stopped the run; 0 = it did not
+    best_epoch: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,4 +135,6 @@ class TrainResult:
             "final_accuracy": self.final_accuracy,
             "images_per_second": self.images_per_second,
             "checkpoint": self.checkpoint,
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early or None,
         }

@@ -6,30 +6,36 @@ their :class:`TrainConfig` (architecture, weights, freezing, learning rates).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifarnet_cli import __version__, checkpoint, paths, pretrained, report, runs
+from cifarnet_cli import __version__, checkpoint, interrupts, paths, pretrained, report, runs, tensorboard_log
 from cifarnet_cli.autobatch import fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
-from cifarnet_cli.engine import backbone_frozen, fit, set_backbone_trainable
+from cifarnet_cli.engine import backbone_frozen, fit, scheduled_lrs, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
 from cifarnet_cli.models import Classifier, count_parameters, get_model
+from cifarnet_cli.tensorboard_log import TensorBoardLogger
 from cifarnet_cli.train_step import choose_mode
 
 #: Options that may differ when a run is resumed (the machine may have changed); the recipe may not.
-RESUME_OVERRIDABLE = frozenset({"device", "precision", "capture", "data_dir", "batch_size", "accum"})
+RESUME_OVERRIDABLE = frozenset(
+    {"device", "precision", "capture", "data_dir", "batch_size", "accum", "save_every", "patience"}
+)
 
 
 def download_callbacks(
@@ -138,17 +144,117 @@ def model_kwargs(model: Classifier, num_classes: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _resume_checkpoint(ref: str) -> tuple[runs.Run, dict[str, Any]]:
+def _resume_target(ref: str) -> tuple[runs.Run, Path]:
     path = Path(ref).expanduser()
     if path.is_file():
-        run = runs.Run(path.parent.name, path.parent)
-        ckpt_path = path
-    else:
-        run = runs.resolve_run(ref)
-        ckpt_path = run.last
-    ckpt = checkpoint.load(ckpt_path)
-    checkpoint.validate_resumable(ckpt, ckpt_path)
-    return run, ckpt
+        return runs.Run(path.parent.name, path.parent), path
+    run = runs.resolve_run(ref)
+    return run, run.last
+
+
+def _load_resumable(path: Path) -> dict[str, Any]:
+    ckpt = checkpoint.load(path)
+    checkpoint.validate_resumable(ckpt, path)
+    return ckpt
+
+
+def _command(config: TrainConfig) -> str:
+    return "cifarnet finetune-resnet50" if config.task == "finetune-resnet50" else "cifarnet train"
+
+
+def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) -> UsageError:
+    """--epochs on a resume: the schedule (warm-up, then cosine to 0 or the milestones) is laid out over
+    the planned epochs, so a run cannot be stretched; a new run from its weights can train further."""
+    if wanted < config.epochs:
+        return UsageError(
+            f"--epochs cannot change when resuming: run {run.name!r} is planned for {config.epochs} epochs and "
+            "its learning-rate schedule is laid out over them."
+        )
+    # The new run validates on the same images (--val-split, --seed): otherwise its validation split
+    # would hold images this run trained on.
+    extra = ["--arch", config.arch] if config.task == "train" and config.arch != TrainConfig().arch else []
+    if config.data_dir:
+        extra += ["--data-dir", shlex.quote(config.data_dir)]
+    extra += ["--val-split", str(config.val_split)] + (["--seed", str(config.seed)] if config.seed else [])
+    more = wanted - config.epochs
+    command = " ".join([_command(config), "--init-from", shlex.quote(run.name), "--epochs", str(more), *extra])
+    if done >= config.epochs:
+        return UsageError(
+            f"Run {run.name!r} finished its {config.epochs} planned epochs, where its learning-rate schedule ends; "
+            f"it cannot be stretched to {wanted}. To train {more} more epochs, start a new run from its weights "
+            f"(fresh optimizer and schedule): {command}"
+        )
+    return UsageError(
+        f"Run {run.name!r} is planned for {config.epochs} epochs (its learning-rate schedule is laid out over them; "
+        f"{done} done). Finish it with `{_command(config)} --resume {run.name}`, then train further from its "
+        f"weights: {command}"
+    )
+
+
+def _finished_result(run: runs.Run, ckpt: dict[str, Any]) -> TrainResult:
+    fit_state = ckpt["fit_state"]
+    rows = run.read_metrics()
+    final = rows[-1].get("val_accuracy") if rows else None
+    return TrainResult(
+        run.name,
+        str(run.dir),
+        int(fit_state["epoch"]),
+        float(fit_state["best_accuracy"]),
+        float(final) if final is not None else float("nan"),
+        float(fit_state["train_images"]) / max(float(fit_state["train_seconds"]), 1e-9),
+        str(run.best if run.best.is_file() else run.last),
+        already_finished=True,
+        stopped_early=int(fit_state.get("stopped_early", 0)),
+        best_epoch=int(fit_state.get("best_epoch", 0)),
+    )
+
+
+def init_defaults(ref: str) -> dict[str, Any]:
+    """Options a new run takes from the run it starts from (--init-from) unless given: its architecture,
+    read from its config.json (no checkpoint is opened here)."""
+    path = Path(ref).expanduser()
+    folder = path.parent if path.is_file() else None
+    if folder is None:
+        try:
+            folder = runs.resolve_run(ref).dir
+        except CifarNetError:
+            return {}
+    arch = runs.Run(folder.name, folder).read_config().get("meta", {}).get("arch")
+    return {"arch": arch} if isinstance(arch, str) else {}
+
+
+def _load_init(ref: str, config: TrainConfig, on_event: EventCallback) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint --init-from names (a run's best.pt, or a file), checked against the new run's
+    architecture before any data is loaded."""
+    path, _run = runs.resolve_checkpoint(ref, prefer="best")
+    ckpt = checkpoint.load(path)
+    if not checkpoint.is_cifarnet_checkpoint(ckpt) or not isinstance(ckpt.get("meta"), dict):
+        hint = " (finetune-resnet50 --weights PATH takes torchvision weights)" if config.arch == "resnet50" else ""
+        raise CifarNetError(f"--init-from {ref}: {path} is not a cifarnet checkpoint{hint}.")
+    arch = ckpt["meta"].get("arch")
+    if arch != config.arch:
+        fix = "use `cifarnet finetune-resnet50`" if arch == "resnet50" else f"add --arch {arch}"
+        raise UsageError(f"--init-from {ref}: {path} holds a {arch} model and this run trains a {config.arch}; {fix}.")
+    if int(ckpt.get("epoch", 1)) == 0:
+        on_event(Notice(f"--init-from {ref}: {path} was saved before its first epoch completed (untrained weights)."))
+    return path, ckpt
+
+
+def _init_weights(
+    model: Classifier, path: Path, ckpt: dict[str, Any], classes: tuple[str, ...], on_event: EventCallback
+) -> None:
+    source_classes = list(ckpt["meta"].get("classes", []))
+    if source_classes and len(source_classes) != len(classes):
+        raise CifarNetError(
+            f"--init-from {path}: that model has {len(source_classes)} classes and this data has {len(classes)}; "
+            "start from a model trained on the same classes."
+        )
+    checkpoint.load_state_strict(model, checkpoint.strip_prefixes(ckpt["model"]), f"--init-from {path}")
+    if source_classes and source_classes != list(classes):
+        on_event(
+            Notice(f"The classes differ from those of {path}; its outputs are reused in order ({', '.join(classes)}).")
+        )
+    on_event(Notice(f"Initial weights from {path} (epoch {ckpt.get('epoch', '?')}); new optimizer and schedule."))
 
 
 def train(
@@ -157,46 +263,70 @@ def train(
     run_name: str | None = None,
     resume: str | None = None,
     overrides: dict[str, Any] | None = None,
+    tensorboard: bool = False,
     on_event: EventCallback,
 ) -> TrainResult:
-    """Start a run from ``config``, or continue the run ``resume`` (a name, a folder or a last.pt)."""
-    ckpt: dict[str, Any] | None = None
-    if resume is not None:
-        run, ckpt = _resume_checkpoint(resume)
-        try:
-            config = TrainConfig.from_dict(ckpt["config"]).validate()
-        except (TypeError, ValueError, UsageError) as exc:  # a hand-edited recipe, or a value out of range
-            raise CifarNetError(f"{run.last} records a recipe cifarnet cannot use ({exc}); start a new run.") from exc
-        changed = {k: v for k, v in (overrides or {}).items() if v is not None}
-        refused = sorted(set(changed) - RESUME_OVERRIDABLE)
-        if refused:
-            names = ", ".join("--" + k.replace("_", "-") for k in refused)
-            raise UsageError(
-                f"{names} cannot change when resuming: the run continues with its recorded recipe. "
-                "Start a new run to train with other settings."
-            )
-        config = config.replace(**_resume_micro_batch(config, changed))
-        fit_state = ckpt["fit_state"]
-        if int(fit_state["epoch"]) >= config.epochs:
-            best = run.best if run.best.is_file() else run.last
-            rows = run.read_metrics()
-            final = rows[-1].get("val_accuracy") if rows else None
-            return TrainResult(
-                run.name,
-                str(run.dir),
-                int(fit_state["epoch"]),
-                float(fit_state["best_accuracy"]),
-                float(final) if final is not None else float("nan"),
-                float(fit_state["train_images"]) / max(float(fit_state["train_seconds"]), 1e-9),
-                str(best),
-                already_finished=True,
-            )
-    else:
-        assert config is not None
-        config.validate()
-    if config.data_dir is not None:
-        # Absolute, so that `evaluate RUN` and `--resume` from another folder find the same data.
-        config = config.replace(data_dir=absolute_path(config.data_dir))
+    """Start a run from ``config``, or continue the run ``resume`` (a name, a folder or a last.pt).
+
+    One process trains a run at a time (a lock in its folder); SIGTERM stops it like Ctrl-C.
+    """
+    with interrupts.sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        ckpt: dict[str, Any] | None = None
+        if resume is not None:
+            run, ckpt_path = _resume_target(resume)
+            stack.enter_context(run.lock())
+            removed = run.clean_partials()
+            if removed:
+                on_event(
+                    Notice(f"Removed {len(removed)} unfinished temporary file(s) a killed write left in {run.dir}.")
+                )
+            ckpt = _load_resumable(ckpt_path)
+            try:
+                config = TrainConfig.from_dict(ckpt["config"]).validate()
+            except (TypeError, ValueError, UsageError) as exc:  # a hand-edited recipe, or a value out of range
+                raise CifarNetError(
+                    f"{ckpt_path} records a recipe cifarnet cannot use ({exc}); start a new run."
+                ) from exc
+            changed = {k: v for k, v in (overrides or {}).items() if v is not None}
+            done = int(ckpt["fit_state"]["epoch"])
+            if "epochs" in changed and changed["epochs"] != config.epochs:
+                raise _extend_refusal(run, config, done, int(changed.pop("epochs")))
+            changed.pop("epochs", None)
+            refused = sorted(set(changed) - RESUME_OVERRIDABLE)
+            if refused:
+                names = ", ".join("--" + k.replace("_", "-") for k in refused)
+                raise UsageError(
+                    f"{names} cannot change when resuming: the run continues with its recorded recipe. "
+                    "Start a new run to train with other settings."
+                )
+            if changed:  # --device, --patience, ...: checked like a new run's options
+                config = config.replace(**_resume_micro_batch(config, changed)).validate()
+            if done >= config.epochs or ckpt["fit_state"].get("stopped_early"):
+                return _finished_result(run, ckpt)
+        else:
+            assert config is not None
+            config.validate()
+            if run_name is not None:
+                runs.check_new_run(run_name)
+        if config.data_dir is not None:
+            # Absolute, so that `evaluate RUN` and `--resume` from another folder find the same data.
+            config = config.replace(data_dir=absolute_path(config.data_dir))
+        return _train(config, ckpt, run if ckpt is not None else None, run_name, tensorboard, stack, on_event)
+
+
+def _train(
+    config: TrainConfig,
+    ckpt: dict[str, Any] | None,
+    resumed: runs.Run | None,
+    run_name: str | None,
+    tensorboard: bool,
+    stack: contextlib.ExitStack,
+    on_event: EventCallback,
+) -> TrainResult:
+    init: tuple[Path, dict[str, Any]] | None = None
+    if ckpt is None and config.init_from:
+        init = _load_init(config.init_from, config, on_event)
+        config = config.replace(init_from=str(init[0].resolve()), weights=None)
 
     device = resolve_device(config.device)
     precision: Precision = resolve_precision(config.precision, device)
@@ -225,9 +355,11 @@ def train(
         )
 
     torch.manual_seed(config.seed)  # model initialization is reproducible
-    model = build_model(config, len(source.classes), load_weights=ckpt is None, on_event=on_event)
-    if ckpt is not None:  # a clear message, not a RuntimeError from load_state_dict, if the weights do not fit
-        checkpoint.load_state_strict(model, ckpt["model"], str(run.last))
+    model = build_model(config, len(source.classes), load_weights=ckpt is None and init is None, on_event=on_event)
+    if init is not None:
+        _init_weights(model, init[0], init[1], source.classes, on_event)
+    if ckpt is not None and resumed is not None:  # a clear message, not a RuntimeError, if the weights do not fit
+        checkpoint.load_state_strict(model, ckpt["model"], str(resumed.last))
     channels_last = device.type == "cuda"
     if device.type == "cuda":
         # Let cuDNN pick the fastest convolution algorithms for the few input shapes a run sees.
@@ -245,8 +377,11 @@ def train(
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
         set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
-    if ckpt is None:
-        run = runs.create_run(run_name or _unique_name(config.arch))
+    if resumed is not None:
+        run = resumed
+    else:
+        run, lock = runs.create_run(run_name or runs.default_name(config.arch), unique=run_name is None)
+        stack.callback(lock.release)
 
     train_loader = DeviceLoader(
         train_set,
@@ -281,7 +416,17 @@ def train(
         "eval_split": eval_split,
         "precision": precision.name,  # evaluate/predict run in it by default, to reproduce the run's figures
     }
-    run.write_config({"config": config.to_dict(), "meta": meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run.write_config(
+        {
+            "config": config.to_dict(),
+            "meta": meta,
+            "created": (run.read_config().get("created") if resumed is not None else None) or now,
+            "updated": now,
+            "device": describe(device),
+            "precision": precision.name,
+        }
+    )
     on_event(
         RunStarted(
             run=run.name,
@@ -306,21 +451,50 @@ def train(
             on_device_data=train_loader.on_device,
         )
     )
-    result = fit(
-        model,
-        config,
-        train_loader=train_loader,
-        eval_loader=eval_loader,
-        device=device,
-        precision=precision,
-        run=run,
-        meta=meta,
-        resume_from=ckpt,
-        on_event=on_event,
-        step_mode=step_mode,
-    )
-    curves = report.plot_curves(run)
-    on_event(Notice(f"Training curves: {curves}" if curves is not None else report.PLOT_HINT))
+    # Consumers of the engine's events, beside the caller's view: curves.png after every epoch, and
+    # TensorBoard scalars when asked for.
+    curves = report.CurvesWriter(run, epochs=config.epochs, lr_schedule=partial(scheduled_lrs, config))
+    consumers: list[EventCallback] = [curves]
+    board: TensorBoardLogger | None = None
+    if tensorboard_log.wanted(tensorboard):
+        if tensorboard_log.available():
+            board = TensorBoardLogger(run.dir / "tensorboard")
+            consumers.append(board)
+            on_event(Notice(f"TensorBoard: tensorboard --logdir {shlex.quote(str(board.log_dir))}"))
+        else:
+            on_event(Notice(tensorboard_log.INSTALL_HINT))
+
+    def events(event: object) -> None:
+        for consumer in consumers:
+            consumer(event)
+        on_event(event)
+
+    try:
+        result = fit(
+            model,
+            config,
+            train_loader=train_loader,
+            eval_loader=eval_loader,
+            device=device,
+            precision=precision,
+            run=run,
+            meta=meta,
+            resume_from=ckpt,
+            on_event=events,
+            step_mode=step_mode,
+        )
+    finally:
+        curves.close()  # also after Ctrl-C: the picture shows every saved epoch
+        if board is not None:
+            board.close()
+    if curves.error is not None:
+        on_event(Notice(f"Could not draw {run.curves_file} ({curves.error})."))
+    elif curves.written is not None:
+        on_event(Notice(f"Training curves: {curves.written}"))
+    elif not report.matplotlib_available():
+        on_event(Notice(report.PLOT_HINT))
+    if board is not None and board.error is not None:
+        on_event(Notice(f"TensorBoard logging stopped ({board.error})."))
     return TrainResult(
         run.name,
         str(run.dir),
@@ -329,6 +503,8 @@ def train(
         result.final_accuracy,
         result.images_per_second,
         str(run.best if run.best.is_file() else run.last),
+        stopped_early=result.stopped_early,
+        best_epoch=result.best_epoch,
     )
 
 
@@ -347,11 +523,3 @@ def _resume_micro_batch(config: TrainConfig, changed: dict[str, Any]) -> dict[st
             f"--accum {config.accum * 2}."
         )
     return {**changed, "batch_size": batch, "accum": accum, "batch_size_auto": False}
-
-
-def _unique_name(arch: str) -> str:
-    base = runs.default_name(arch)
-    name, i = base, 2
-    while (paths.runs_dir() / name).exists():
-        name, i = f"{base}-{i}", i + 1
-    return name

@@ -3,10 +3,14 @@ not (CI logs, pipes), nothing but errors with --quiet. The library never prints;
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -298,8 +302,54 @@ class DownloadView:
         self._progress.update(self._task, completed=done, total=total)
 
 
-def eval_tables(report: Any) -> None:
-    """Overall and per-class accuracy, then the confusion matrix (rows: true class)."""
+def _natural_width(console: Console, renderable: Any) -> int:
+    return console.measure(renderable, options=console.options.update(width=10_000)).maximum
+
+
+def print_fitted(console: Console, build: Callable[[set[str]], Table], droppable: Sequence[str] = ()) -> None:
+    """Print the table ``build(dropped)`` without cutting a cell: in a terminal too narrow for it, drop the
+    ``droppable`` columns (least important first) until it fits; when output goes to a file or a pipe, print
+    it at its full width (Rich would otherwise squeeze it into 80 columns and truncate names with "…")."""
+    dropped: set[str] = set()
+    table = build(dropped)
+    if console.is_terminal:
+        for name in droppable:
+            if _natural_width(console, table) <= console.width:
+                break
+            dropped.add(name)
+            table = build(dropped)
+    width = _natural_width(console, table)
+    if width > console.width:
+        # Console.print clamps its width argument to the console's: print through a wider twin instead.
+        console = Console(
+            file=console.file,
+            width=width,
+            force_terminal=console.is_terminal,
+            color_system=console.color_system,  # type: ignore[arg-type]
+            highlight=False,
+        )
+    console.print(table)
+
+
+def abbreviations(names: Sequence[str], *, shortest: int = 3) -> list[str]:
+    """The shortest unique prefixes of ``names`` (at least ``shortest`` characters): airplane → air,
+    automobile → aut, deer → dee, dog → dog. Numbers when prefixes would stay long (custom classes
+    that share a stem, like class_01, class_02)."""
+    out = []
+    for name in names:
+        n = min(shortest, len(name))
+        while n < len(name) and any(o != name and o.startswith(name[:n]) for o in names):
+            n += 1
+        out.append(name[:n])
+    if len(set(out)) < len(out) or max((len(a) for a in out), default=0) > 6:
+        return [str(i) for i in range(len(names))]
+    return out
+
+
+def eval_tables(report: Any, console: Console | None = None) -> None:
+    """Overall and per-class accuracy, then the confusion matrix (rows: true class). Class names are never
+    cut: the matrix's columns use short unique abbreviations, explained in a legend."""
+    console = console or out_console
     head = f"Accuracy on {report.split}: [bold]{_pct(report.accuracy)}[/] of {report.n:,} images"
     if report.unrestricted_accuracy is not None:
         head += (
@@ -307,26 +357,45 @@ def eval_tables(report: Any) -> None:
         )
     if report.tta:
         head += ", flip TTA"
-    out_console.print(head)
-    out_console.print(f"[dim]{escape(report.checkpoint)} on {escape(report.data)}[/]")
-    per = Table(title="Per-class accuracy")
-    per.add_column("class")
-    per.add_column("accuracy", justify="right")
-    per.add_column("images", justify="right")
-    for name in report.classes:
-        per.add_row(name, _pct(report.per_class[name]), f"{report.per_class_n[name]:,}")
-    out_console.print(per)
-    cm = Table(title="Confusion matrix (rows: true class, columns: predicted)")
-    cm.add_column("")
-    short = [c[:5] for c in report.classes]
-    for s in short:
-        cm.add_column(s, justify="right")
-    for i, row in enumerate(report.confusion):
-        cm.add_row(
-            report.classes[i],
-            *[f"[bold]{v}[/]" if i == j else (str(v) if v else "[dim]·[/]") for j, v in enumerate(row)],
+    console.print(head, soft_wrap=True)
+    console.print(f"[dim]{escape(report.checkpoint)} on {escape(report.data)}[/]", soft_wrap=True)
+
+    def per_class(_dropped: set[str]) -> Table:
+        per = Table(title="Per-class accuracy")
+        per.add_column("class", no_wrap=True)
+        per.add_column("accuracy", justify="right", no_wrap=True)
+        per.add_column("images", justify="right", no_wrap=True)
+        for name in report.classes:
+            per.add_row(escape(name), _pct(report.per_class[name]), f"{report.per_class_n[name]:,}")
+        return per
+
+    print_fitted(console, per_class)
+    short = abbreviations(report.classes)
+
+    def matrix(dropped: set[str]) -> Table:
+        compact = "full row names" in dropped
+        title = "Confusion matrix (rows: true class, columns: predicted)"
+        # Narrow terminals: abbreviated row names, no vertical rules, one space between columns (10 classes
+        # with 4-digit counts then fit in 60 columns).
+        cm = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1)) if compact else Table(title=title)
+        cm.add_column("", no_wrap=True)
+        for s in short:
+            cm.add_column(escape(s), justify="right", no_wrap=True)
+        for i, row in enumerate(report.confusion):
+            cm.add_row(
+                escape(short[i] if compact else report.classes[i]),
+                *[f"[bold]{v}[/]" if i == j else (str(v) if v else "[dim]·[/]") for j, v in enumerate(row)],
+            )
+        return cm
+
+    print_fitted(console, matrix, droppable=["full row names"])
+    if short != list(report.classes):
+        console.print("  ".join(f"{escape(a)}={escape(c)}" for a, c in zip(short, report.classes, strict=True)))
+    if getattr(report, "files", None):
+        err_console.print(
+            f"Wrote {', '.join(escape(Path(f).name) for f in report.files)} to {escape(str(Path(report.files[0]).parent))}",
+            soft_wrap=True,
         )
-    out_console.print(cm)
 
 
 def prediction_table(predictions: list[Any], top_k: int) -> None:
@@ -461,3 +530,147 @@ def info_tables(data: dict[str, Any]) -> None:
     for key, value in data["assets"].items():
         p.add_row(key, escape(value) if value else f"[dim]not downloaded (cifarnet download {key})[/]")
     out_console.print(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# cifarnet runs
+
+_STATE_STYLE = {"running": "bold blue", "finished": "green", "stopped-early": "green", "stopped": "yellow"}
+
+
+def _acc(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def runs_table(summaries: list[Any], console: Console | None = None) -> None:
+    """One row per run, newest first. In a narrow terminal the least useful columns go first; the name,
+    epochs, best accuracy and state always stay."""
+    console = console or out_console
+    if not summaries:
+        err_console.print("No runs yet; train one with `cifarnet train`.")
+        return
+    columns: list[tuple[str, Callable[[Any], str], str]] = [
+        ("run", lambda s: escape(s.name), "left"),
+        ("task", lambda s: s.command, "left"),
+        ("arch", lambda s: s.arch, "left"),
+        ("epochs", lambda s: f"{s.epochs_done}/{s.epochs_planned}", "right"),
+        ("best", lambda s: _acc(s.best_accuracy) + (f" @{s.best_epoch}" if s.best_epoch else ""), "right"),
+        ("final", lambda s: _acc(s.final_accuracy), "right"),
+        ("on", lambda s: s.split, "left"),
+        ("img/s", lambda s: f"{s.images_per_second:,.0f}" if s.images_per_second else "—", "right"),
+        ("device", lambda s: escape(s.device.split(" (")[0]), "left"),
+        ("updated", lambda s: s.updated.replace("T", " ")[:16], "left"),
+        ("state", lambda s: f"[{_STATE_STYLE.get(s.state, 'dim')}]{escape(s.status)}[/]", "left"),
+    ]
+
+    def build(dropped: set[str]) -> Table:
+        table = Table(title=f"Runs in {escape(str(Path(summaries[0].path).parent))}", title_justify="left")
+        shown = [c for c in columns if c[0] not in dropped]
+        for header, _get, justify in shown:
+            table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        for s in summaries:
+            table.add_row(*[get(s) for _h, get, _j in shown])
+        return table
+
+    print_fitted(console, build, droppable=["device", "task", "img/s", "on", "updated", "arch", "final"])
+
+
+def run_detail(d: Any, console: Console | None = None) -> None:
+    console = console or out_console
+    s = d.summary
+    console.print(f"[bold]{escape(s.name)}[/] → {escape(s.path)}", soft_wrap=True)
+    console.print(
+        f"{s.command} {s.arch}, {s.epochs_done}/{s.epochs_planned} epochs, "
+        f"[{_STATE_STYLE.get(s.state, 'dim')}]{escape(s.status)}[/]; best {_acc(s.best_accuracy)}"
+        + (f" (epoch {s.best_epoch})" if s.best_epoch else "")
+        + f", final {_acc(s.final_accuracy)} on {s.split}"
+        + (f"; {escape(s.device)}" if s.device else ""),
+        soft_wrap=True,
+    )
+
+    def recipe(_dropped: set[str]) -> Table:
+        table = Table(title="Recipe", show_header=False, title_justify="left")
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        for key, value in sorted(d.config.items()):
+            table.add_row(key.replace("_", "-"), escape(json.dumps(value) if not isinstance(value, str) else value))
+        return table
+
+    print_fitted(console, recipe)
+    if d.metrics:
+
+        def metrics(dropped: set[str]) -> Table:
+            table = Table(title="Per epoch", title_justify="left")
+            cols = [
+                ("epoch", lambda r: str(r["epoch"])),
+                ("train loss", lambda r: _num(r.get("train_loss"))),
+                ("train acc", lambda r: _acc(r.get("train_accuracy"))),
+                ("val loss", lambda r: _num(r.get("val_loss"))),
+                ("val acc", lambda r: _acc(r.get("val_accuracy")) + (" *" if r["epoch"] == s.best_epoch else "  ")),
+                ("lr", lambda r: f"{r['lr_first']:.3g}→{r['lr']:.3g}" if "lr_first" in r else _num(r.get("lr"))),
+                ("img/s", lambda r: f"{r.get('images_per_second') or 0:,.0f}"),
+                ("seconds", lambda r: _num(r.get("epoch_seconds"), ".1f")),
+            ]
+            shown = [c for c in cols if c[0] not in dropped]
+            for header, _get in shown:
+                table.add_column(header, justify="right", no_wrap=True)
+            for row in d.metrics:
+                table.add_row(*[get(row) for _h, get in shown])
+            return table
+
+        print_fitted(console, metrics, droppable=["seconds", "img/s", "train loss", "lr"])
+    if d.evaluations:
+        ev = Table(title="Evaluations", title_justify="left")
+        for header in ("file", "split", "accuracy", "images"):
+            ev.add_column(header, no_wrap=True)
+        for e in d.evaluations:
+            ev.add_row(escape(e["file"]), str(e["split"]), _acc(e["accuracy"]), str(e["n"]))
+        print_fitted(console, lambda _d: ev)
+    files = Table(title="Files", title_justify="left")
+    files.add_column("file", no_wrap=True)
+    files.add_column("size", justify="right", no_wrap=True)
+    for name, size in d.files:
+        files.add_row(escape(name), _size(size))
+    print_fitted(console, lambda _d: files)
+    if d.resume:
+        console.print(f"Continue it with: [bold]{escape(d.resume)}[/]", soft_wrap=True)
+
+
+def compare_table(c: Any, console: Console | None = None) -> None:
+    console = console or out_console
+
+    def build(_dropped: set[str]) -> Table:
+        table = Table(title="Runs compared (recipe options that differ, then results)", title_justify="left")
+        table.add_column("", no_wrap=True)
+        for s in c.summaries:
+            table.add_column(escape(s.name), justify="right", no_wrap=True)
+        for key, values in c.differences.items():
+            table.add_row(key.replace("_", "-"), *[escape(v if isinstance(v, str) else json.dumps(v)) for v in values])
+        if not c.differences:
+            table.add_row("[dim](same recipe)[/]", *["" for _ in c.summaries])
+        table.add_section()
+        table.add_row("epochs", *[f"{s.epochs_done}/{s.epochs_planned}" for s in c.summaries])
+        table.add_row(
+            "best", *[_acc(s.best_accuracy) + (f" @{s.best_epoch}" if s.best_epoch else "") for s in c.summaries]
+        )
+        table.add_row("final", *[_acc(s.final_accuracy) for s in c.summaries])
+        table.add_row("on", *[s.split for s in c.summaries])
+        table.add_row("img/s", *[f"{s.images_per_second:,.0f}" if s.images_per_second else "—" for s in c.summaries])
+        table.add_row("state", *[escape(s.status) for s in c.summaries])
+        return table
+
+    print_fitted(console, build)
+    if c.plot:
+        err_console.print(f"Validation curves: {escape(c.plot)}", soft_wrap=True)
+
+
+def _num(x: Any, fmt: str = ".4f") -> str:
+    return "—" if not isinstance(x, int | float) else format(x, fmt)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

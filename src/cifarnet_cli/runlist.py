@@ -1,0 +1,254 @@
+"""What ``cifarnet runs`` shows: a summary of every run, one run in detail, several side by side, and
+deleting runs. Read from config.json, metrics.jsonl, file sizes and the run's lock only: no checkpoint is
+opened and torch is never imported, so listing a hundred runs (or completing a run name) is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cifarnet_cli import paths, report, runs
+from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.errors import CifarNetError, UsageError
+
+#: Machine-readable states (``--json``); the table shows :attr:`RunSummary.status`.
+STATES = ("running", "finished", "stopped-early", "stopped", "untrained")
+
+#: Recipe options left out of ``runs compare``: they never change the result.
+_NOT_RECIPE = {"device", "precision", "save_every"}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    path: str
+    task: str
+    arch: str
+    epochs_done: int
+    epochs_planned: int
+    best_accuracy: float | None
+    best_epoch: int | None
+    final_accuracy: float | None
+    split: str  # what the accuracies were measured on: val, or test with --val-split 0
+    images_per_second: float | None
+    device: str
+    created: str
+    updated: str
+    state: str  # one of STATES
+    status: str  # the state in words: "stopped after epoch 3", "running (pid 12 on host)", ...
+    patience: int
+    stopped_early: int | None  # epoch after which --patience stopped the run
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def command(self) -> str:
+        return "finetune-resnet50" if self.task == "finetune-resnet50" else "train"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def summarize(run: runs.Run) -> RunSummary:
+    record = run.read_config()
+    config = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
+    meta = record.get("meta", {}) if isinstance(record.get("meta"), dict) else {}
+    rows = run.read_metrics()
+    done = max((r["epoch"] for r in rows), default=0)
+    planned = int(config.get("epochs") or 0)
+    best = report.best_epoch(rows)
+    best_acc = next((r["val_accuracy"] for r in rows if r["epoch"] == best), None) if best else None
+    final = rows[-1].get("val_accuracy") if rows else None
+    timed = [r for r in rows if isinstance(r.get("epoch_seconds"), int | float) and r.get("images_per_second")]
+    seconds = sum(r["epoch_seconds"] for r in timed)
+    speed = sum(r["images_per_second"] * r["epoch_seconds"] for r in timed) / seconds if seconds > 0 else None
+    patience = int(config.get("patience") or 0)
+    stopped_early = done if patience and best and done < planned and done - best >= patience else None
+
+    holder = runs.holder_of(run)
+    if holder is not None:
+        state, status = "running", f"running ({runs.describe_holder(holder, since=False)})" if holder else "running"
+    elif stopped_early:
+        state, status = "stopped-early", f"stopped early after epoch {done} (--patience {patience})"
+    elif planned and done >= planned:
+        state, status = "finished", "finished"
+    elif done:
+        state, status = "stopped", f"stopped after epoch {done}"
+    else:
+        state, status = "untrained", "never completed an epoch"
+    return RunSummary(
+        name=run.name,
+        path=str(run.dir),
+        task=str(config.get("task", "train")),
+        arch=str(meta.get("arch") or config.get("arch") or "?"),
+        epochs_done=done,
+        epochs_planned=planned,
+        best_accuracy=best_acc,
+        best_epoch=best,
+        final_accuracy=final if isinstance(final, int | float) else None,
+        split=str(meta.get("eval_split") or "val"),
+        images_per_second=speed,
+        device=str(record.get("device", "")),
+        created=str(record.get("created", "")),
+        updated=_iso(run.last_activity()),
+        state=state,
+        status=status,
+        patience=patience,
+        stopped_early=stopped_early,
+    )
+
+
+def list_summaries() -> list[RunSummary]:
+    """Every run, most recently active first."""
+    return [summarize(run) for run in runs.list_runs()]
+
+
+# --------------------------------------------------------------------------------------------------
+# One run in detail
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    summary: RunSummary
+    config: dict[str, Any]
+    meta: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    evaluations: list[dict[str, Any]]  # {"file", "split", "accuracy", "n"} per eval-*.json
+    files: list[tuple[str, int]]  # (name, bytes)
+    resume: str | None  # the command that continues an unfinished run
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary.to_json(),
+            "config": self.config,
+            "meta": self.meta,
+            "metrics": self.metrics,
+            "evaluations": self.evaluations,
+            "files": [{"name": n, "bytes": b} for n, b in self.files],
+            "resume": self.resume,
+        }
+
+
+def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(run.dir.glob("eval-*.json")):
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            out.append(
+                {"file": path.name, "split": data.get("split"), "accuracy": data.get("accuracy"), "n": data.get("n")}
+            )
+    return out
+
+
+def _files(folder: Path) -> list[tuple[str, int]]:
+    out = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != runs.LOCK_NAME:
+            try:
+                out.append((str(path.relative_to(folder)), path.stat().st_size))
+            except OSError:
+                continue
+    return out
+
+
+def detail(ref: str) -> RunDetail:
+    run = runs.resolve_run(ref)
+    record = run.read_config()
+    summary = summarize(run)
+    resume = None
+    if summary.state in ("stopped", "untrained") and run.last.is_file():
+        resume = f"cifarnet {summary.command} --resume {run.name}"
+    return RunDetail(
+        summary=summary,
+        config=record.get("config", {}) if isinstance(record.get("config"), dict) else {},
+        meta=record.get("meta", {}) if isinstance(record.get("meta"), dict) else {},
+        metrics=run.read_metrics(),
+        evaluations=_evaluations(run),
+        files=_files(run.dir),
+        resume=resume,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Several runs side by side
+
+
+@dataclass(frozen=True)
+class Comparison:
+    summaries: list[RunSummary]
+    differences: dict[str, list[Any]]  # recipe option → its value in each run (only options that differ)
+    curves: dict[str, list[dict[str, Any]]]  # run → its metrics rows
+    plot: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runs": [s.to_json() for s in self.summaries],
+            "differences": self.differences,
+            "plot": self.plot,
+        }
+
+
+def _recipe(run: runs.Run) -> dict[str, Any]:
+    """The run's options with the current defaults filled in, so that a run recorded before an option
+    existed does not differ from one that left it at its default."""
+    recorded = run.read_config().get("config", {})
+    try:
+        return TrainConfig.from_dict(recorded).to_dict()
+    except (TypeError, ValueError):
+        return recorded if isinstance(recorded, dict) else {}
+
+
+def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:
+    if len(refs) < 2:
+        raise UsageError("Name at least two runs to compare.")
+    chosen = [runs.resolve_run(ref) for ref in refs]
+    if len({r.dir.resolve() for r in chosen}) < len(chosen):
+        raise UsageError("Name each run once.")
+    configs = [_recipe(r) for r in chosen]
+    keys = sorted({k for c in configs for k in c} - _NOT_RECIPE)
+    differences = {k: [c.get(k) for c in configs] for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1}
+    curves = {r.name: r.read_metrics() for r in chosen}
+    written = None
+    if plot is not None:
+        path = report.plot_compare(curves, plot)
+        if path is None:
+            raise CifarNetError(report.PLOT_HINT.replace("curves.png in the run folder", "the comparison plot"))
+        written = str(path)
+    return Comparison([summarize(r) for r in chosen], differences, curves, written)
+
+
+# --------------------------------------------------------------------------------------------------
+# Deleting
+
+
+def removable(ref: str) -> runs.Run:
+    """A run folder inside the runs folder, by name (or 'last'): `runs rm` deletes nothing else."""
+    run = runs.resolve_run(ref)
+    if run.dir.resolve().parent != paths.runs_dir().resolve():
+        raise UsageError(f"{ref!r} is not a run in {paths.runs_dir()}; `runs rm` takes run names.")
+    return run
+
+
+def remove(run: runs.Run) -> None:
+    """Delete the run's folder; refused while another process trains it."""
+    lock = run.lock()
+    try:
+        lock.acquire(attempts=3)
+    except runs.RunBusy as exc:
+        raise CifarNetError(f"Not deleting {run.name!r}: {exc}") from None
+    try:
+        shutil.rmtree(run.dir)
+    except OSError as exc:
+        raise CifarNetError(f"Could not delete {run.dir} ({exc.strerror or exc}).") from None
+    finally:
+        lock.release()

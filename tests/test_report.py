@@ -1,0 +1,68 @@
+"""Pictures: curves.png (points, integer epochs, best epoch, per-step learning rate), written atomically
+in the background, and the comparison plot."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cifarnet_cli import report, runs
+from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.engine import scheduled_lrs
+from cifarnet_cli.events import EpochEnded, EpochStarted
+
+pytest.importorskip("matplotlib")
+
+
+def _row(epoch: int, val: float) -> dict[str, Any]:
+    return {"epoch": epoch, "train_loss": 2.0 / epoch, "train_accuracy": val - 0.05, "val_loss": 1.5 / epoch,
+            "val_accuracy": val, "lr_first": 0.1, "lr": 0.05}  # fmt: skip
+
+
+def test_a_one_epoch_run_draws_points_and_the_schedule_per_step() -> None:
+    config = TrainConfig(epochs=1, lr=0.4, warmup_epochs=0.5)
+    lrs = scheduled_lrs(config, 10)
+    fig = report.curves_figure([_row(1, 0.4)], title="r", epochs=1, step_lrs=lrs, steps_per_epoch=10)
+    loss_ax, acc_ax, lr_ax = fig.axes[:3]
+    for line in loss_ax.lines[:2] + acc_ax.lines[:2]:
+        assert line.get_marker() == "o" and list(line.get_xdata()) == [1]  # a visible point, not an empty line
+    step_line = lr_ax.lines[0]
+    assert len(step_line.get_xdata()) == 10 and max(step_line.get_ydata()) == pytest.approx(0.4)
+    assert list(step_line.get_ydata()[:5]) == pytest.approx([0.08, 0.16, 0.24, 0.32, 0.4])  # the warm-up ramp
+    best = [line for line in acc_ax.lines if line.get_label() == "best"]
+    assert len(best) == 1 and list(best[0].get_xdata()) == [1]
+    assert all(float(t).is_integer() for t in acc_ax.get_xticks())
+
+
+def test_curves_show_the_planned_rest_and_the_best_epoch() -> None:
+    lrs = scheduled_lrs(TrainConfig(epochs=6, lr=0.4, warmup_epochs=1), 4)
+    rows = [_row(1, 0.3), _row(2, 0.6), _row(3, 0.5)]
+    fig = report.curves_figure(rows, title="r", epochs=6, step_lrs=lrs, steps_per_epoch=4)
+    lr_ax, acc_ax = fig.axes[2], fig.axes[1]
+    done, planned = lr_ax.lines[0], lr_ax.lines[1]
+    assert len(done.get_xdata()) == 12 and planned.get_linestyle() == ":" and planned.get_xdata()[-1] == 6
+    assert [line for line in acc_ax.lines if line.get_label() == "best"][0].get_xdata()[0] == 2
+    assert report.best_epoch(rows) == 2 and report.best_epoch([]) is None
+
+
+def test_curves_writer_draws_in_the_background_and_replaces_atomically(tmp_path: Path) -> None:
+    run = runs.Run("bg", tmp_path / "bg")
+    run.dir.mkdir()
+    run.write_metrics([_row(1, 0.3)])
+    calls: list[str] = []
+    writer = report.CurvesWriter(
+        run, epochs=3, lr_schedule=lambda steps: calls.append(threading.current_thread().name) or [0.1] * 3 * steps
+    )
+    writer(EpochStarted(1, 3, 5, 5))
+    writer(EpochEnded(_row(1, 0.3), True))
+    assert writer.close() == run.curves_file and run.curves_file.stat().st_size > 10_000
+    assert calls == ["cifarnet-curves"] and len(writer.draw_seconds) == 1
+    assert [p.name for p in run.dir.iterdir() if "partial" in p.name] == []
+
+
+def test_compare_plot(tmp_path: Path) -> None:
+    target = report.plot_compare({"a": [_row(1, 0.3), _row(2, 0.5)], "b": [_row(1, 0.4)]}, tmp_path / "c.png")
+    assert target is not None and target.stat().st_size > 10_000

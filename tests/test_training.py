@@ -1,0 +1,189 @@
+"""Run set-up and per-epoch bookkeeping: --init-from, extending a finished run, --save-every, --patience,
+the learning rates in metrics.jsonl/.csv, curves.png during training, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifarnet_cli import engine, paths, runlist, runs, training
+from cifarnet_cli.cli import app
+from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.engine import EvalStats, scheduled_lrs
+from cifarnet_cli.events import EpochStarted, Notice
+
+runner = CliRunner()
+QUICK = ["--batch-size", "16", "--val-split", "20", "--warmup-epochs", "0", "--quiet"]
+
+
+def _rows(run: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (paths.runs_dir() / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_init_from_a_run_and_extending_a_finished_one(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=8)
+    first = runner.invoke(
+        app,
+        [
+            "train",
+            "--data-dir",
+            str(data),
+            "--run",
+            "a",
+            "--epochs",
+            "2",
+            "--save-every",
+            "1",
+            "--seed",
+            "4",
+            "--lr",
+            "0.05",
+        ]
+        + QUICK,
+    )
+    assert first.exit_code == 0, first.output
+    best_a = max(r["val_accuracy"] for r in _rows("a"))
+    assert best_a >= 0.3  # the colours are being learnt; a fresh model scores 10% after its first epoch here
+
+    # A finished run cannot be stretched: the refusal gives the command that trains further instead.
+    longer = runner.invoke(app, ["train", "--resume", "a", "--epochs", "5"])
+    assert longer.exit_code == 2
+    command = longer.output.split("(fresh optimizer and schedule): ")[1].strip()
+    assert (
+        command
+        == f"cifarnet train --init-from a --epochs 3 --data-dir {shlex.quote(str(data))} --val-split 20 --seed 4"
+    )
+
+    args = shlex.split(command)[1:] + ["--run", "b", "--lr", "1e-6", "--batch-size", "16", "--quiet"]
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    b = _rows("b")
+    assert b[0]["val_accuracy"] >= best_a - 0.1  # epoch 1 starts from a's weights, not from scratch
+    record = json.loads((paths.runs_dir() / "b" / "config.json").read_text())
+    assert record["config"]["init_from"] == str(paths.runs_dir() / "a" / "best.pt")
+    assert len(b) == 3 and record["config"]["epochs"] == 3  # a new run with its own schedule
+
+    # --save-every 1 kept every epoch; those files are models like best.pt
+    assert sorted(p.name for p in (paths.runs_dir() / "a").glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]
+    evaluated = runner.invoke(
+        app, ["evaluate", str(paths.runs_dir() / "a" / "epoch-001.pt"), "--split", "val", "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(_rows("a")[0]["val_accuracy"], abs=1e-6)
+
+    wrong = runner.invoke(app, ["train", "--data-dir", str(data), "--init-from", "a", "--arch", "resnet32", *QUICK])
+    assert wrong.exit_code == 2 and "holds a resnet20 model" in wrong.output and "--arch resnet20" in wrong.output
+    assert "Traceback" not in wrong.output
+    resnet50 = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--init-from", "a"])
+    assert resnet50.exit_code == 2 and "holds a resnet20 model and this run trains a resnet50" in resnet50.output
+    both = runner.invoke(app, ["finetune-resnet50", "--init-from", "a", "--weights", "none"])
+    assert both.exit_code == 2 and "--weights and --init-from" in both.output
+    other_classes = image_folder("six", per_class=4, classes=("a", "b", "c", "d", "e", "f"))
+    mismatch = runner.invoke(app, ["train", "--data-dir", str(other_classes), "--init-from", "a", *QUICK])
+    assert mismatch.exit_code == 1 and "has 10 classes and this data has 6" in mismatch.output
+
+
+def test_resume_of_an_unfinished_run_with_more_epochs_says_how() -> None:
+    run = runs.Run("u", paths.runs_dir() / "u")
+    run.dir.mkdir(parents=True)
+    config = TrainConfig(epochs=4, val_split=20, data_dir="/d")
+    err = training._extend_refusal(run, config, done=2, wanted=10)
+    assert "Finish it with `cifarnet train --resume u`" in str(err)
+    assert str(err).endswith("cifarnet train --init-from u --epochs 6 --data-dir /d --val-split 20")
+    assert "cannot change" in str(training._extend_refusal(run, config, done=2, wanted=3))
+
+
+def test_init_defaults_take_the_source_architecture() -> None:
+    run = runs.Run("deep", paths.runs_dir() / "deep")
+    run.dir.mkdir(parents=True)
+    run.write_config({"config": {}, "meta": {"arch": "resnet56"}})
+    assert training.init_defaults("deep") == {"arch": "resnet56"}
+    assert training.init_defaults("nothing-here") == {}
+
+
+def test_patience_stops_and_is_recorded(image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    data = image_folder(per_class=4)
+    scripted = iter([0.5, 0.4, 0.45, 0.9, 0.9])  # best at epoch 1, then two epochs without improvement
+
+    def evaluate(*_args: Any, **_kwargs: Any) -> EvalStats:
+        return EvalStats(1.0, next(scripted), 20)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    seen_curves: list[bool] = []
+    notices: list[str] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, EpochStarted) and event.epoch == 2:
+            deadline = time.monotonic() + 20  # drawn in the background after epoch 1
+            while not (paths.runs_dir() / "pat" / "curves.png").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_curves.append((paths.runs_dir() / "pat" / "curves.png").exists())
+        if isinstance(event, Notice):
+            notices.append(event.message)
+
+    config = TrainConfig(epochs=5, batch_size=16, val_split=20, data_dir=str(data), warmup_epochs=0, patience=2)
+    result = training.train(config, run_name="pat", on_event=on_event)
+    assert (result.epochs, result.stopped_early, result.best_epoch) == (3, 3, 1)
+    assert result.to_json()["stopped_early"] == 3
+    assert seen_curves == [True]
+    assert any("Stopped early after epoch 3" in n and "--patience 2" in n for n in notices)
+    assert runlist.summarize(runs.resolve_run("pat")).state == "stopped-early"
+    assert torch.load(paths.runs_dir() / "pat" / "last.pt", weights_only=True)["fit_state"]["stopped_early"] == 3
+    again = runner.invoke(app, ["train", "--resume", "pat"])
+    assert again.exit_code == 0 and "stopped early after epoch 3" in again.output
+    assert len(_rows("pat")) == 3
+
+
+def test_metrics_record_the_rates_the_epoch_trained_with(image_folder: Callable[..., Path]) -> None:
+    data = image_folder(per_class=4)  # 20 training images, batch 8: 3 optimizer steps per epoch
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(data), "--run", "lr", "--epochs", "2", "--batch-size", "8", "--lr", "0.1",
+              "--val-split", "20", "--warmup-epochs", "0", "--quiet"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = _rows("lr")
+    lrs = scheduled_lrs(TrainConfig(epochs=2, lr=0.1, warmup_epochs=0), 3)
+    assert [(r["lr_first"], r["lr"]) for r in rows] == [(lrs[0], lrs[2]), (lrs[3], lrs[5])]
+    assert rows[0]["lr_first"] == pytest.approx(0.1) and rows[1]["lr"] > 0  # the cosine reaches 0 after it
+    lines = (paths.runs_dir() / "lr" / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(runs.METRIC_COLUMNS)
+    assert [float(v) for v in lines[2].split(",")[5:7]] == [rows[1]["lr_first"], rows[1]["lr"]]
+    assert len(lines) == 3
+
+
+def test_tensorboard_logs_scalars(image_folder: Callable[..., Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = image_folder(per_class=4)
+    result = runner.invoke(
+        app, ["train", "--data-dir", str(data), "--run", "tb", "--epochs", "2", "--tensorboard", *QUICK[:-1]]
+    )
+    assert result.exit_code == 0, result.output
+    log_dir = paths.runs_dir() / "tb" / "tensorboard"
+    assert f"tensorboard --logdir {log_dir}" in result.output
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/val_accuracy", "epoch/train_loss", "epoch/lr", "step/lr", "step/images_per_second"} <= tags
+    assert [e.step for e in events.Scalars("epoch/val_accuracy")] == [1, 2]
+
+
+def test_tensorboard_without_the_package_is_one_line(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now fails
+    monkeypatch.setenv("CIFARNET_TENSORBOARD", "1")
+    data = image_folder(per_class=4)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "notb", "--epochs", "1", *QUICK[:-1]])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pip install 'cifarnet[tensorboard]'") == 1
+    assert not (paths.runs_dir() / "notb" / "tensorboard").exists()
