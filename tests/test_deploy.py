@@ -345,3 +345,11 @@ def test_engine_gives_the_checkpoints_classes(trained: tuple[Path, Path], tmp_pa
     assert "TensorRT" in str(out["runtime"])
     agree = sum(max(from_ckpt[f], key=from_ckpt[f].get) == max(from_engine[f], key=from_engine[f].get) for f in files)  # type: ignore[arg-type]
     assert agree >= len(files) - 1  # fp16: a near-tie may flip
+
+
+def test_precision_is_for_checkpoints_not_exported_files(onnx_file: Path, tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(image)
+    for command in (["predict", str(image)], ["evaluate"]):
+        result = runner.invoke(app, [*command, "--model", str(onnx_file), "--precision", "bf16"])
+        assert result.exit_code == 2 and "--precision is for checkpoints" in result.output

@@ -79,3 +79,19 @@ def test_device_names() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(CifarNetError, match="CUDA is not available"):
             resolve_device("cuda:1")
+
+
+def test_evaluate_and_predict_default_to_the_runs_precision_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from cifarnet_cli.inference import inference_precision
+
+    _mock_gpus(monkeypatch, {0: (8, 0), 1: (7, 5)})
+    bf16_run = SimpleNamespace(meta={"precision": "bf16"})
+    fp32_run = SimpleNamespace(meta={"precision": "fp32"})
+    assert inference_precision(fp32_run, torch.device("cuda", 0)).name == "fp32"  # as it validated, not auto (bf16)
+    assert inference_precision(bf16_run, torch.device("cuda", 0)).name == "bf16"
+    assert inference_precision(bf16_run, torch.device("cuda", 1)).name == "fp16"  # no native bf16 there: auto
+    assert inference_precision(fp32_run, torch.device("cuda", 0), "bf16").name == "bf16"  # --precision wins
+    assert inference_precision(bf16_run, torch.device("cpu")).name == "fp32"  # the CPU: fp32 unless asked
+    assert inference_precision(SimpleNamespace(meta={}), torch.device("cuda", 0)).name == "bf16"  # older runs: auto

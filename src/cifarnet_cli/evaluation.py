@@ -217,6 +217,10 @@ def evaluate_model(
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give a number of images of at least 1.")
     exported = open_exported(model_file, device_spec) if model_file is not None and is_exported(model_file) else None
+    if exported is not None and precision is not None:
+        raise UsageError(
+            f"--precision is for checkpoints; {exported.path.name} runs in the precision it was exported in."
+        )
     loaded: LoadedModel | None = None
     if exported is not None:
         model_classes, model_path, run = exported.classes, exported.path, None

@@ -157,6 +157,11 @@ def open_model(
     """An exported file (.onnx, .engine) without torch; a run or checkpoint with torch (in ``precision``,
     by default the one the run trained in on a GPU)."""
     if model_file is not None and is_exported(model_file):
+        if precision is not None:
+            raise UsageError(
+                f"--precision is for checkpoints; {model_file.name} runs in the precision it was exported in "
+                "(export --fp16 for half precision)."
+            )
         return open_exported(model_file, device_spec)
     if model_file is not None and model_file.suffix.lower() in (".ts", ".torchscript"):
         raise UsageError(
