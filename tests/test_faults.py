@@ -487,6 +487,7 @@ def test_a_hostile_checkpoint_is_refused_by_every_command(
         ["predict", str(image), "--checkpoint", str(ckpt)],
         ["evaluate", str(ckpt), "--data-dir", str(tmp_path)],
         ["export", str(ckpt), "--format", "torchscript", "-o", str(tmp_path / "m.ts")],
+        ["train", "--init-from", str(ckpt), "--data-dir", str(tmp_path), "--epochs", "1", "--run", "x"],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1, (args, result.output)

@@ -228,12 +228,21 @@ def _load_init(ref: str, config: TrainConfig, on_event: EventCallback) -> tuple[
     architecture before any data is loaded."""
     path, _run = runs.resolve_checkpoint(ref, prefer="best")
     ckpt = checkpoint.load(path)
-    if not checkpoint.is_cifarnet_checkpoint(ckpt) or not isinstance(ckpt.get("meta"), dict):
+    if not checkpoint.is_cifarnet_checkpoint(ckpt):
         hint = " (finetune-resnet50 --weights PATH takes torchvision weights)" if config.arch == "resnet50" else ""
         raise CifarNetError(f"--init-from {ref}: {path} is not a cifarnet checkpoint{hint}.")
-    arch = ckpt["meta"].get("arch")
+    # The same checks as evaluate, predict and export (built once, so weights that do not fit its recorded
+    # architecture and classes are named now): a hand-edited file is one sentence, not a traceback.
+    validated = checkpoint.validate_model(ckpt, path)
+    checkpoint.build_model(validated)
+    arch = validated.arch
     if arch != config.arch:
-        fix = "use `cifarnet finetune-resnet50`" if arch == "resnet50" else f"add --arch {arch}"
+        if arch == "resnet50":
+            fix = "use `cifarnet finetune-resnet50 --init-from`"
+        elif config.task == "finetune-resnet50":
+            fix = "use `cifarnet train --init-from`"
+        else:
+            fix = f"add --arch {arch}"
         raise UsageError(f"--init-from {ref}: {path} holds a {arch} model and this run trains a {config.arch}; {fix}.")
     if int(ckpt.get("epoch", 1)) == 0:
         on_event(Notice(f"--init-from {ref}: {path} was saved before its first epoch completed (untrained weights)."))
