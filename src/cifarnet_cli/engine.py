@@ -181,6 +181,7 @@ def train_one_epoch(
         step.micro(x, y, y.shape[0] / windows[i // accum])
         seen += y.shape[0]
         if (i + 1) % accum == 0 or i + 1 == n_micro:
+            lr = optimizer.param_groups[-1]["lr"]  # the rate of this update (the scheduler then sets the next)
             step.update()
             if scheduler is not None:
                 scheduler.step()
@@ -199,7 +200,7 @@ def train_one_epoch(
                         images=seen,
                         loss=loss,
                         accuracy=float(step.correct) / seen,
-                        lr=optimizer.param_groups[-1]["lr"],
+                        lr=lr,
                         images_per_second=seen / max(time.perf_counter() - start, 1e-9),
                     )
                 )

@@ -79,7 +79,7 @@ class StepProgress:
     images: int  # images seen in this epoch
     loss: float
     accuracy: float
-    lr: float
+    lr: float  # the rate of the latest optimizer step (as metrics.jsonl's lr for an epoch's last step)
     images_per_second: float
 
 
