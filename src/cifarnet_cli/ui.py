@@ -318,6 +318,11 @@ def print_fitted(console: Console, build: Callable[[set[str]], Table], droppable
                 break
             dropped.add(name)
             table = build(dropped)
+    _print_wide(console, table)
+
+
+def _print_wide(console: Console, table: Table) -> None:
+    """Print ``table`` at its natural width, wider than the console if need be."""
     width = _natural_width(console, table)
     if width > console.width:
         # Console.print clamps its width argument to the console's: print through a wider twin instead.
@@ -398,8 +403,10 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
         )
 
 
-def prediction_table(predictions: list[Any], top_k: int) -> None:
-    """One row per input, in input order; files that could not be read say why in an "error" column."""
+def prediction_table(predictions: list[Any], top_k: int, console: Console | None = None) -> None:
+    """One row per input, in input order; files that could not be read say why in an "error" column. A
+    narrow terminal folds long cells; output to a file or a pipe keeps each row on one line (paths whole)."""
+    console = console or out_console
     show_next = top_k > 1 and any(p.top and len(p.top) > 1 for p in predictions)
     show_error = any(p.error is not None for p in predictions)
     table = Table()
@@ -421,7 +428,10 @@ def prediction_table(predictions: list[Any], top_k: int) -> None:
             if show_error:
                 row.append("")
         table.add_row(*row)
-    out_console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:
+        _print_wide(console, table)
 
 
 class BenchView:
