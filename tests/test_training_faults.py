@@ -160,3 +160,24 @@ def test_bad_numbers_echo_the_value_and_arch_ignores_case(image_folder: Callable
     data = image_folder(per_class=4)
     result = runner.invoke(app, ["train", "--data-dir", str(data), "--arch", "ResNet20", "--epochs", "1", *QUICK])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["finetune-resnet50", "--image-size"],
+        ["finetune-resnet50", "--unfreeze-at"],
+        ["finetune-resnet50", "--backbone-lr-scale"],
+        ["download", "cifar10", "--timeout"],
+        ["evaluate", "--batch-size"],
+        ["predict", "x.png", "--top-k"],
+        ["predict", "x.png", "--batch-size"],
+        ["export", "--opset"],
+        ["export", "--batch"],
+    ],
+)
+def test_every_numeric_option_echoes_a_bad_value(args: list[str]) -> None:
+    """Not only train's: each command's numbers say what was given ("Input should be a valid integer" did not)."""
+    result = runner.invoke(app, [*args, "abc"])
+    assert result.exit_code == 2
+    assert "'abc' is not a" in result.output, result.output

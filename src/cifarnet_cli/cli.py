@@ -477,6 +477,7 @@ def finetune_resnet50(
             "--image-size",
             help="Side the 32×32 images are resized to on the device. \\[default: 160]",
             show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     freeze_backbone: Annotated[
@@ -485,7 +486,12 @@ def finetune_resnet50(
     ] = None,
     unfreeze_at: Annotated[
         int | None,
-        typer.Option("--unfreeze-at", help="Epoch at which a frozen backbone starts training.", show_default=False),
+        typer.Option(
+            "--unfreeze-at",
+            help="Epoch at which a frozen backbone starts training.",
+            show_default=False,
+            parser=_whole_number,
+        ),
     ] = None,
     backbone_lr_scale: Annotated[
         float | None,
@@ -493,6 +499,7 @@ def finetune_resnet50(
             "--backbone-lr-scale",
             help="Learning rate of the pretrained body relative to the head. \\[default: 0.2]",
             show_default=False,
+            parser=_number,
         ),
     ] = None,
     epochs: FinetuneEpochs = None,
@@ -594,7 +601,9 @@ def download(
             help="Do not verify the server's certificate (size and SHA-256 are still enforced).",
         ),
     ] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds without data before a transfer is abandoned.")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds without data before a transfer is abandoned.", parser=_number)
+    ] = 30.0,
     quiet: Quiet = False,
 ) -> None:
     """Download CIFAR-10 or the ImageNet ResNet-50 weights, verified by SHA-256, with SSL-safe fallbacks.
@@ -688,7 +697,11 @@ def evaluate(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", "-b", help="Images per forward pass. \\[default: 500; ResNet-50: 128]", show_default=False
+            "--batch-size",
+            "-b",
+            help="Images per forward pass (at least 1). \\[default: 500; ResNet-50: 128]",
+            show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     model: ModelFile = None,
@@ -741,7 +754,9 @@ def predict(
         Path | None, typer.Option("--checkpoint", help="A checkpoint file to use instead of a run.")
     ] = None,
     model: ModelFile = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image (at least 1).")] = 3,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Classes to show per image (at least 1).", parser=_whole_number)
+    ] = 3,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -749,6 +764,7 @@ def predict(
             "-b",
             help="Images per forward pass (at least 1). \\[default: 500; ResNet-50: 128]",
             show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     device: Device = None,
@@ -856,6 +872,7 @@ def export(
             help="ONNX opset; the written file is checked. \\[default: 18; 13 for --for jetson-inference and "
             "--format engine, which older TensorRT (JetPack 4) needs]",
             show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     dynamic_batch: Annotated[
@@ -864,7 +881,12 @@ def export(
     ] = True,
     batch: Annotated[
         int | None,
-        typer.Option("--batch", help="Fixed batch size of a static export (implies --static).", show_default=False),
+        typer.Option(
+            "--batch",
+            help="Fixed batch size of a static export (implies --static).",
+            show_default=False,
+            parser=_whole_number,
+        ),
     ] = None,
     batch_range: Annotated[
         str | None,
