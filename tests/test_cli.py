@@ -34,6 +34,13 @@ def test_help_lists_the_commands() -> None:
         assert command in result.output
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_run_argument_help_shows_its_default(command: str) -> None:
+    """A bracket in help text is Rich markup unless escaped: "[default: ...]" vanished from the argument's help."""
+    result = runner.invoke(app, [command, "--help"])
+    assert "[default: the most recent run]" in " ".join(result.output.replace("│", " ").split())
+
+
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output

@@ -641,7 +641,7 @@ def download(
 RunArg = Annotated[
     str | None,
     typer.Argument(
-        help="Run name, run folder or checkpoint file. [default: the most recent run]",
+        help="Run name, run folder or checkpoint file. \\[default: the most recent run]",
         show_default=False,
         autocompletion=_complete_run,
     ),
@@ -974,8 +974,8 @@ def bench(
 ) -> None:
     """Measure this machine: ResNet-20 training (eager and CUDA graphs), predict, ResNet-50 fine-tuning.
 
-    Synthetic images in CIFAR's shape, through the same loader, engine and models as training. About a minute
-    on a GPU. Example: cifarnet bench --quick --json
+    Synthetic images in CIFAR's shape, through the same loader, engine and models; about a minute on a GPU.
+    Example: cifarnet bench --quick --json
     """
     from cifarnet_cli.benchmark import run_bench
 
