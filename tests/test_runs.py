@@ -72,8 +72,10 @@ def _fake_run(name: str, *, epochs: int, rows: list[float], patience: int = 0, c
 def test_listing_shows_each_state(three_runs: Path) -> None:
     result = runner.invoke(app, ["runs", "--json"])
     assert result.exit_code == 0, result.output
-    listed = {r["name"]: r for r in json.loads(result.stdout)}
-    assert [r["name"] for r in json.loads(result.stdout)] == ["nothing", "halfway", "done"]  # newest first
+    out = json.loads(result.stdout)
+    assert out["runs_dir"] == str(paths.runs_dir())  # one object, as every --json prints
+    listed = {r["name"]: r for r in out["runs"]}
+    assert [r["name"] for r in out["runs"]] == ["nothing", "halfway", "done"]  # newest first
     assert (listed["done"]["state"], listed["done"]["status"]) == ("finished", "finished")
     assert listed["done"]["epochs_done"] == listed["done"]["epochs_planned"] == 1
     assert listed["done"]["best_accuracy"] is not None and listed["done"]["split"] == "val"

@@ -1021,11 +1021,12 @@ RunNames = Annotated[
 
 
 def _list_runs(as_json: bool) -> None:
+    from cifarnet_cli.paths import runs_dir
     from cifarnet_cli.runlist import list_summaries
 
     summaries = list_summaries()
-    if as_json:
-        _print_json([s.to_json() for s in summaries])
+    if as_json:  # one object, like every other --json (and like `runs compare --json`'s "runs")
+        _print_json({"runs_dir": str(runs_dir()), "runs": [s.to_json() for s in summaries]})
     else:
         _ui().runs_table(summaries)
 
