@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cifarnet_cli import choices, paths
+from cifarnet_cli import choices, fileio, paths
 from cifarnet_cli.data.classes import match_classes
 from cifarnet_cli.data.sources import ImageSet, find_source, load_source
 from cifarnet_cli.errors import CifarNetError, UsageError
@@ -283,12 +283,14 @@ def evaluate_model(
         suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
         target = run.dir / f"eval-{suffix}.json"
         picture = run.dir / f"confusion-{suffix}.png"
-        try:
-            target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        try:  # atomically, and a failure worded like every other file error (the results are printed anyway)
+            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode())
             title = f"{run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
             drawn = plot_confusion(cm, names, picture, title=title)
+        except CifarNetError as exc:
+            notify(f"{exc} The results are not saved in the run folder.")
         except OSError as exc:
-            notify(f"Could not write {target} or {picture.name} ({exc}).")
+            notify(f"{fileio.os_error_message(exc, picture, 'write')} The results are not saved in the run folder.")
         else:
             report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
     return report
