@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cifarnet_cli import fileio
-from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.errors import CifarNetError, first_line
 
 if TYPE_CHECKING:
     from cifarnet_cli.models import Classifier
@@ -43,11 +43,6 @@ def _display(path: Path) -> str:
 _REFUSALS = ("Unsupported global", "unrecognized function", "Can only create", "Can only build", "Can only setstate")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a plain state dict) safely; unreadable files end in one clear error."""
     try:
@@ -60,7 +55,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise fileio.os_error(exc, path, "read") from exc
     except pickle.UnpicklingError as exc:
         if not any(sign in str(exc) for sign in _REFUSALS):  # not a refused object: a damaged file
-            raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({_first_line(exc)}).") from exc
+            raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({first_line(exc, 200)}).") from exc
         # torch's refusal is a page of advice about weights_only; the user needs one plain sentence.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         holding = f" (it holds {found.group(1)})" if found else ""
@@ -69,7 +64,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             "a cifarnet checkpoint holds only tensors and plain values. Load only files from sources you trust."
         ) from exc
     except Exception as exc:  # noqa: BLE001 - any failure of torch.load means a damaged or foreign file
-        raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({_first_line(exc)}).") from exc
+        raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({first_line(exc, 200)}).") from exc
     if not isinstance(obj, dict):
         raise CifarNetError(f"{_display(path)} does not hold a checkpoint dictionary.")
     return obj
