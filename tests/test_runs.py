@@ -149,6 +149,11 @@ def test_rm_asks_and_refuses_a_run_being_trained() -> None:
     with b.lock():
         busy = runner.invoke(app, ["runs", "rm", "b", "--yes"])
         assert busy.exit_code == 1 and "being trained" in busy.output and f"pid {os.getpid()}" in busy.output
+        # several names with one being trained: refused before the question, and nothing is deleted
+        c = _fake_run("c", epochs=2, rows=[0.5])
+        mixed = runner.invoke(app, ["runs", "rm", "c", "b"], input="y\n")
+        assert mixed.exit_code == 1 and "being trained" in mixed.output and "Delete" not in mixed.output
+        assert c.dir.is_dir()
     assert b.dir.is_dir()
     outside = runner.invoke(app, ["runs", "rm", str(b.dir.parent.parent), "--yes"])
     assert outside.exit_code != 0 and paths.runs_dir().is_dir()

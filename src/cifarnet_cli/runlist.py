@@ -236,6 +236,12 @@ def removable(ref: str) -> runs.Run:
     run = runs.resolve_run(ref)
     if run.dir.resolve().parent != paths.runs_dir().resolve():
         raise UsageError(f"{ref!r} is not a run in {paths.runs_dir()}; `runs rm` takes run names.")
+    holder = runs.holder_of(run)
+    if holder is not None:  # refused before the question, so that nothing is deleted (remove() checks again)
+        raise CifarNetError(
+            f"Not deleting {run.name!r}: it is being trained ({runs.describe_holder(holder)}); wait for it to "
+            "finish, or stop that process first (Ctrl-C saves it). Nothing was deleted."
+        )
     return run
 
 
