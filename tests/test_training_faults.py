@@ -32,6 +32,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(image_folder: Calla
     )
     assert result.exit_code == 1, result.output
     assert "Training diverged" in result.output and "lower --lr" in result.output
+    assert "no epoch had completed" in result.output and "epoch 0" not in result.output  # as Ctrl-C words it
     assert "Traceback" not in result.output
     saved = torch.load(_run_dir("boom") / "last.pt", weights_only=True)
     assert saved["epoch"] == 0 and all(

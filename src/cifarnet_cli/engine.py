@@ -561,17 +561,24 @@ def _smaller_micro_batch(config: TrainConfig, num_examples: int) -> TrainConfig 
     return smaller
 
 
+def _saved_words(run: Run, saved_epoch: int, last: str) -> str:
+    """What is on disk after a stop, as the Ctrl-C message words it."""
+    if saved_epoch:
+        return f"epoch {saved_epoch} is the {last} ({run.last})"
+    return f"no epoch had completed, so {run.last} holds the starting point"
+
+
 def _out_of_memory_message(config: TrainConfig, run: Run, saved_epoch: int) -> str:
-    hint = (
-        f"continue with smaller micro-batches: cifarnet train --resume {run.name} --batch-size "
-        f"{max(1, config.batch_size // 2)} --accum {config.accum * 2}"
-        if config.batch_size >= 2
-        else "free GPU memory (other processes) and resume"
-    )
-    return (
-        f"The GPU ran out of memory at micro-batch {config.batch_size}. Epoch {saved_epoch} is the last one saved "
-        f"({run.last}); {hint} (same effective batch), or train with --batch-size auto."
-    )
+    saved = _saved_words(run, saved_epoch, "last one saved")
+    if config.batch_size >= 4:  # half of it is still a micro-batch BatchNorm accepts (at least 2)
+        hint = (
+            "Continue with smaller micro-batches (the same effective batch): cifarnet train --resume "
+            f"{run.name} --batch-size {config.batch_size // 2} --accum {config.accum * 2}, or start a new run "
+            "with --batch-size auto."
+        )
+    else:
+        hint = "Free GPU memory (other processes) and resume."
+    return f"The GPU ran out of memory at micro-batch {config.batch_size}; {saved}. {hint}"
 
 
 def _divergence_message(
@@ -584,5 +591,5 @@ def _divergence_message(
         hints.append("do not freeze a randomly initialised body (--weights none with --freeze-backbone)")
     return (
         f"Training diverged: the {which} loss is {loss:.4g} (a uniform guess scores {math.log(num_classes):.2f}). "
-        f"Stopped; epoch {saved_epoch} is the last good one ({run.last}). Try to {' or '.join(hints)}."
+        f"Stopped; {_saved_words(run, saved_epoch, 'last good one')}. Try to {' or '.join(hints)}."
     )
