@@ -61,7 +61,7 @@ def _user_errors() -> Iterator[None]:
             saved = f"epoch {exc.completed_epochs} is saved in {exc.run.last}"
         else:
             saved = f"no epoch had completed, so {exc.run.last} holds the starting point"
-        _ui().warn(f"{how}; {saved}. Continue with: cifarnet train --resume {exc.run.name}")
+        _ui().warn(f"{how}; {saved}. Continue with: {exc.command} --resume {exc.run.name}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:  # SIGTERM arrives as a KeyboardInterrupt subclass with its own code
         _ui().warn("Stopped by SIGTERM." if getattr(exc, "exit_code", 130) == 143 else "Interrupted.")

@@ -522,7 +522,9 @@ def fit(
                 )
                 break
     except KeyboardInterrupt as exc:
-        raise TrainingInterrupted(run, saved_epoch, exit_code=getattr(exc, "exit_code", 130)) from None
+        raise TrainingInterrupted(
+            run, saved_epoch, exit_code=getattr(exc, "exit_code", 130), command=config.command
+        ) from None
     except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
         raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
 
@@ -572,7 +574,7 @@ def _out_of_memory_message(config: TrainConfig, run: Run, saved_epoch: int) -> s
     saved = _saved_words(run, saved_epoch, "last one saved")
     if config.batch_size >= 4:  # half of it is still a micro-batch BatchNorm accepts (at least 2)
         hint = (
-            "Continue with smaller micro-batches (the same effective batch): cifarnet train --resume "
+            f"Continue with smaller micro-batches (the same effective batch): {config.command} --resume "
             f"{run.name} --batch-size {config.batch_size // 2} --accum {config.accum * 2}, or start a new run "
             "with --batch-size auto."
         )

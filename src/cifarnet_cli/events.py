@@ -106,11 +106,14 @@ class TrainingInterrupted(Exception):
     """Ctrl-C (exit code 130) or SIGTERM (143) during training; the run's last.pt holds the last
     completed epoch."""
 
-    def __init__(self, run: Run, completed_epochs: int, *, exit_code: int = 130) -> None:
+    def __init__(
+        self, run: Run, completed_epochs: int, *, exit_code: int = 130, command: str = "cifarnet train"
+    ) -> None:
         super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
         self.run = run
         self.completed_epochs = completed_epochs
         self.exit_code = exit_code
+        self.command = command  # the one that resumes it: cifarnet train or cifarnet finetune-resnet50
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ def _load_resumable(path: Path) -> dict[str, Any]:
 
 
 def _command(config: TrainConfig) -> str:
-    return "cifarnet finetune-resnet50" if config.task == "finetune-resnet50" else "cifarnet train"
+    return config.command
 
 
 def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) -> UsageError:
