@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,12 +45,39 @@ def _display(path: Path) -> str:
 _REFUSALS = ("Unsupported global", "unrecognized function", "Can only create", "Can only build", "Can only setstate")
 
 
+def _refuse_exports(path: Path) -> None:
+    """An exported model (ONNX, TensorRT, TorchScript) where a checkpoint is expected: say what it is and
+    what takes it, instead of torch's weights-only advice."""
+    from cifarnet_cli.runtime import is_exported
+
+    if is_exported(path):
+        kind = "an exported model (ONNX or TensorRT)"
+        use = f"predict and evaluate run it with --model {_display(path)}"
+    else:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                torchscript = any(name.endswith("/constants.pkl") for name in archive.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return
+        if not torchscript:
+            return
+        kind = "a TorchScript export (for libtorch and C++)"
+        use = "predict and evaluate take the run's checkpoint or its ONNX export"
+    raise CifarNetError(
+        f"{_display(path)} is {kind}, not a checkpoint: {use}; export and --init-from need the run's checkpoint "
+        "(best.pt)."
+    )
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a plain state dict) safely; unreadable files end in one clear error."""
     try:
         if not path.is_file():
             raise CifarNetError(f"No checkpoint at {_display(path)}.")
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        _refuse_exports(path)
+        with warnings.catch_warnings():  # torch warns before some refusals; the refusal is worded below
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except CifarNetError:
         raise
     except OSError as exc:
