@@ -384,7 +384,7 @@ def _run_training(
             else:
                 _ui().info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
         if not quiet:
-            _ui().train_summary(result, view.started.eval_split if view.started else None)
+            _ui().train_summary(result, result.split)
         if as_json:
             _print_json(result.to_json())
 

@@ -128,6 +128,7 @@ class TrainResult:
     already_finished: bool = False
     stopped_early: int = 0  # the epoch after which --patience stopped the run; 0 = it did not
     best_epoch: int = 0
+    split: str | None = None  # what the accuracies were measured on: "val", or "test" with --val-split 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,6 +137,7 @@ class TrainResult:
             "epochs": self.epochs,
             "best_accuracy": self.best_accuracy,
             "final_accuracy": self.final_accuracy,
+            "split": self.split,
             "images_per_second": self.images_per_second,
             "checkpoint": self.checkpoint,
             "best_epoch": self.best_epoch,

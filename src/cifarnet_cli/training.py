@@ -192,7 +192,7 @@ def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) 
 
 
 def _finished_result(run: runs.Run, ckpt: dict[str, Any]) -> TrainResult:
-    fit_state = ckpt["fit_state"]
+    fit_state, meta = ckpt["fit_state"], ckpt.get("meta")
     rows = run.read_metrics()
     final = rows[-1].get("val_accuracy") if rows else None
     return TrainResult(
@@ -206,6 +206,7 @@ def _finished_result(run: runs.Run, ckpt: dict[str, Any]) -> TrainResult:
         already_finished=True,
         stopped_early=int(fit_state.get("stopped_early", 0)),
         best_epoch=int(fit_state.get("best_epoch", 0)),
+        split=str(meta["eval_split"]) if isinstance(meta, dict) and meta.get("eval_split") else None,
     )
 
 
@@ -514,6 +515,7 @@ def _train(
         str(run.best if run.best.is_file() else run.last),
         stopped_early=result.stopped_early,
         best_epoch=result.best_epoch,
+        split=eval_split,
     )
 
 
