@@ -18,7 +18,7 @@ from cifarnet_cli import choices, fileio, paths
 from cifarnet_cli.data.classes import match_classes
 from cifarnet_cli.data.sources import ImageSet, find_source, load_source
 from cifarnet_cli.errors import CifarNetError, UsageError
-from cifarnet_cli.events import Notice
+from cifarnet_cli.events import DecodeProgress, Notice
 from cifarnet_cli.fileio import display
 from cifarnet_cli.report import plot_confusion
 from cifarnet_cli.runtime import ExportedModel, is_exported, open_exported
@@ -171,8 +171,7 @@ def _exported_eval_set(
         )
 
     def progress(done: int, total: int) -> None:
-        if done == total or done % 10240 == 0:
-            on_event(Notice(f"Decoding images: {done}/{total}"))
+        on_event(DecodeProgress(done, total))
 
     source = load_source(data_dir or paths.default_data_dir(), classes=model.classes, progress=progress)
     for warning in source.warnings:

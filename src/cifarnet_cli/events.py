@@ -59,6 +59,14 @@ class DownloadProgress:
     total: int | None
 
 
+@dataclass(frozen=True)
+class DecodeProgress:
+    """Images of a folder decoded so far (the first read of a folder; later runs read the cache)."""
+
+    done: int
+    total: int
+
+
 # --------------------------------------------------------------------------------------------------
 # The training loop
 

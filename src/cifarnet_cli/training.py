@@ -26,7 +26,7 @@ from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
 from cifarnet_cli.engine import backbone_frozen, fit, scheduled_lrs, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
-from cifarnet_cli.events import DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
+from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
 from cifarnet_cli.models import Classifier, count_parameters, get_model
 from cifarnet_cli.tensorboard_log import TensorBoardLogger
@@ -69,8 +69,7 @@ def open_data(
         download.fetch_cifar10(location, notify=notify, progress=progress_cb)
 
     def progress(done: int, total: int) -> None:
-        if done == total or done % 10240 == 0:
-            on_event(Notice(f"Decoding images: {done}/{total}"))
+        on_event(DecodeProgress(done, total))
 
     source = load_source(location, classes=classes, progress=progress)
     for warning in source.warnings:

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from cifarnet_cli.events import (
     BenchProgress,
+    DecodeProgress,
     DownloadProgress,
     EpochEnded,
     EpochStarted,
@@ -135,6 +136,7 @@ class TrainView:
         self._epochs = 0
         self.started: RunStarted | None = None
         self._download: DownloadView | None = None
+        self._decode: Progress | None = None
         self._no_echo = _NoEcho()
         self._best: float | None = None
 
@@ -146,6 +148,9 @@ class TrainView:
         if self._download is not None:
             self._download.__exit__()
             self._download = None
+        if self._decode is not None:
+            self._decode.stop()
+            self._decode = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -160,6 +165,10 @@ class TrainView:
                 if event.total is not None and event.done >= event.total:
                     self._download.__exit__()
                     self._download = None
+            return
+        if isinstance(event, DecodeProgress):
+            if not self.quiet:
+                self._decoding(event)
             return
         if isinstance(event, Notice):
             if not self.quiet:
@@ -176,6 +185,31 @@ class TrainView:
             self._step(event)
         elif isinstance(event, EpochEnded):
             self._epoch_ended(event)
+
+    def _decoding(self, e: DecodeProgress) -> None:
+        """A folder's first read: a bar in a terminal (it can take a minute), a line every 10,240 images
+        otherwise; progress, not a warning, so not in yellow."""
+        finished = e.done >= e.total
+        if not self.live:
+            if finished or e.done % 10240 == 0:
+                err_console.print(f"Decoding images: {e.done}/{e.total}", soft_wrap=True)
+            return
+        if self._decode is None:
+            self._decode = Progress(
+                TextColumn("[bold blue]decoding images"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            self._decode.start()
+            self._decode.add_task("decode", total=e.total)
+        self._decode.update(self._decode.task_ids[0], completed=e.done, total=e.total)
+        if finished:
+            self._decode.stop()
+            self._decode = None
+            err_console.print(f"Decoded {e.total:,} images", soft_wrap=True)
 
     def _print(self, text: str) -> None:
         (self._progress.console if self._progress is not None else err_console).print(text, soft_wrap=True)
