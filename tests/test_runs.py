@@ -122,6 +122,9 @@ def test_show_compare_and_path(three_runs: Path, tmp_path: Path) -> None:
     assert {"last.pt", "best.pt", "config.json", "metrics.jsonl", "metrics.csv"} <= {f["name"] for f in d["files"]}
     table = runner.invoke(app, ["runs", "show", "halfway"])
     assert "Continue it with: cifarnet train --resume halfway" in table.output and "Per epoch" in table.output
+    # the recipe as a reader wants it: the rate a default gave, no JSON nulls, no fine-tuning options
+    assert "0.0125 (base-lr scaled to the effective batch of 16)" in table.output
+    assert "null" not in table.output and "freeze-backbone" not in table.output
     assert json.loads(runner.invoke(app, ["runs", "show", "done", "--json"]).stdout)["resume"] is None
 
     plot = tmp_path / "cmp.png"

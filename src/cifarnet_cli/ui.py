@@ -636,8 +636,8 @@ def run_detail(d: Any, console: Console | None = None) -> None:
         table = Table(title="Recipe", show_header=False, title_justify="left")
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
-        for key, value in sorted(d.config.items()):
-            table.add_row(key.replace("_", "-"), escape(json.dumps(value) if not isinstance(value, str) else value))
+        for key, value in d.recipe_rows():
+            table.add_row(key, escape(value))
         return table
 
     print_fitted(console, recipe)
