@@ -122,3 +122,23 @@ def test_existing_run_name_is_not_overwritten(image_folder: Callable[..., Path])
     train(_config(data, epochs=1, warmup_epochs=0), run_name="mine", on_event=lambda e: None)
     with pytest.raises(CifarNetError, match="--resume mine"):
         train(_config(data, epochs=1, warmup_epochs=0), run_name="mine", on_event=lambda e: None)
+
+
+def test_a_long_third_party_message_is_cut_at_a_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's message for a truncated file runs on ("... a high likelihood that your checkpoint file is"
+    was where it used to be cut); the reason shown ends with a whole sentence."""
+    long = (
+        "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal "
+        "miniz error. If you are seeing this error, there is a high likelihood that your checkpoint file is "
+        "corrupted, possibly because it was truncated or written by an interrupted save."
+    )
+
+    def broken(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError(long)
+
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", broken)
+    with pytest.raises(CifarNetError) as err:
+        checkpoint.load(target)
+    assert str(err.value).endswith("failed finding central directory. This is an internal miniz error.).")

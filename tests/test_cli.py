@@ -34,6 +34,13 @@ def test_help_lists_the_commands() -> None:
         assert command in result.output
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_run_argument_help_shows_its_default(command: str) -> None:
+    """A bracket in help text is Rich markup unless escaped: "[default: ...]" vanished from the argument's help."""
+    result = runner.invoke(app, [command, "--help"])
+    assert "[default: the most recent run]" in " ".join(result.output.replace("│", " ").split())
+
+
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output
@@ -50,12 +57,17 @@ def test_train_json_and_run_folder(image_folder: Callable[..., Path]) -> None:
         "epochs",
         "best_accuracy",
         "final_accuracy",
+        "split",
         "images_per_second",
         "checkpoint",
         "best_epoch",
         "stopped_early",
     }
     assert out["run"] == "cli" and out["epochs"] == 2 and out["images_per_second"] > 0
+    assert out["split"] == "val"  # what the accuracies were measured on, as in `runs --json`
+    again = runner.invoke(app, ["train", "--resume", "cli", "--json"])  # finished: the same object, same split
+    assert again.exit_code == 0 and json.loads(again.stdout)["split"] == "val"
+    assert "best accuracy (val)" in again.output
     run_dir = Path(out["run_dir"])
     assert run_dir == Path(os.environ["CIFARNET_HOME"]) / "runs" / "cli"
     assert {"last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "config.json", "curves.png"} <= {

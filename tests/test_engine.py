@@ -200,3 +200,33 @@ def test_finetune_lr_scales_with_its_effective_batch() -> None:
     assert make_config("finetune-resnet50", {}).peak_lr == pytest.approx(0.05)
     assert make_config("finetune-resnet50", {"batch_size": 32}).peak_lr == pytest.approx(0.025)  # 32 × 2 = 64
     assert make_config("finetune-resnet50", {"lr": 0.01}).peak_lr == 0.01
+
+
+def test_step_progress_reports_the_rate_the_step_used() -> None:
+    """The bars and TensorBoard's step/lr show the rate each step trained with, as metrics.jsonl's lr does
+    for the epoch's last step (not the next step's rate, which is 0 after the cosine's last step)."""
+    from cifarnet_cli.engine import scheduled_lrs
+    from cifarnet_cli.events import StepProgress
+
+    config = TrainConfig(epochs=1, batch_size=10, accum=1, warmup_epochs=0, lr=0.4)
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 10, (40,))
+    model = TinyNet()
+    opt = build_optimizer(model, config)
+    sched = build_scheduler(opt, config, 4)
+    seen: list[StepProgress] = []
+    train_one_epoch(
+        model,
+        _batches(x, y, 10),
+        opt,
+        batch_sizes=[10] * 4,
+        accum=1,
+        scheduler=sched,
+        device=CPU,
+        precision=FP32,
+        on_event=lambda e: seen.append(e) if isinstance(e, StepProgress) else None,
+        report_every_s=0.0,
+    )
+    lrs = scheduled_lrs(config, 4)
+    assert [e.lr for e in seen] == pytest.approx(lrs)
+    assert seen[-1].lr > 0

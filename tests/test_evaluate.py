@@ -160,3 +160,14 @@ def test_class_names_are_never_cut(
     if terminal:  # and the tables fit the terminal
         plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
         assert max(len(line) for line in plain.splitlines() if "best.pt" not in line) <= width
+
+
+def test_a_report_that_cannot_be_written_is_one_worded_line(trained_run: tuple[Path, dict[str, object]]) -> None:
+    """The results are printed anyway; the failure reads like every other file error (no "[Errno 21]")."""
+    run_dir = Path(str(trained_run[1]["run_dir"]))
+    (run_dir / "eval-val.json").mkdir()  # something in the way that even root cannot write over
+    result = runner.invoke(app, ["evaluate", "ev", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert "Accuracy on val" in result.stdout
+    assert f"Cannot write {run_dir / 'eval-val.json'}" in result.output and "Errno" not in result.output
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".partial")]

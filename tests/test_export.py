@@ -105,3 +105,7 @@ def test_missing_export_extra_is_explained(run: Path, monkeypatch: pytest.Monkey
 def test_bad_format_and_opset(run: Path) -> None:
     assert runner.invoke(app, ["export", "x", "--format", "tflite"]).exit_code == 2
     assert runner.invoke(app, ["export", "x", "--opset", "3"]).exit_code == 2
+    # options TorchScript has no use for are refused, not silently ignored
+    for option, value in (("--opset", "13"), ("--batch-range", "1:8:16")):
+        result = runner.invoke(app, ["export", "x", "--format", "torchscript", option, value])
+        assert result.exit_code == 2 and f"{option} is for ONNX and TensorRT" in result.output

@@ -487,6 +487,7 @@ def test_a_hostile_checkpoint_is_refused_by_every_command(
         ["predict", str(image), "--checkpoint", str(ckpt)],
         ["evaluate", str(ckpt), "--data-dir", str(tmp_path)],
         ["export", str(ckpt), "--format", "torchscript", "-o", str(tmp_path / "m.ts")],
+        ["train", "--init-from", str(ckpt), "--data-dir", str(tmp_path), "--epochs", "1", "--run", "x"],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1, (args, result.output)
@@ -523,3 +524,18 @@ def test_an_os_error_names_the_file_in_the_way(tmp_path: Path) -> None:
     assert (
         fileio.os_error_message(err) == f"Cannot use {tmp_path}/home/runs/x: {tmp_path}/home is a file, not a folder."
     )
+
+
+def test_an_exported_model_where_a_checkpoint_belongs_says_what_it_is(tmp_path: Path) -> None:
+    """A TorchScript file printed torch's UserWarning and its weights_only advice; an ONNX file the advice."""
+    script = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not read")
+    for path, kind in ((script, "a TorchScript export"), (onnx_file, "an exported model (ONNX or TensorRT)")):
+        for args in (["evaluate", str(path)], ["export", str(path)], ["train", "--init-from", str(path)]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 1, (args, result.output)
+            text = result.output.replace("\n", " ")
+            assert f"is {kind}" in text and "not a checkpoint" in text, (args, result.output)
+            assert "Warning" not in result.output and "weights_only" not in result.output

@@ -165,3 +165,17 @@ def test_imagenet_weights_without_network_fail_fast(data: Path) -> None:
 def test_unfreeze_needs_freeze(data: Path) -> None:
     result = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--unfreeze-at", "2"])
     assert result.exit_code == 2 and "--freeze-backbone" in result.output
+
+
+def test_ctrl_c_in_a_finetune_run_names_its_own_command(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume hint matches `runs show`: finetune-resnet50 --resume, not train --resume."""
+    from cifarnet_cli import engine
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    args = ["finetune-resnet50", "--data-dir", str(data), "--weights", "none", "--run", "ftc", *FAST[:-2]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "Continue with: cifarnet finetune-resnet50 --resume ftc" in result.output

@@ -182,3 +182,25 @@ def test_predict_checks_numbers_first_and_names_the_model(run: Path) -> None:
     out = json.loads(result.stdout)
     assert out["model"] == str(runs.resolve_run("p").best) and out["arch"] == "resnet20"
     assert f"Model: {runs.resolve_run('p').best}" in result.stderr
+
+
+def test_redirected_prediction_rows_keep_paths_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output to a file (Rich assumes 80 columns) is not folded: each input stays on one line, for grep."""
+    import io
+
+    from rich.console import Console
+
+    from cifarnet_cli import ui
+    from cifarnet_cli.predict import Prediction
+
+    long = "/data/photos/" + "x" * 70 + ".jpg"
+    rows = [
+        Prediction(long, top=[("cat", 0.9), ("dog", 0.05), ("frog", 0.01)]),
+        Prediction("/data/photos/broken.png", error="truncated: the file ends early"),
+    ]
+    out = Console(file=io.StringIO(), width=80, force_terminal=False, highlight=False)
+    monkeypatch.setattr(ui, "out_console", out)
+    ui.prediction_table(rows, 3)
+    lines = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert any(long in line and "cat" in line and "dog 5.0%" in line for line in lines)
+    assert any("broken.png" in line and "truncated: the file ends early" in line for line in lines)

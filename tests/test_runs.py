@@ -72,8 +72,10 @@ def _fake_run(name: str, *, epochs: int, rows: list[float], patience: int = 0, c
 def test_listing_shows_each_state(three_runs: Path) -> None:
     result = runner.invoke(app, ["runs", "--json"])
     assert result.exit_code == 0, result.output
-    listed = {r["name"]: r for r in json.loads(result.stdout)}
-    assert [r["name"] for r in json.loads(result.stdout)] == ["nothing", "halfway", "done"]  # newest first
+    out = json.loads(result.stdout)
+    assert out["runs_dir"] == str(paths.runs_dir())  # one object, as every --json prints
+    listed = {r["name"]: r for r in out["runs"]}
+    assert [r["name"] for r in out["runs"]] == ["nothing", "halfway", "done"]  # newest first
     assert (listed["done"]["state"], listed["done"]["status"]) == ("finished", "finished")
     assert listed["done"]["epochs_done"] == listed["done"]["epochs_planned"] == 1
     assert listed["done"]["best_accuracy"] is not None and listed["done"]["split"] == "val"
@@ -120,6 +122,9 @@ def test_show_compare_and_path(three_runs: Path, tmp_path: Path) -> None:
     assert {"last.pt", "best.pt", "config.json", "metrics.jsonl", "metrics.csv"} <= {f["name"] for f in d["files"]}
     table = runner.invoke(app, ["runs", "show", "halfway"])
     assert "Continue it with: cifarnet train --resume halfway" in table.output and "Per epoch" in table.output
+    # the recipe as a reader wants it: the rate a default gave, no JSON nulls, no fine-tuning options
+    assert "0.0125 (base-lr scaled to the effective batch of 16)" in table.output
+    assert "null" not in table.output and "freeze-backbone" not in table.output
     assert json.loads(runner.invoke(app, ["runs", "show", "done", "--json"]).stdout)["resume"] is None
 
     plot = tmp_path / "cmp.png"
@@ -147,6 +152,11 @@ def test_rm_asks_and_refuses_a_run_being_trained() -> None:
     with b.lock():
         busy = runner.invoke(app, ["runs", "rm", "b", "--yes"])
         assert busy.exit_code == 1 and "being trained" in busy.output and f"pid {os.getpid()}" in busy.output
+        # several names with one being trained: refused before the question, and nothing is deleted
+        c = _fake_run("c", epochs=2, rows=[0.5])
+        mixed = runner.invoke(app, ["runs", "rm", "c", "b"], input="y\n")
+        assert mixed.exit_code == 1 and "being trained" in mixed.output and "Delete" not in mixed.output
+        assert c.dir.is_dir()
     assert b.dir.is_dir()
     outside = runner.invoke(app, ["runs", "rm", str(b.dir.parent.parent), "--yes"])
     assert outside.exit_code != 0 and paths.runs_dir().is_dir()

@@ -85,6 +85,7 @@ def test_init_from_a_run_and_extending_a_finished_one(image_folder: Callable[...
     assert "Traceback" not in wrong.output
     resnet50 = runner.invoke(app, ["finetune-resnet50", "--data-dir", str(data), "--init-from", "a"])
     assert resnet50.exit_code == 2 and "holds a resnet20 model and this run trains a resnet50" in resnet50.output
+    assert "cifarnet train --init-from" in resnet50.output and "--arch" not in resnet50.output  # finetune has none
     both = runner.invoke(app, ["finetune-resnet50", "--init-from", "a", "--weights", "none"])
     assert both.exit_code == 2 and "--weights and --init-from" in both.output
     other_classes = image_folder("six", per_class=4, classes=("a", "b", "c", "d", "e", "f"))

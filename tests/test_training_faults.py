@@ -32,6 +32,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(image_folder: Calla
     )
     assert result.exit_code == 1, result.output
     assert "Training diverged" in result.output and "lower --lr" in result.output
+    assert "no epoch had completed" in result.output and "epoch 0" not in result.output  # as Ctrl-C words it
     assert "Traceback" not in result.output
     saved = torch.load(_run_dir("boom") / "last.pt", weights_only=True)
     assert saved["epoch"] == 0 and all(
@@ -160,3 +161,24 @@ def test_bad_numbers_echo_the_value_and_arch_ignores_case(image_folder: Callable
     data = image_folder(per_class=4)
     result = runner.invoke(app, ["train", "--data-dir", str(data), "--arch", "ResNet20", "--epochs", "1", *QUICK])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["finetune-resnet50", "--image-size"],
+        ["finetune-resnet50", "--unfreeze-at"],
+        ["finetune-resnet50", "--backbone-lr-scale"],
+        ["download", "cifar10", "--timeout"],
+        ["evaluate", "--batch-size"],
+        ["predict", "x.png", "--top-k"],
+        ["predict", "x.png", "--batch-size"],
+        ["export", "--opset"],
+        ["export", "--batch"],
+    ],
+)
+def test_every_numeric_option_echoes_a_bad_value(args: list[str]) -> None:
+    """Not only train's: each command's numbers say what was given ("Input should be a valid integer" did not)."""
+    result = runner.invoke(app, [*args, "abc"])
+    assert result.exit_code == 2
+    assert "'abc' is not a" in result.output, result.output

@@ -107,3 +107,28 @@ def test_keys_are_not_echoed_while_bars_are_live(monkeypatch: pytest.MonkeyPatch
     finally:
         tty.close()
         os.close(master)
+
+
+def test_decoding_is_a_bar_in_a_terminal_and_lines_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's first read is progress, not a notice: a transient bar in a terminal, then one line; in a
+    log, a line every 10,240 images and at the end."""
+    from cifarnet_cli.events import DecodeProgress
+
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None)
+    monkeypatch.setattr(ui, "err_console", console)
+    with ui.TrainView(live=True) as view:
+        view(DecodeProgress(2048, 5000))
+        assert view._decode is not None
+        view._decode.refresh()
+        view(DecodeProgress(5000, 5000))
+        assert view._decode is None
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "2048/5000" in text and "Decoded 5,000 images" in text
+
+    log = Console(file=io.StringIO(), width=100, force_terminal=False)
+    monkeypatch.setattr(ui, "err_console", log)
+    with ui.TrainView(live=False) as view:
+        for done in range(2048, 20480, 2048):
+            view(DecodeProgress(done, 20480))
+        view(DecodeProgress(20480, 20480))
+    assert log.file.getvalue().splitlines() == ["Decoding images: 10240/20480", "Decoding images: 20480/20480"]  # type: ignore[attr-defined]

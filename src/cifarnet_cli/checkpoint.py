@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cifarnet_cli import fileio
-from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.errors import CifarNetError, first_line
 
 if TYPE_CHECKING:
     from cifarnet_cli.models import Classifier
@@ -43,9 +45,28 @@ def _display(path: Path) -> str:
 _REFUSALS = ("Unsupported global", "unrecognized function", "Can only create", "Can only build", "Can only setstate")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+def _refuse_exports(path: Path) -> None:
+    """An exported model (ONNX, TensorRT, TorchScript) where a checkpoint is expected: say what it is and
+    what takes it, instead of torch's weights-only advice."""
+    from cifarnet_cli.runtime import is_exported
+
+    if is_exported(path):
+        kind = "an exported model (ONNX or TensorRT)"
+        use = f"predict and evaluate run it with --model {_display(path)}"
+    else:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                torchscript = any(name.endswith("/constants.pkl") for name in archive.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return
+        if not torchscript:
+            return
+        kind = "a TorchScript export (for libtorch and C++)"
+        use = "predict and evaluate take the run's checkpoint or its ONNX export"
+    raise CifarNetError(
+        f"{_display(path)} is {kind}, not a checkpoint: {use}; export and --init-from need the run's checkpoint "
+        "(best.pt)."
+    )
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -53,14 +74,17 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         if not path.is_file():
             raise CifarNetError(f"No checkpoint at {_display(path)}.")
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        _refuse_exports(path)
+        with warnings.catch_warnings():  # torch warns before some refusals; the refusal is worded below
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except CifarNetError:
         raise
     except OSError as exc:
         raise fileio.os_error(exc, path, "read") from exc
     except pickle.UnpicklingError as exc:
         if not any(sign in str(exc) for sign in _REFUSALS):  # not a refused object: a damaged file
-            raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({_first_line(exc)}).") from exc
+            raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({first_line(exc, 200)}).") from exc
         # torch's refusal is a page of advice about weights_only; the user needs one plain sentence.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         holding = f" (it holds {found.group(1)})" if found else ""
@@ -69,7 +93,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             "a cifarnet checkpoint holds only tensors and plain values. Load only files from sources you trust."
         ) from exc
     except Exception as exc:  # noqa: BLE001 - any failure of torch.load means a damaged or foreign file
-        raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({_first_line(exc)}).") from exc
+        raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({first_line(exc, 200)}).") from exc
     if not isinstance(obj, dict):
         raise CifarNetError(f"{_display(path)} does not hold a checkpoint dictionary.")
     return obj

@@ -61,7 +61,7 @@ def _user_errors() -> Iterator[None]:
             saved = f"epoch {exc.completed_epochs} is saved in {exc.run.last}"
         else:
             saved = f"no epoch had completed, so {exc.run.last} holds the starting point"
-        _ui().warn(f"{how}; {saved}. Continue with: cifarnet train --resume {exc.run.name}")
+        _ui().warn(f"{how}; {saved}. Continue with: {exc.command} --resume {exc.run.name}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:  # SIGTERM arrives as a KeyboardInterrupt subclass with its own code
         _ui().warn("Stopped by SIGTERM." if getattr(exc, "exit_code", 130) == 143 else "Interrupted.")
@@ -384,7 +384,7 @@ def _run_training(
             else:
                 _ui().info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
         if not quiet:
-            _ui().train_summary(result, view.started.eval_split if view.started else None)
+            _ui().train_summary(result, result.split)
         if as_json:
             _print_json(result.to_json())
 
@@ -477,6 +477,7 @@ def finetune_resnet50(
             "--image-size",
             help="Side the 32×32 images are resized to on the device. \\[default: 160]",
             show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     freeze_backbone: Annotated[
@@ -485,7 +486,12 @@ def finetune_resnet50(
     ] = None,
     unfreeze_at: Annotated[
         int | None,
-        typer.Option("--unfreeze-at", help="Epoch at which a frozen backbone starts training.", show_default=False),
+        typer.Option(
+            "--unfreeze-at",
+            help="Epoch at which a frozen backbone starts training.",
+            show_default=False,
+            parser=_whole_number,
+        ),
     ] = None,
     backbone_lr_scale: Annotated[
         float | None,
@@ -493,6 +499,7 @@ def finetune_resnet50(
             "--backbone-lr-scale",
             help="Learning rate of the pretrained body relative to the head. \\[default: 0.2]",
             show_default=False,
+            parser=_number,
         ),
     ] = None,
     epochs: FinetuneEpochs = None,
@@ -594,7 +601,9 @@ def download(
             help="Do not verify the server's certificate (size and SHA-256 are still enforced).",
         ),
     ] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds without data before a transfer is abandoned.")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds without data before a transfer is abandoned.", parser=_number)
+    ] = 30.0,
     quiet: Quiet = False,
 ) -> None:
     """Download CIFAR-10 or the ImageNet ResNet-50 weights, verified by SHA-256, with SSL-safe fallbacks.
@@ -632,7 +641,7 @@ def download(
 RunArg = Annotated[
     str | None,
     typer.Argument(
-        help="Run name, run folder or checkpoint file. [default: the most recent run]",
+        help="Run name, run folder or checkpoint file. \\[default: the most recent run]",
         show_default=False,
         autocompletion=_complete_run,
     ),
@@ -688,7 +697,11 @@ def evaluate(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", "-b", help="Images per forward pass. \\[default: 500; ResNet-50: 128]", show_default=False
+            "--batch-size",
+            "-b",
+            help="Images per forward pass (at least 1). \\[default: 500; ResNet-50: 128]",
+            show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     model: ModelFile = None,
@@ -741,7 +754,9 @@ def predict(
         Path | None, typer.Option("--checkpoint", help="A checkpoint file to use instead of a run.")
     ] = None,
     model: ModelFile = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image (at least 1).")] = 3,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Classes to show per image (at least 1).", parser=_whole_number)
+    ] = 3,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -749,6 +764,7 @@ def predict(
             "-b",
             help="Images per forward pass (at least 1). \\[default: 500; ResNet-50: 128]",
             show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     device: Device = None,
@@ -856,6 +872,7 @@ def export(
             help="ONNX opset; the written file is checked. \\[default: 18; 13 for --for jetson-inference and "
             "--format engine, which older TensorRT (JetPack 4) needs]",
             show_default=False,
+            parser=_whole_number,
         ),
     ] = None,
     dynamic_batch: Annotated[
@@ -864,7 +881,12 @@ def export(
     ] = True,
     batch: Annotated[
         int | None,
-        typer.Option("--batch", help="Fixed batch size of a static export (implies --static).", show_default=False),
+        typer.Option(
+            "--batch",
+            help="Fixed batch size of a static export (implies --static).",
+            show_default=False,
+            parser=_whole_number,
+        ),
     ] = None,
     batch_range: Annotated[
         str | None,
@@ -952,8 +974,8 @@ def bench(
 ) -> None:
     """Measure this machine: ResNet-20 training (eager and CUDA graphs), predict, ResNet-50 fine-tuning.
 
-    Synthetic images in CIFAR's shape, through the same loader, engine and models as training. About a minute
-    on a GPU. Example: cifarnet bench --quick --json
+    Synthetic images in CIFAR's shape, through the same loader, engine and models; about a minute on a GPU.
+    Example: cifarnet bench --quick --json
     """
     from cifarnet_cli.benchmark import run_bench
 
@@ -999,11 +1021,12 @@ RunNames = Annotated[
 
 
 def _list_runs(as_json: bool) -> None:
+    from cifarnet_cli.paths import runs_dir
     from cifarnet_cli.runlist import list_summaries
 
     summaries = list_summaries()
-    if as_json:
-        _print_json([s.to_json() for s in summaries])
+    if as_json:  # one object, like every other --json (and like `runs compare --json`'s "runs")
+        _print_json({"runs_dir": str(runs_dir()), "runs": [s.to_json() for s in summaries]})
     else:
         _ui().runs_table(summaries)
 

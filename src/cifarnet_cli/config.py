@@ -66,6 +66,11 @@ class TrainConfig:
     init_from: str | None = None  # the checkpoint a new run took its initial weights from (--init-from)
 
     @property
+    def command(self) -> str:
+        """The command that trains (and resumes) this recipe."""
+        return "cifarnet finetune-resnet50" if self.task == "finetune-resnet50" else "cifarnet train"
+
+    @property
     def effective_batch(self) -> int:
         return self.batch_size * self.accum
 

@@ -181,6 +181,7 @@ def train_one_epoch(
         step.micro(x, y, y.shape[0] / windows[i // accum])
         seen += y.shape[0]
         if (i + 1) % accum == 0 or i + 1 == n_micro:
+            lr = optimizer.param_groups[-1]["lr"]  # the rate of this update (the scheduler then sets the next)
             step.update()
             if scheduler is not None:
                 scheduler.step()
@@ -199,7 +200,7 @@ def train_one_epoch(
                         images=seen,
                         loss=loss,
                         accuracy=float(step.correct) / seen,
-                        lr=optimizer.param_groups[-1]["lr"],
+                        lr=lr,
                         images_per_second=seen / max(time.perf_counter() - start, 1e-9),
                     )
                 )
@@ -521,7 +522,9 @@ def fit(
                 )
                 break
     except KeyboardInterrupt as exc:
-        raise TrainingInterrupted(run, saved_epoch, exit_code=getattr(exc, "exit_code", 130)) from None
+        raise TrainingInterrupted(
+            run, saved_epoch, exit_code=getattr(exc, "exit_code", 130), command=config.command
+        ) from None
     except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
         raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
 
@@ -560,17 +563,24 @@ def _smaller_micro_batch(config: TrainConfig, num_examples: int) -> TrainConfig 
     return smaller
 
 
+def _saved_words(run: Run, saved_epoch: int, last: str) -> str:
+    """What is on disk after a stop, as the Ctrl-C message words it."""
+    if saved_epoch:
+        return f"epoch {saved_epoch} is the {last} ({run.last})"
+    return f"no epoch had completed, so {run.last} holds the starting point"
+
+
 def _out_of_memory_message(config: TrainConfig, run: Run, saved_epoch: int) -> str:
-    hint = (
-        f"continue with smaller micro-batches: cifarnet train --resume {run.name} --batch-size "
-        f"{max(1, config.batch_size // 2)} --accum {config.accum * 2}"
-        if config.batch_size >= 2
-        else "free GPU memory (other processes) and resume"
-    )
-    return (
-        f"The GPU ran out of memory at micro-batch {config.batch_size}. Epoch {saved_epoch} is the last one saved "
-        f"({run.last}); {hint} (same effective batch), or train with --batch-size auto."
-    )
+    saved = _saved_words(run, saved_epoch, "last one saved")
+    if config.batch_size >= 4:  # half of it is still a micro-batch BatchNorm accepts (at least 2)
+        hint = (
+            f"Continue with smaller micro-batches (the same effective batch): {config.command} --resume "
+            f"{run.name} --batch-size {config.batch_size // 2} --accum {config.accum * 2}, or start a new run "
+            "with --batch-size auto."
+        )
+    else:
+        hint = "Free GPU memory (other processes) and resume."
+    return f"The GPU ran out of memory at micro-batch {config.batch_size}; {saved}. {hint}"
 
 
 def _divergence_message(
@@ -583,5 +593,5 @@ def _divergence_message(
         hints.append("do not freeze a randomly initialised body (--weights none with --freeze-backbone)")
     return (
         f"Training diverged: the {which} loss is {loss:.4g} (a uniform guess scores {math.log(num_classes):.2f}). "
-        f"Stopped; epoch {saved_epoch} is the last good one ({run.last}). Try to {' or '.join(hints)}."
+        f"Stopped; {_saved_words(run, saved_epoch, 'last good one')}. Try to {' or '.join(hints)}."
     )

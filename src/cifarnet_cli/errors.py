@@ -21,6 +21,14 @@ class UsageError(CifarNetError):
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (third-party errors can run to pages), or its type name."""
+    """The first line of an exception's message (third-party errors can run to pages), or its type name.
+    A line longer than ``limit`` ends at its last full sentence that fits (or at ``limit``, marked "…"),
+    never in the middle of a word."""
     text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0].strip()
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[: end + 1] if end > 0 else line[: limit - 1].rstrip() + "…"

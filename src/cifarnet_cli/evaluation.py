@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cifarnet_cli import choices, paths
+from cifarnet_cli import choices, fileio, paths
 from cifarnet_cli.data.classes import match_classes
 from cifarnet_cli.data.sources import ImageSet, find_source, load_source
 from cifarnet_cli.errors import CifarNetError, UsageError
-from cifarnet_cli.events import Notice
+from cifarnet_cli.events import DecodeProgress, Notice
 from cifarnet_cli.fileio import display
 from cifarnet_cli.report import plot_confusion
 from cifarnet_cli.runtime import ExportedModel, is_exported, open_exported
@@ -171,8 +171,7 @@ def _exported_eval_set(
         )
 
     def progress(done: int, total: int) -> None:
-        if done == total or done % 10240 == 0:
-            on_event(Notice(f"Decoding images: {done}/{total}"))
+        on_event(DecodeProgress(done, total))
 
     source = load_source(data_dir or paths.default_data_dir(), classes=model.classes, progress=progress)
     for warning in source.warnings:
@@ -283,12 +282,14 @@ def evaluate_model(
         suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
         target = run.dir / f"eval-{suffix}.json"
         picture = run.dir / f"confusion-{suffix}.png"
-        try:
-            target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        try:  # atomically, and a failure worded like every other file error (the results are printed anyway)
+            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode())
             title = f"{run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
             drawn = plot_confusion(cm, names, picture, title=title)
+        except CifarNetError as exc:
+            notify(f"{exc} The results are not saved in the run folder.")
         except OSError as exc:
-            notify(f"Could not write {target} or {picture.name} ({exc}).")
+            notify(f"{fileio.os_error_message(exc, picture, 'write')} The results are not saved in the run folder.")
         else:
             report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
     return report

@@ -59,6 +59,14 @@ class DownloadProgress:
     total: int | None
 
 
+@dataclass(frozen=True)
+class DecodeProgress:
+    """Images of a folder decoded so far (the first read of a folder; later runs read the cache)."""
+
+    done: int
+    total: int
+
+
 # --------------------------------------------------------------------------------------------------
 # The training loop
 
@@ -79,7 +87,7 @@ class StepProgress:
     images: int  # images seen in this epoch
     loss: float
     accuracy: float
-    lr: float
+    lr: float  # the rate of the latest optimizer step (as metrics.jsonl's lr for an epoch's last step)
     images_per_second: float
 
 
@@ -106,11 +114,14 @@ class TrainingInterrupted(Exception):
     """Ctrl-C (exit code 130) or SIGTERM (143) during training; the run's last.pt holds the last
     completed epoch."""
 
-    def __init__(self, run: Run, completed_epochs: int, *, exit_code: int = 130) -> None:
+    def __init__(
+        self, run: Run, completed_epochs: int, *, exit_code: int = 130, command: str = "cifarnet train"
+    ) -> None:
         super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
         self.run = run
         self.completed_epochs = completed_epochs
         self.exit_code = exit_code
+        self.command = command  # the one that resumes it: cifarnet train or cifarnet finetune-resnet50
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class TrainResult:
     already_finished: bool = False
     stopped_early: int = 0  # the epoch after which --patience stopped the run; 0 = it did not
     best_epoch: int = 0
+    split: str | None = None  # what the accuracies were measured on: "val", or "test" with --val-split 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +145,7 @@ class TrainResult:
             "epochs": self.epochs,
             "best_accuracy": self.best_accuracy,
             "final_accuracy": self.final_accuracy,
+            "split": self.split,
             "images_per_second": self.images_per_second,
             "checkpoint": self.checkpoint,
             "best_epoch": self.best_epoch,

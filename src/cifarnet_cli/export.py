@@ -331,6 +331,9 @@ def export_model(
         raise UsageError(f"--batch {batch}: give a batch size of at least 1.")
     if fmt == "torchscript" and fp16:
         raise UsageError("--fp16 is for ONNX and TensorRT; TorchScript exports are fp32.")
+    if fmt == "torchscript" and (opset is not None or batch_range is not None):
+        option = "--opset" if opset is not None else "--batch-range"
+        raise UsageError(f"{option} is for ONNX and TensorRT; a TorchScript export has no use for it.")
     static = jetson or batch is not None or not dynamic_batch
     if jetson and batch not in (None, 1):
         raise UsageError("--for jetson-inference: imagenet feeds one image at a time, so the batch is 1.")

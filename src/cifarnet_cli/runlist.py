@@ -22,6 +22,9 @@ STATES = ("running", "finished", "stopped-early", "stopped", "untrained")
 #: Recipe options left out of ``runs compare``: they never change the result.
 _NOT_RECIPE = {"device", "precision", "save_every"}
 
+#: Options that only mean something to finetune-resnet50 (``runs show`` hides them for train runs).
+_FINETUNE_ONLY = {"image_size", "weights", "freeze_backbone", "unfreeze_at", "backbone_lr_scale"}
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -135,6 +138,37 @@ class RunDetail:
             "resume": self.resume,
         }
 
+    def recipe_rows(self) -> list[tuple[str, str]]:
+        """The recipe as a reader wants it: option names as typed on the command line, the learning rate
+        a default resolved to, options left unset omitted, and fine-tuning options only for fine-tuning."""
+        try:
+            config = TrainConfig.from_dict(self.config)
+        except (TypeError, ValueError):
+            return [(k.replace("_", "-"), _shown(v)) for k, v in sorted(self.config.items()) if v is not None]
+        rows = []
+        for key, value in sorted(self.config.items()):
+            if key in _FINETUNE_ONLY and config.task != "finetune-resnet50":
+                continue
+            if key == "lr" and value is None:
+                rows.append(
+                    ("lr", f"{config.peak_lr:.3g} (base-lr scaled to the effective batch of {config.effective_batch})")
+                )
+            elif key == "milestones" and not value and config.schedule == "multistep":
+                rows.append(("milestones", ",".join(map(str, config.resolved_milestones())) + " (50% and 75%)"))
+            elif key == "warmup_epochs" and value is None:
+                rows.append(("warmup-epochs", f"{config.warmup:g} (default)"))
+            elif value is not None and not (key in ("milestones", "gamma") and config.schedule != "multistep"):
+                rows.append((key.replace("_", "-"), _shown(value)))
+        return rows
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) if value else "—"
+    return json.dumps(value)
+
 
 def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
     out = []
@@ -236,6 +270,12 @@ def removable(ref: str) -> runs.Run:
     run = runs.resolve_run(ref)
     if run.dir.resolve().parent != paths.runs_dir().resolve():
         raise UsageError(f"{ref!r} is not a run in {paths.runs_dir()}; `runs rm` takes run names.")
+    holder = runs.holder_of(run)
+    if holder is not None:  # refused before the question, so that nothing is deleted (remove() checks again)
+        raise CifarNetError(
+            f"Not deleting {run.name!r}: it is being trained ({runs.describe_holder(holder)}); wait for it to "
+            "finish, or stop that process first (Ctrl-C saves it). Nothing was deleted."
+        )
     return run
 
 

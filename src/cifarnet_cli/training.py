@@ -26,7 +26,7 @@ from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
 from cifarnet_cli.engine import backbone_frozen, fit, scheduled_lrs, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
-from cifarnet_cli.events import DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
+from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
 from cifarnet_cli.models import Classifier, count_parameters, get_model
 from cifarnet_cli.tensorboard_log import TensorBoardLogger
@@ -69,8 +69,7 @@ def open_data(
         download.fetch_cifar10(location, notify=notify, progress=progress_cb)
 
     def progress(done: int, total: int) -> None:
-        if done == total or done % 10240 == 0:
-            on_event(Notice(f"Decoding images: {done}/{total}"))
+        on_event(DecodeProgress(done, total))
 
     source = load_source(location, classes=classes, progress=progress)
     for warning in source.warnings:
@@ -159,7 +158,7 @@ def _load_resumable(path: Path) -> dict[str, Any]:
 
 
 def _command(config: TrainConfig) -> str:
-    return "cifarnet finetune-resnet50" if config.task == "finetune-resnet50" else "cifarnet train"
+    return config.command
 
 
 def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) -> UsageError:
@@ -192,7 +191,7 @@ def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) 
 
 
 def _finished_result(run: runs.Run, ckpt: dict[str, Any]) -> TrainResult:
-    fit_state = ckpt["fit_state"]
+    fit_state, meta = ckpt["fit_state"], ckpt.get("meta")
     rows = run.read_metrics()
     final = rows[-1].get("val_accuracy") if rows else None
     return TrainResult(
@@ -206,6 +205,7 @@ def _finished_result(run: runs.Run, ckpt: dict[str, Any]) -> TrainResult:
         already_finished=True,
         stopped_early=int(fit_state.get("stopped_early", 0)),
         best_epoch=int(fit_state.get("best_epoch", 0)),
+        split=str(meta["eval_split"]) if isinstance(meta, dict) and meta.get("eval_split") else None,
     )
 
 
@@ -228,12 +228,21 @@ def _load_init(ref: str, config: TrainConfig, on_event: EventCallback) -> tuple[
     architecture before any data is loaded."""
     path, _run = runs.resolve_checkpoint(ref, prefer="best")
     ckpt = checkpoint.load(path)
-    if not checkpoint.is_cifarnet_checkpoint(ckpt) or not isinstance(ckpt.get("meta"), dict):
+    if not checkpoint.is_cifarnet_checkpoint(ckpt):
         hint = " (finetune-resnet50 --weights PATH takes torchvision weights)" if config.arch == "resnet50" else ""
         raise CifarNetError(f"--init-from {ref}: {path} is not a cifarnet checkpoint{hint}.")
-    arch = ckpt["meta"].get("arch")
+    # The same checks as evaluate, predict and export (built once, so weights that do not fit its recorded
+    # architecture and classes are named now): a hand-edited file is one sentence, not a traceback.
+    validated = checkpoint.validate_model(ckpt, path)
+    checkpoint.build_model(validated)
+    arch = validated.arch
     if arch != config.arch:
-        fix = "use `cifarnet finetune-resnet50`" if arch == "resnet50" else f"add --arch {arch}"
+        if arch == "resnet50":
+            fix = "use `cifarnet finetune-resnet50 --init-from`"
+        elif config.task == "finetune-resnet50":
+            fix = "use `cifarnet train --init-from`"
+        else:
+            fix = f"add --arch {arch}"
         raise UsageError(f"--init-from {ref}: {path} holds a {arch} model and this run trains a {config.arch}; {fix}.")
     if int(ckpt.get("epoch", 1)) == 0:
         on_event(Notice(f"--init-from {ref}: {path} was saved before its first epoch completed (untrained weights)."))
@@ -505,6 +514,7 @@ def _train(
         str(run.best if run.best.is_file() else run.last),
         stopped_early=result.stopped_early,
         best_epoch=result.best_epoch,
+        split=eval_split,
     )
 
 

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from cifarnet_cli.events import (
     BenchProgress,
+    DecodeProgress,
     DownloadProgress,
     EpochEnded,
     EpochStarted,
@@ -135,6 +136,7 @@ class TrainView:
         self._epochs = 0
         self.started: RunStarted | None = None
         self._download: DownloadView | None = None
+        self._decode: Progress | None = None
         self._no_echo = _NoEcho()
         self._best: float | None = None
 
@@ -146,6 +148,9 @@ class TrainView:
         if self._download is not None:
             self._download.__exit__()
             self._download = None
+        if self._decode is not None:
+            self._decode.stop()
+            self._decode = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -160,6 +165,10 @@ class TrainView:
                 if event.total is not None and event.done >= event.total:
                     self._download.__exit__()
                     self._download = None
+            return
+        if isinstance(event, DecodeProgress):
+            if not self.quiet:
+                self._decoding(event)
             return
         if isinstance(event, Notice):
             if not self.quiet:
@@ -176,6 +185,31 @@ class TrainView:
             self._step(event)
         elif isinstance(event, EpochEnded):
             self._epoch_ended(event)
+
+    def _decoding(self, e: DecodeProgress) -> None:
+        """A folder's first read: a bar in a terminal (it can take a minute), a line every 10,240 images
+        otherwise; progress, not a warning, so not in yellow."""
+        finished = e.done >= e.total
+        if not self.live:
+            if finished or e.done % 10240 == 0:
+                err_console.print(f"Decoding images: {e.done}/{e.total}", soft_wrap=True)
+            return
+        if self._decode is None:
+            self._decode = Progress(
+                TextColumn("[bold blue]decoding images"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            self._decode.start()
+            self._decode.add_task("decode", total=e.total)
+        self._decode.update(self._decode.task_ids[0], completed=e.done, total=e.total)
+        if finished:
+            self._decode.stop()
+            self._decode = None
+            err_console.print(f"Decoded {e.total:,} images", soft_wrap=True)
 
     def _print(self, text: str) -> None:
         (self._progress.console if self._progress is not None else err_console).print(text, soft_wrap=True)
@@ -318,6 +352,11 @@ def print_fitted(console: Console, build: Callable[[set[str]], Table], droppable
                 break
             dropped.add(name)
             table = build(dropped)
+    _print_wide(console, table)
+
+
+def _print_wide(console: Console, table: Table) -> None:
+    """Print ``table`` at its natural width, wider than the console if need be."""
     width = _natural_width(console, table)
     if width > console.width:
         # Console.print clamps its width argument to the console's: print through a wider twin instead.
@@ -398,8 +437,10 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
         )
 
 
-def prediction_table(predictions: list[Any], top_k: int) -> None:
-    """One row per input, in input order; files that could not be read say why in an "error" column."""
+def prediction_table(predictions: list[Any], top_k: int, console: Console | None = None) -> None:
+    """One row per input, in input order; files that could not be read say why in an "error" column. A
+    narrow terminal folds long cells; output to a file or a pipe keeps each row on one line (paths whole)."""
+    console = console or out_console
     show_next = top_k > 1 and any(p.top and len(p.top) > 1 for p in predictions)
     show_error = any(p.error is not None for p in predictions)
     table = Table()
@@ -421,7 +462,10 @@ def prediction_table(predictions: list[Any], top_k: int) -> None:
             if show_error:
                 row.append("")
         table.add_row(*row)
-    out_console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:
+        _print_wide(console, table)
 
 
 class BenchView:
@@ -592,8 +636,8 @@ def run_detail(d: Any, console: Console | None = None) -> None:
         table = Table(title="Recipe", show_header=False, title_justify="left")
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
-        for key, value in sorted(d.config.items()):
-            table.add_row(key.replace("_", "-"), escape(json.dumps(value) if not isinstance(value, str) else value))
+        for key, value in d.recipe_rows():
+            table.add_row(key, escape(value))
         return table
 
     print_fitted(console, recipe)
