@@ -214,3 +214,5 @@ def other_process_lock() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
     for proc in procs:
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
