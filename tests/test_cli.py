@@ -126,7 +126,8 @@ def test_unreadable_resume_checkpoint(tmp_path: Path) -> None:
 
 def test_resume_refuses_recipe_changes_and_reports_finished_runs(image_folder: Callable[..., Path]) -> None:
     data = image_folder(per_class=4)
-    assert runner.invoke(app, ["train", "--data-dir", str(data), "--run", "r", "--quiet", *FAST]).exit_code == 0
+    # --name is --run's alias (the word other training tools use)
+    assert runner.invoke(app, ["train", "--data-dir", str(data), "--name", "r", "--quiet", *FAST]).exit_code == 0
     changed = runner.invoke(app, ["train", "--resume", "r", "--lr", "1.0"])
     assert changed.exit_code == 2 and "--lr cannot change when resuming" in changed.output
     done = runner.invoke(app, ["train", "--resume", "r"])

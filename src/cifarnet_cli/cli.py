@@ -306,7 +306,10 @@ Capture = Annotated[
         autocompletion=_complete_capture,
     ),
 ]
-RunName = Annotated[str | None, _option(str, "--run", help="Run name. \\[default: <arch>-<date>-<time>]")]
+RunName = Annotated[
+    str | None,
+    _option(str, "--run", "--name", help="Run name (the folder under runs/). \\[default: <arch>-<date>-<time>]"),
+]
 Resume = Annotated[
     str | None,
     _option(
