@@ -59,7 +59,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test gets its own home, cache and data folders. A MonkeyPatch of its own: a test's
+    ``monkeypatch.undo()`` must not send the rest of that test to the user's real folders."""
+    monkeypatch = pytest.MonkeyPatch()
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("CIFARNET_HOME", str(home / "cifarnet"))
     monkeypatch.setenv("CIFARNET_CACHE", str(home / "cache"))
@@ -77,6 +80,8 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("COLUMNS", "200")
     torch.manual_seed(0)
+    yield
+    monkeypatch.undo()
 
 
 def _batch(images: np.ndarray, labels: np.ndarray) -> bytes:

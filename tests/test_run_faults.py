@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cifarnet_cli import checkpoint, engine, paths, runs
+from cifarnet_cli import checkpoint, engine, paths, report, runs
 from cifarnet_cli.cli import app
 
 runner = CliRunner()
@@ -134,6 +134,24 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_partial_file(image_folder: Call
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".partial")]
     assert _saved_epoch("t") == 1 and _epochs("t") == [1]
     assert runner.invoke(app, ["train", "--resume", "t", "--quiet"]).exit_code == 0 and _epochs("t") == [1, 2, 3]
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_no_empty_run(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = image_folder(per_class=4)
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C after the run folder and its config.json exist, before last.pt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "CurvesWriter", interrupted)
+        result = _train(data, "early", 2)
+    assert result.exit_code == 130 and "removed the new run folder" in result.output
+    assert not (paths.runs_dir() / "early").exists()
+    listed = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
+    assert [r["name"] for r in listed["runs"]] == []
+    assert _train(data, "early", 1).exit_code == 0 and _epochs("early") == [1]
 
 
 def test_stale_partial_file_is_removed_when_the_run_is_next_opened(image_folder: Callable[..., Path]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -391,6 +392,7 @@ def _train(
     else:
         run, lock = runs.create_run(run_name or runs.default_name(config.arch), unique=run_name is None)
         stack.callback(lock.release)
+        stack.push(partial(_discard_if_unsaved, run, on_event))  # runs before the lock is released
 
     train_loader = DeviceLoader(
         train_set,
@@ -516,6 +518,15 @@ def _train(
         best_epoch=result.best_epoch,
         split=eval_split,
     )
+
+
+def _discard_if_unsaved(run: runs.Run, on_event: EventCallback, exc_type: type | None, *_exc: object) -> bool:
+    """A new run stopped (Ctrl-C, SIGTERM, an error) before its first checkpoint holds nothing to resume or
+    use: its folder is removed, so ``cifarnet runs`` does not keep an empty entry. Never swallows the error."""
+    if exc_type is not None and not run.last.exists() and not run.best.exists():
+        shutil.rmtree(run.dir, ignore_errors=True)
+        on_event(Notice(f"Nothing was saved yet: removed the new run folder {run.dir}."))
+    return False
 
 
 def _resume_micro_batch(config: TrainConfig, changed: dict[str, Any]) -> dict[str, Any]:
