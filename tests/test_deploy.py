@@ -143,6 +143,10 @@ def test_evaluate_onnx_matches_the_checkpoint(trained: tuple[Path, Path], onnx_f
     assert b["checkpoint"] == str(onnx_file)
     val = runner.invoke(app, ["evaluate", "--model", str(onnx_file), "--data-dir", str(data), "--split", "val"])
     assert val.exit_code == 2 and "validation split" in val.output
+    # a folder of class folders (no test split): refused in the words the checkpoint path uses
+    flat = data / "train"
+    test = runner.invoke(app, ["evaluate", "--model", str(onnx_file), "--data-dir", str(flat), "--split", "test"])
+    assert test.exit_code == 1 and "has no test split; choose one of: train, all" in " ".join(test.output.split())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 from cifarnet_cli import choices, fileio, paths
 from cifarnet_cli.data.classes import match_classes
-from cifarnet_cli.data.sources import ImageSet, find_source, load_source
+from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DecodeProgress, Notice
 from cifarnet_cli.fileio import display
@@ -119,12 +119,9 @@ def _eval_set(
     same_data = source.fingerprint == loaded.meta.get("data_fingerprint")
     n_val = int(loaded.meta.get("val_split", 0) or 0)
     has_pool = "train" in source.splits or "images" in source.splits
-    available = (
-        (["test"] if source.has_test else [])
-        + (["val"] if has_pool and n_val else [])
-        + (["train"] if has_pool else [])
-    )
-    available.append("all")
+    available = _splits_of(source)
+    if has_pool and n_val:
+        available.insert(available.index("train"), "val")
     if split is None:
         if source.has_test:
             split = "test"
@@ -135,10 +132,7 @@ def _eval_set(
     if split not in available:
         if split == "val" and has_pool:
             raise CifarNetError("This run validated on the test split (--val-split 0); use --split test.")
-        raise CifarNetError(
-            f"{display(source.location)} has no {split} split; choose one of: {', '.join(available)} "
-            "(all = every image it holds)."
-        )
+        raise _no_such_split(source, split, available)
     if split == "all":
         if same_data:
             notify(
@@ -159,25 +153,43 @@ def _eval_set(
     return chosen, split, desc
 
 
+def _splits_of(source: DataSource) -> list[str]:
+    """The splits ``--split`` may name on ``source`` besides a run's val: test where the data has one, train
+    where it has a training pool (a folder of class folders is one), and all."""
+    has_pool = "train" in source.splits or "images" in source.splits
+    return (["test"] if source.has_test else []) + (["train"] if has_pool else []) + ["all"]
+
+
+def _no_such_split(source: DataSource, split: str, available: list[str]) -> CifarNetError:
+    return CifarNetError(
+        f"{display(source.location)} has no {split} split; choose one of: {', '.join(available)} "
+        "(all = every image it holds)."
+    )
+
+
 def _exported_eval_set(
     model: ExportedModel, data_dir: Path | None, split: str | None, on_event: Callable[[object], None]
 ) -> tuple[ImageSet, str, str]:
     """The data an exported model is scored on: ``--data-dir`` (else the default CIFAR-10) and its own
     splits. A run's validation split is not available: recomputing it needs the run's record (and torch)."""
-    if split == "val":
-        raise UsageError(
-            "--split val is a run's own validation split, which an exported model does not record; evaluate the "
-            "run's checkpoint for it (cifarnet evaluate RUN --split val), or use --split test or train here."
-        )
 
     def progress(done: int, total: int) -> None:
         on_event(DecodeProgress(done, total))
 
+    if split == "val":  # refused before decoding anything
+        raise UsageError(
+            "--split val is a run's own validation split, which an exported model does not record; evaluate the "
+            "run's checkpoint for it (cifarnet evaluate RUN --split val), or choose test, train or all of the "
+            "data here."
+        )
     source = load_source(data_dir or paths.default_data_dir(), classes=model.classes, progress=progress)
     for warning in source.warnings:
         on_event(Notice(warning))
+    available = _splits_of(source)
     if split is None:
         split = "test" if source.has_test else "all"
+    if split not in available:
+        raise _no_such_split(source, split, available)
     if split == "all":
         return source.everything(), "all", f"{display(source.location)} ({source.kind})"
     return source.split(split), split, f"{display(source.location)} ({source.kind})"
