@@ -132,3 +132,24 @@ def test_decoding_is_a_bar_in_a_terminal_and_lines_otherwise(monkeypatch: pytest
             view(DecodeProgress(done, 20480))
         view(DecodeProgress(20480, 20480))
     assert log.file.getvalue().splitlines() == ["Decoding images: 10240/20480", "Decoding images: 20480/20480"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("width", [60, 120])
+def test_predict_table_never_cuts_the_answer(width: int) -> None:
+    """A narrow terminal folds paths, runners-up and errors; the predicted class and its probability stay whole."""
+    from types import SimpleNamespace
+
+    names = ["traffic_light_red", "traffic_light_green", "traffic_light_amber"]
+    rows = [
+        SimpleNamespace(
+            path="/some/long/folder/" * 3 + "image.jpg",
+            top=list(zip(names, (0.6, 0.3, 0.1), strict=True)),
+            error=None,
+        ),
+        SimpleNamespace(path="broken.jpg", top=None, error="truncated: the file ends early"),
+    ]
+    console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+    ui.prediction_table(rows, 3, console)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "traffic_light_red" in out and "60.0%" in out and "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= width

@@ -445,8 +445,11 @@ def prediction_table(predictions: list[Any], top_k: int, console: Console | None
     show_error = any(p.error is not None for p in predictions)
     table = Table()
     table.add_column("file", overflow="fold")
-    table.add_column("class")
-    table.add_column("probability", justify="right")
+    # The answer is never cut: a narrow terminal folds the file, next and error columns instead.
+    longest = max((len(p.top[0][0]) for p in predictions if p.error is None and p.top), default=5)
+    table.add_column("class", no_wrap=True, min_width=max(5, longest))
+    header = "probability" if console.width >= 100 or not console.is_terminal else "prob"
+    table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     if show_next:
         table.add_column("next", overflow="fold")
     if show_error:
