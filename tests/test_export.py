@@ -74,6 +74,10 @@ def test_onnx_static_batch_and_fp16(run: Path, tmp_path: Path) -> None:
     out = json.loads(half.stdout)
     assert out["tolerance"] == 1e-2 and out["max_abs_diff"] <= 1e-2
     assert read_metadata(tmp_path / "h.onnx")["cifarnet_precision"] == "fp16"
+    assert out["model"].endswith("/x/best.pt") and out["arch"] == "resnet20"
+    # with no run named, export says which checkpoint it took, as predict does
+    default = runner.invoke(app, ["export", "-o", str(tmp_path / "d.onnx")])
+    assert default.exit_code == 0 and "Model: " in default.stderr and "/x/best.pt (resnet20)" in default.stderr
 
 
 def test_torchscript_matches(run: Path) -> None:

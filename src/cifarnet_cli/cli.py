@@ -939,6 +939,8 @@ def export(
             fp16=fp16,
             verify=verify,
         )
+        if not as_json:
+            _ui().info(f"Model: {result.model} ({result.arch})")
         if result.notice:
             _ui().warn(result.notice)
         if as_json:

@@ -95,6 +95,8 @@ class ExportResult:
     labels: Path | None = None
     imagenet: str | None = None  # the jetson-inference command line
     notice: str | None = None  # e.g. the checkpoint has no completed epoch (untrained)
+    model: str = ""  # the checkpoint exported (the default is the newest trained run's best.pt)
+    arch: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +112,8 @@ class ExportResult:
             "labels": str(self.labels) if self.labels else None,
             "imagenet": self.imagenet,
             "notice": self.notice,
+            "model": self.model,
+            "arch": self.arch,
         }
 
 
@@ -429,6 +433,8 @@ def export_model(
         labels,
         imagenet,
         loaded.notice,
+        model=str(loaded.path),
+        arch=loaded.arch,
     )
 
 
