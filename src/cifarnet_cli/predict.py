@@ -96,27 +96,6 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
     return items
 
 
-def describe_decode_error(exc: ImageDecodeError, path: Path) -> str:
-    """A sentence for the error column: Pillow's messages ("Truncated File Read", "cannot identify image
-    file '/long/path'") say little to someone looking at a table of files."""
-    cause = exc.__cause__
-    text = str(cause) if cause is not None else str(exc)
-    low = text.lower()
-    if isinstance(cause, PermissionError):
-        return "permission denied"
-    if isinstance(cause, FileNotFoundError):
-        return "no such file"
-    if isinstance(cause, IsADirectoryError):
-        return "a folder, not an image file"
-    if "truncated" in low:
-        return "truncated: the file ends early"
-    if "cannot identify image file" in low:
-        return "not an image file Pillow can read"
-    prefix = f"{path}: "
-    message = str(exc)
-    return message[len(prefix) :] if cause is None and message.startswith(prefix) else text
-
-
 def _decoded(files: Sequence[Path], batch_size: int, size: int) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Decode files in a thread pool, yielding batches of (path, pixels or error message)."""
 
@@ -124,7 +103,7 @@ def _decoded(files: Sequence[Path], batch_size: int, size: int) -> Iterator[list
         try:
             return load_image(path, size)
         except ImageDecodeError as exc:
-            return describe_decode_error(exc, path)
+            return exc.reason
 
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for start in range(0, len(files), batch_size):

@@ -38,7 +38,31 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageDecodeError(ValueError):
-    """The file is not an image PIL can read (or is truncated, or too large to decode safely)."""
+    """The file is not an image PIL can read (or is truncated, or too large to decode safely). ``reason`` is
+    a short plain sentence (for a table cell); ``str()`` is "path: reason"."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"{display(path)}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why a file could not be decoded, in words: Pillow's own ("Truncated File Read", "cannot identify
+    image file '/long/path'") say little to someone reading a list of files."""
+    text = str(exc)
+    low = text.lower()
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not an image file"
+    if "truncated" in low or "image file is truncated" in low:
+        return "truncated: the file ends early"
+    if "cannot identify image file" in low:
+        return "not an image file Pillow can read"
+    return f"not a readable image ({text})"
 
 
 def decode_workers() -> int:
@@ -101,8 +125,9 @@ def load_image(path: str | os.PathLike[str], size: int = IMAGE_SIZE) -> np.ndarr
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ImageDecodeError(
-                    f"{display(path)}: {width}×{height} = {width * height / 1e6:.0f} megapixels, above the "
-                    f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale first)"
+                    path,
+                    f"{width}×{height} = {width * height / 1e6:.0f} megapixels, above the "
+                    f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale first)",
                 )
             if width * height > _LARGE_PIXELS:
                 with _large_image:
@@ -111,4 +136,4 @@ def load_image(path: str | os.PathLike[str], size: int = IMAGE_SIZE) -> np.ndarr
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{display(path)}: not a readable image ({exc})") from exc
+        raise ImageDecodeError(path, unreadable_reason(exc)) from exc

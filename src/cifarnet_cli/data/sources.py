@@ -335,8 +335,9 @@ def load_image_folder(
         keep = np.asarray([i for i, w in enumerate(why) if not w], dtype=np.int64)
         if bad:
             shown = "; ".join(why[i] for i in bad[:3])
+            where = "" if split == "images" else f" in {split}/"
             decode_warnings.append(
-                f"Skipped {len(bad)} unreadable image(s) in {split}: {shown}{' ...' if len(bad) > 3 else ''}"
+                f"Skipped {len(bad)} unreadable image(s){where}: {shown}{' ...' if len(bad) > 3 else ''}"
             )
         labels = np.asarray([items[i][1] for i in keep.tolist()], dtype=np.int64)
         splits[split] = ImageSet(images[keep], labels, scan.classes, tuple(str(files[i]) for i in keep.tolist()))
