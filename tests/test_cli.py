@@ -86,10 +86,12 @@ def test_train_shows_effective_batch_and_device(image_folder: Callable[..., Path
 @pytest.mark.parametrize(
     "args,code,message",
     [
-        (["--arch", "resnet18"], 2, "choose one of: resnet20"),
+        (["--arch", "resnet18"], 2, "Choose one of: resnet20"),
+        (["--arch", "ResNt20"], 2, "Unknown --arch 'ResNt20'. Did you mean resnet20?"),  # as typed, and the fix
         (["--accum", "0"], 2, "--accum must be at least 1"),
         (["--device", "tpu"], 2, "Unknown --device"),
         (["--schedule", "linear"], 2, "Unknown --schedule"),
+        (["--schedule", "cosin"], 2, "Did you mean cosine?"),
         (["--milestones", "a,b"], 2, "--milestones"),
     ],
 )

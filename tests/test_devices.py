@@ -68,7 +68,7 @@ def test_cpu_precisions() -> None:
     assert resolve_precision("bf16", cpu).dtype is torch.bfloat16
     with pytest.raises(CifarNetError, match="fp16 is not supported on the CPU"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(UsageError, match="choose one of"):
+    with pytest.raises(UsageError, match="Choose one of"):
         resolve_precision("fp8", cpu)
 
 

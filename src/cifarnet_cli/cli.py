@@ -432,11 +432,11 @@ def train(
 
     Example: cifarnet train --arch resnet20 --epochs 30 --batch-size 64 --accum 8
     """
-    arch = arch.strip().lower() if arch is not None else None
-    if arch is not None and resume is None:
+    typed, arch = arch, arch.strip().lower() if arch is not None else None
+    if typed is not None and arch is not None and resume is None:
         if arch not in choices.CIFAR_ARCHS:
             hint = " (ResNet-50 trains with `cifarnet finetune-resnet50`)" if arch == "resnet50" else ""
-            raise _usage(f"Unknown --arch {arch!r}; choose one of: {', '.join(choices.CIFAR_ARCHS)}{hint}.")
+            raise _usage(choices.unknown("--arch", typed, choices.CIFAR_ARCHS, extra=hint))
     options = dict(
         arch=arch,
         epochs=epochs,

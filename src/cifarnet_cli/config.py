@@ -113,9 +113,9 @@ class TrainConfig:
         number("momentum", self.momentum, "in [0, 1)", 0 <= self.momentum < 1)
         number("weight-decay", self.weight_decay, "in [0, 1)", 0 <= self.weight_decay < 1)
         if self.capture not in choices.CAPTURE:
-            raise UsageError(f"Unknown --capture {self.capture!r}; choose one of: {', '.join(choices.CAPTURE)}.")
+            raise UsageError(choices.unknown("--capture", self.capture, choices.CAPTURE))
         if self.schedule not in SCHEDULES:
-            raise UsageError(f"Unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
+            raise UsageError(choices.unknown("--schedule", self.schedule, SCHEDULES))
         if any(m < 1 or m > self.epochs for m in self.milestones):
             raise UsageError(f"--milestones must be epochs between 1 and {self.epochs}.")
         if list(self.milestones) != sorted(self.milestones):

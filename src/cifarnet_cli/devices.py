@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cifarnet_cli import choices
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -48,7 +49,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})."
             )
         return torch.device("cuda", index)
-    raise UsageError(f"Unknown --device {spec!r}; choose one of: {', '.join(DEVICE_CHOICES)}.")
+    raise UsageError(choices.unknown("--device", spec, DEVICE_CHOICES))
 
 
 def compute_capability(device: torch.device) -> tuple[int, int]:
@@ -108,7 +109,7 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
     is honoured where the device computes it natively."""
     spec = (spec or "auto").lower()
     if spec not in PRECISION_CHOICES:
-        raise UsageError(f"Unknown --precision {spec!r}; choose one of: {', '.join(PRECISION_CHOICES)}.")
+        raise UsageError(choices.unknown("--precision", spec, PRECISION_CHOICES))
     reason = "asked for"
     if spec == "auto":
         spec, reason = auto_precision(device)

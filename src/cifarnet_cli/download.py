@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarnet_cli import fileio, paths
+from cifarnet_cli.choices import unknown
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 
@@ -113,7 +114,7 @@ def get_asset(name: str) -> Asset:
     try:
         return ASSETS[name]
     except KeyError:
-        raise UsageError(f"Unknown asset {name!r}; choose one of: {', '.join(ASSETS)}.") from None
+        raise UsageError(unknown("asset", name, list(ASSETS))) from None
 
 
 def default_destination(asset: Asset) -> Path:

@@ -224,7 +224,7 @@ def evaluate_model(
     """Score the run or checkpoint ``ref`` (None: the most recent run), or the model file ``model_file``
     (an exported ONNX file or TensorRT engine runs without torch)."""
     if split is not None and split not in SPLITS:
-        raise UsageError(f"Unknown --split {split!r}; choose one of: {', '.join(SPLITS)}.")
+        raise UsageError(choices.unknown("--split", split, SPLITS))
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give a number of images of at least 1.")
     exported = open_exported(model_file, device_spec) if model_file is not None and is_exported(model_file) else None

@@ -320,9 +320,9 @@ def export_model(
     defaults to off for ONNX and on for TensorRT engines. ``verify_pixels`` (uint8 N×H×W×3) replaces the
     random verification images."""
     if fmt not in FORMATS:
-        raise UsageError(f"Unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
+        raise UsageError(choices.unknown("--format", fmt, FORMATS))
     if target is not None and target not in TARGETS:
-        raise UsageError(f"Unknown --for {target!r}; choose one of: {', '.join(TARGETS)}.")
+        raise UsageError(choices.unknown("--for", target, TARGETS))
     jetson = target == "jetson-inference"
     if jetson and fmt != "onnx":
         raise UsageError("--for jetson-inference writes an ONNX file (imagenet builds its own engine); drop --format.")

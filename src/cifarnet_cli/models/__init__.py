@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cifarnet_cli.choices import CIFAR_ARCHS
+from cifarnet_cli.choices import CIFAR_ARCHS, unknown
 from cifarnet_cli.errors import UsageError
 from cifarnet_cli.models._base import Classifier, Normalize
 from cifarnet_cli.models.cifar_resnet import (
@@ -61,7 +61,7 @@ def get_model(name: str, **kwargs: Any) -> Classifier:
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise UsageError(f"Unknown architecture {name!r}; choose one of: {', '.join(_REGISTRY)}.") from None
+        raise UsageError(unknown("architecture", name, list(_REGISTRY))) from None
     return builder(**kwargs)
 
 
