@@ -10,6 +10,8 @@ from torch import nn
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.devices import Precision
 from cifarnet_cli.engine import (
+    DivergenceGuard,
+    LossDiverged,
     build_optimizer,
     build_scheduler,
     lr_factor,
@@ -230,3 +232,29 @@ def test_step_progress_reports_the_rate_the_step_used() -> None:
     lrs = scheduled_lrs(config, 4)
     assert [e.lr for e in seen] == pytest.approx(lrs)
     assert seen[-1].lr > 0
+
+
+def _epoch_with_guard(model: nn.Module, lr: float, guard: DivergenceGuard) -> None:
+    torch.manual_seed(1)
+    x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    train_one_epoch(
+        model, _batches(x, y, 8), opt, batch_sizes=[8] * 8, accum=1, device=CPU, precision=FP32, guard=guard
+    )
+
+
+def test_divergence_is_judged_from_where_the_loss_started() -> None:
+    # Weights that start far from a uniform guess (loss ~100, like another run's weights on new classes),
+    # trained at a tiny rate: nothing explodes, so nothing stops — the loss is the starting weights' own.
+    torch.manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():
+        model.fc.weight.mul_(2000.0)
+    guard = DivergenceGuard(10)
+    _epoch_with_guard(model, 1e-9, guard)
+    assert guard.start is not None and guard.start > guard.floor  # it did start above the fixed limit
+    # The same weights at a rate that blows them up are stopped, naming where the loss started.
+    guard = DivergenceGuard(10)
+    with pytest.raises(LossDiverged) as err:
+        _epoch_with_guard(model, 1e4, guard)
+    assert err.value.start == guard.start and err.value.loss > guard.limit

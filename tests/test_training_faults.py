@@ -27,18 +27,40 @@ def _run_dir(name: str) -> Path:
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(image_folder: Callable[..., Path]) -> None:
     data = image_folder(per_class=6)
-    result = runner.invoke(
-        app, ["train", "--data-dir", str(data), "--run", "boom", "--epochs", "3", "--lr", "100", *QUICK]
-    )
+    args = ["train", "--data-dir", str(data), "--run", "boom", "--epochs", "3", *QUICK]
+    result = runner.invoke(app, [*args, "--lr", "100"])
     assert result.exit_code == 1, result.output
-    assert "Training diverged" in result.output and "lower --lr" in result.output
-    assert "no epoch had completed" in result.output and "epoch 0" not in result.output  # as Ctrl-C words it
+    text = " ".join(result.output.split())
+    assert "Training diverged" in text and "it started at" in text and "a lower --lr (now 100)" in text
     assert "Traceback" not in result.output
-    saved = torch.load(_run_dir("boom") / "last.pt", weights_only=True)
-    assert saved["epoch"] == 0 and all(
+    # nothing had completed: nothing is kept, and the same command with the fix runs under the same name
+    assert "no epoch had completed, so nothing is kept (the run folder is removed)" in text
+    assert not _run_dir("boom").exists()
+    assert runner.invoke(app, [*args, "--lr", "0.01", "--quiet"]).exit_code == 0
+
+
+def test_divergence_after_an_epoch_keeps_it(image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifarnet_cli import engine
+
+    data = image_folder(per_class=6)
+    original = engine.DivergenceGuard.check
+
+    def check(self: engine.DivergenceGuard, loss: float, epoch: int) -> None:
+        original(self, float("nan") if epoch == 2 else loss, epoch)  # the loss turns NaN in epoch 2
+
+    monkeypatch.setattr(engine.DivergenceGuard, "check", check)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "late", "--epochs", "3", *QUICK])
+    assert result.exit_code == 1 and "Training diverged" in result.output
+    assert "epoch 1 is the last good one" in " ".join(result.output.split())
+    saved = torch.load(_run_dir("late") / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and all(
         torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point()
     )
-    assert not (_run_dir("boom") / "metrics.jsonl").exists() or not (_run_dir("boom") / "metrics.jsonl").read_text()
+
+
+def test_freezing_a_random_body_is_refused_up_front() -> None:
+    result = runner.invoke(app, ["finetune-resnet50", "--weights", "none", "--freeze-backbone"])
+    assert result.exit_code == 2 and "--weights none leaves it random" in " ".join(result.output.split())
 
 
 def test_out_of_memory_in_the_first_steps_halves_the_micro_batch(

@@ -132,6 +132,11 @@ class TrainConfig:
             integer("image-size", self.image_size, 32, MAX_IMAGE_SIZE)
         if self.unfreeze_at is not None:
             integer("unfreeze-at", self.unfreeze_at, 1, self.epochs)
+        if self.freeze_backbone and (self.weights or "").lower() == "none":
+            raise UsageError(
+                "--freeze-backbone keeps the pretrained body fixed, but --weights none leaves it random: give "
+                "pretrained --weights (IMAGENET1K_V1, IMAGENET1K_V2 or a file) or drop --freeze-backbone."
+            )
         number(
             "backbone-lr-scale",
             self.backbone_lr_scale,

@@ -122,12 +122,22 @@ class EpochStats:
 
 
 class LossDiverged(Exception):
-    """The training loss became non-finite or exploded (see :func:`divergence_limit`)."""
+    """The training loss became non-finite or exploded (see :class:`DivergenceGuard`)."""
 
-    def __init__(self, epoch: int, loss: float) -> None:
+    def __init__(self, epoch: int, loss: float, start: float | None) -> None:
         super().__init__(f"training loss {loss} in epoch {epoch}")
         self.epoch = epoch
         self.loss = loss
+        self.start = start  # the loss of the first step of this invocation, when it was read
+
+
+class TrainingDiverged(CifarNetError):
+    """A run stopped because its loss diverged. ``discard``: a new run that had not completed an epoch (it
+    holds nothing worth keeping, so its folder goes and the same command can be run again)."""
+
+    def __init__(self, message: str, *, discard: bool) -> None:
+        super().__init__(message)
+        self.discard = discard
 
 
 def divergence_limit(num_classes: int) -> float:
@@ -135,6 +145,27 @@ def divergence_limit(num_classes: int) -> float:
     (ln C: 2.30 for ten classes), and at least 10. A run that diverged (e.g. loss 5184 seen with a
     random frozen ResNet-50 body) never comes back; stopping keeps the last good epoch."""
     return max(10.0, 10.0 * math.log(max(num_classes, 2)))
+
+
+class DivergenceGuard:
+    """Judges the running training loss: not finite, or above both :func:`divergence_limit` and four times
+    the loss the run started from, is divergence. The start is read once, after the first optimizer step of
+    an invocation (its loss is that of the weights before any update), so weights that start high (another
+    run's, a pretrained body on new classes) are judged by where they started, not by a uniform guess."""
+
+    FACTOR = 4.0
+
+    def __init__(self, num_classes: int) -> None:
+        self.floor = divergence_limit(num_classes)
+        self.start: float | None = None
+
+    @property
+    def limit(self) -> float:
+        return self.floor if self.start is None else max(self.floor, self.FACTOR * self.start)
+
+    def check(self, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss) or loss > self.limit:
+            raise LossDiverged(epoch, loss, self.start)
 
 
 def train_one_epoch(
@@ -153,7 +184,7 @@ def train_one_epoch(
     on_event: EventCallback = _ignore,
     report_every_s: float = 0.5,
     step: TrainStep | None = None,
-    loss_limit: float | None = None,
+    guard: DivergenceGuard | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` with exact gradient accumulation.
 
@@ -161,8 +192,9 @@ def train_one_epoch(
     gradient of a window equals the gradient of the mean loss over all of the window's images: K
     micro-batches of size b give the update of one batch of K·b, including a short final window.
     ``step`` runs the arithmetic (eager, or a captured CUDA graph; built eagerly when not given). The host
-    reads the running loss back at most every ``report_every_s`` seconds, which is also when a loss above
-    ``loss_limit`` (or not finite) stops the epoch with :class:`LossDiverged`.
+    reads the running loss back at most every ``report_every_s`` seconds (and once after an invocation's first
+    update, for ``guard``'s starting loss), which is also when ``guard`` may stop the epoch with
+    :class:`LossDiverged`.
     """
     if step is None:
         step = TrainStep(
@@ -186,12 +218,15 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step()
             done += 1
+            if guard is not None and guard.start is None:  # one read-back per invocation
+                guard.start = float(step.loss_sum) / seen
+                guard.check(guard.start, epoch)
             now = time.perf_counter()
             if now - last_report >= report_every_s or done == total_steps:
                 last_report = now
                 loss = float(step.loss_sum) / seen  # the one read-back, at most every report_every_s
-                if not math.isfinite(loss) or (loss_limit is not None and loss > loss_limit):
-                    raise LossDiverged(epoch, loss)
+                if guard is not None:
+                    guard.check(loss, epoch)
                 on_event(
                     StepProgress(
                         epoch=epoch,
@@ -413,7 +448,7 @@ def fit(
 
     step = make_step()
     num_classes = model.get_classifier().out_features
-    loss_limit = divergence_limit(num_classes)
+    guard = DivergenceGuard(num_classes)
     # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
     # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
     start_state: dict[str, Any] | None = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
@@ -443,7 +478,7 @@ def fit(
                         epoch=epoch,
                         on_event=on_event,
                         step=step,
-                        loss_limit=loss_limit,
+                        guard=guard,
                     )
                     start_state = None  # past the first steps: no more retries, the copy can go
                     break
@@ -469,13 +504,29 @@ def fit(
                         f"{config.batch_size} --accum {config.accum} (the same effective batch, {config.effective_batch})."
                     )
                 except LossDiverged as exc:
-                    raise CifarNetError(
-                        _divergence_message(exc.loss, "training", num_classes, config, precision, run, saved_epoch)
+                    raise _diverged(
+                        exc.loss,
+                        exc.start,
+                        "training",
+                        num_classes,
+                        config,
+                        precision,
+                        run,
+                        saved_epoch,
+                        discard=resume_from is None and saved_epoch == 0,
                     ) from None
             ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
             if ev is not None and not math.isfinite(ev.loss):
-                raise CifarNetError(
-                    _divergence_message(ev.loss, "validation", num_classes, config, precision, run, saved_epoch)
+                raise _diverged(
+                    ev.loss,
+                    guard.start,
+                    "validation",
+                    num_classes,
+                    config,
+                    precision,
+                    run,
+                    saved_epoch,
+                    discard=resume_from is None and saved_epoch == 0,
                 )
             state.epoch = epoch
             state.train_images += stats.images
@@ -583,15 +634,28 @@ def _out_of_memory_message(config: TrainConfig, run: Run, saved_epoch: int) -> s
     return f"The GPU ran out of memory at micro-batch {config.batch_size}; {saved}. {hint}"
 
 
-def _divergence_message(
-    loss: float, which: str, num_classes: int, config: TrainConfig, precision: Precision, run: Run, saved_epoch: int
-) -> str:
-    hints = [f"lower --lr (now {config.peak_lr:g})"]
+def _diverged(
+    loss: float,
+    start: float | None,
+    which: str,
+    num_classes: int,
+    config: TrainConfig,
+    precision: Precision,
+    run: Run,
+    saved_epoch: int,
+    *,
+    discard: bool,
+) -> TrainingDiverged:
+    hints = [f"a lower --lr (now {config.peak_lr:g})"]
     if precision.dtype is not None:
-        hints.append("train with --precision fp32")
-    if config.freeze_backbone and (config.weights or "").lower() == "none":
-        hints.append("do not freeze a randomly initialised body (--weights none with --freeze-backbone)")
-    return (
-        f"Training diverged: the {which} loss is {loss:.4g} (a uniform guess scores {math.log(num_classes):.2f}). "
-        f"Stopped; {_saved_words(run, saved_epoch, 'last good one')}. Try to {' or '.join(hints)}."
+        hints.append("--precision fp32")
+    began = f"it started at {start:.3g}; " if start is not None and math.isfinite(start) else ""
+    if discard:
+        kept = "no epoch had completed, so nothing is kept (the run folder is removed). Run it again with"
+    else:
+        kept = f"{_saved_words(run, saved_epoch, 'last good one')}. Start a new run (or --init-from {run.name}) with"
+    return TrainingDiverged(
+        f"Training diverged: the {which} loss is {loss:.4g} ({began}a uniform guess scores "
+        f"{math.log(num_classes):.2f}). Stopped; {kept} {' or '.join(hints)}.",
+        discard=discard,
     )

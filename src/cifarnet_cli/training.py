@@ -25,7 +25,7 @@ from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
-from cifarnet_cli.engine import backbone_frozen, fit, scheduled_lrs, set_backbone_trainable
+from cifarnet_cli.engine import TrainingDiverged, backbone_frozen, fit, scheduled_lrs, set_backbone_trainable
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
@@ -520,10 +520,17 @@ def _train(
     )
 
 
-def _discard_if_unsaved(run: runs.Run, on_event: EventCallback, exc_type: type | None, *_exc: object) -> bool:
-    """A new run stopped (Ctrl-C, SIGTERM, an error) before its first checkpoint holds nothing to resume or
-    use: its folder is removed, so ``cifarnet runs`` does not keep an empty entry. Never swallows the error."""
-    if exc_type is not None and not run.last.exists() and not run.best.exists():
+def _discard_if_unsaved(
+    run: runs.Run, on_event: EventCallback, exc_type: type | None, exc: BaseException | None, _tb: object
+) -> bool:
+    """A new run stopped (Ctrl-C, SIGTERM, an error) before its first checkpoint, or diverged before its
+    first epoch, holds nothing to resume or use: its folder is removed, so ``cifarnet runs`` keeps no empty
+    entry and the same command (with the fix) can run again under the same name. Never swallows the error."""
+    if exc_type is None:
+        return False
+    if isinstance(exc, TrainingDiverged) and exc.discard:
+        shutil.rmtree(run.dir, ignore_errors=True)
+    elif not run.last.exists() and not run.best.exists():
         shutil.rmtree(run.dir, ignore_errors=True)
         on_event(Notice(f"Nothing was saved yet: removed the new run folder {run.dir}."))
     return False
