@@ -40,10 +40,30 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch:
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(CifarNetError, match="not a readable checkpoint"):
+    with pytest.raises(CifarNetError, match="is not a checkpoint"):
         checkpoint.load(bad)
     with pytest.raises(CifarNetError, match="No checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
+    # a picture handed over by mistake is named for what it is (torch's page of weights_only advice was shown)
+    picture = tmp_path / "cmp.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(CifarNetError, match=r"cmp.png is not a checkpoint \(a PNG image\)") as err:
+        checkpoint.load(picture)
+    assert "weights_only" not in str(err.value) and "PyTorch 2.6" not in str(err.value)
+    # a real checkpoint cut short still reads as a damaged checkpoint
+    whole = tmp_path / "whole.pt"
+    checkpoint.save_atomic({"epoch": 1, "w": torch.zeros(1000)}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(CifarNetError, match="cut.pt is not a readable checkpoint"):
+        checkpoint.load(cut)
+
+
+def test_a_folder_that_is_not_a_run_is_named_as_such(tmp_path: Path) -> None:
+    from cifarnet_cli import runs
+
+    with pytest.raises(CifarNetError, match="is a folder, not a run"):
+        runs.resolve_checkpoint(str(tmp_path))
 
 
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -137,7 +157,7 @@ def test_a_long_third_party_message_is_cut_at_a_sentence(tmp_path: Path, monkeyp
         raise RuntimeError(long)
 
     target = tmp_path / "best.pt"
-    target.write_bytes(b"x")
+    target.write_bytes(b"PK\x03\x04 a zip archive cut short")
     monkeypatch.setattr(torch, "load", broken)
     with pytest.raises(CifarNetError) as err:
         checkpoint.load(target)

@@ -123,7 +123,7 @@ def test_unreadable_resume_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "last.pt"
     bad.write_text("nope")
     result = runner.invoke(app, ["train", "--resume", str(bad)])
-    assert result.exit_code == 1 and "not a readable checkpoint" in result.output
+    assert result.exit_code == 1 and "last.pt is not a checkpoint (not a PyTorch file)" in result.output
 
 
 def test_resume_refuses_recipe_changes_and_reports_finished_runs(image_folder: Callable[..., Path]) -> None:

@@ -69,12 +69,38 @@ def _refuse_exports(path: Path) -> None:
     )
 
 
+#: File signatures of what users hand over by mistake where a checkpoint belongs.
+_FOREIGN = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"{", "a JSON file"),
+)
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A PyTorch checkpoint is a zip archive (torch.save since 1.6) or a pickle (older files, first byte
+    0x80); anything else is named for what it is, instead of torch's page of advice about weights_only."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return
+    kind = next((name for magic, name in _FOREIGN if head.startswith(magic)), "not a PyTorch file")
+    raise CifarNetError(
+        f"{_display(path)} is not a checkpoint ({kind}): give a run name or its best.pt/last.pt (exported .onnx "
+        "and .engine files go to predict/evaluate --model)."
+    )
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a plain state dict) safely; unreadable files end in one clear error."""
     try:
         if not path.is_file():
             raise CifarNetError(f"No checkpoint at {_display(path)}.")
         _refuse_exports(path)
+        _refuse_foreign(path)
         with warnings.catch_warnings():  # torch warns before some refusals; the refusal is worded below
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)

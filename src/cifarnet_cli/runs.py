@@ -401,6 +401,11 @@ def resolve_run(ref: str | None, *, trained_only: bool = False) -> Run:
     run = Run(ref, paths.runs_dir() / ref)
     if "/" not in ref and _is_run_dir(run.dir):
         return run
+    if path.is_dir():
+        raise CifarNetError(
+            f"{path} is a folder, not a run (it has no config.json, last.pt or best.pt): give a run name, a run "
+            "folder or a checkpoint file."
+        )
     names = [r.name for r in list_runs()[:10]]
     hint = f" Known runs: {', '.join(names)}." if names else f" No runs in {paths.runs_dir()} yet."
     raise CifarNetError(f"No run named {ref!r}.{hint}")
