@@ -131,6 +131,15 @@ def test_predict_table_and_missing_file(run: Path) -> None:
     assert "no such file" in result.output and "1 of 2 input(s)" in result.output
 
 
+def test_a_folder_without_images_is_an_error_not_an_empty_answer(run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no pictures here")
+    result = runner.invoke(app, ["predict", str(folder), "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["predictions"] == [{"path": str(folder), "error": "no image files in this folder"}]
+
+
 def test_predict_without_runs_explains(tmp_path: Path) -> None:
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     result = runner.invoke(app, ["predict", str(tmp_path / "a.png")])

@@ -75,14 +75,15 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            add(
-                sorted(
-                    Path(d) / f
-                    for d, _dirs, names in os.walk(path)
-                    for f in names
-                    if is_image_file(f) and not f.startswith(".")
-                )
+            found = sorted(
+                Path(d) / f
+                for d, _dirs, names in os.walk(path)
+                for f in names
+                if is_image_file(f) and not f.startswith(".")
             )
+            if not found:
+                items.append(Prediction(item, error="no image files in this folder"))
+            add(found)
         elif path.is_file():
             add([path])
         elif glob.has_magic(item):
