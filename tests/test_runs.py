@@ -141,6 +141,16 @@ def test_show_compare_and_path(three_runs: Path, tmp_path: Path) -> None:
     assert runner.invoke(app, ["runs", "--path", "done"]).stdout.strip().endswith("done")
     missing = runner.invoke(app, ["runs", "--path", "nope"])
     assert missing.exit_code == 1 and "No run named 'nope'" in missing.output
+    # a default learning rate is compared as the rate it resolved to (it differs with the effective batch)
+    other = runs.Run("bigger", paths.runs_dir() / "bigger")
+    other.dir.mkdir()
+    record = json.loads((paths.runs_dir() / "done" / "config.json").read_text())
+    record["config"]["batch_size"] *= 2
+    other.write_config(record)
+    lr = json.loads(runner.invoke(app, ["runs", "compare", "done", "bigger", "--json"]).stdout)["differences"]["lr"]
+    assert lr[1] == 2 * lr[0] and None not in lr
+    table = runner.invoke(app, ["runs", "compare", "done", "bigger"]).output
+    assert "null" not in table
 
 
 def test_rm_asks_and_refuses_a_run_being_trained() -> None:

@@ -237,9 +237,11 @@ def _recipe(run: runs.Run) -> dict[str, Any]:
     existed does not differ from one that left it at its default."""
     recorded = run.read_config().get("config", {})
     try:
-        return TrainConfig.from_dict(recorded).to_dict()
+        config = TrainConfig.from_dict(recorded)
     except (TypeError, ValueError):
         return recorded if isinstance(recorded, dict) else {}
+    # The rate a default resolved to (base-lr scaled to the effective batch): what the runs trained with.
+    return {**config.to_dict(), "lr": float(f"{config.peak_lr:.6g}")}
 
 
 def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:

@@ -692,7 +692,10 @@ def compare_table(c: Any, console: Console | None = None) -> None:
         for s in c.summaries:
             table.add_column(escape(s.name), justify="right", no_wrap=True)
         for key, values in c.differences.items():
-            table.add_row(key.replace("_", "-"), *[escape(v if isinstance(v, str) else json.dumps(v)) for v in values])
+            table.add_row(
+                key.replace("_", "-"),
+                *["—" if v is None else escape(v if isinstance(v, str) else json.dumps(v)) for v in values],
+            )
         if not c.differences:
             table.add_row("[dim](same recipe)[/]", *["" for _ in c.summaries])
         table.add_section()
