@@ -46,3 +46,12 @@ def test_bench_tables(columns: str) -> None:
     assert result.exit_code == 0, result.output
     for text in ("ResNet-20 training", "eager", "predict latency", "finetune-resnet50", "[1/4]"):
         assert text in result.output
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured: list[int] = []
+    monkeypatch.setattr(benchmark, "run_bench", lambda *a, **k: measured.append(1) or {})
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--output", str(tmp_path)])
+    assert result.exit_code == 1 and "it is a folder; give the path of a file" in result.output and not measured

@@ -127,13 +127,16 @@ def test_show_compare_and_path(three_runs: Path, tmp_path: Path) -> None:
     assert "null" not in table.output and "freeze-backbone" not in table.output
     assert json.loads(runner.invoke(app, ["runs", "show", "done", "--json"]).stdout)["resume"] is None
 
-    plot = tmp_path / "cmp.png"
+    plot = tmp_path / "plots" / "cmp.png"  # a folder that does not exist yet is created, as export does
     compared = runner.invoke(app, ["runs", "compare", "done", "halfway", "--plot", str(plot), "--json"])
     assert compared.exit_code == 0, compared.output
     c = json.loads(compared.stdout)
     assert c["differences"] == {"epochs": [1, 3]}  # only the options that differ
     assert [r["name"] for r in c["runs"]] == ["done", "halfway"] and plot.stat().st_size > 1000
     assert "epochs" in runner.invoke(app, ["runs", "compare", "done", "halfway"]).output
+    into_folder = runner.invoke(app, ["runs", "compare", "done", "halfway", "--plot", str(tmp_path)])
+    assert into_folder.exit_code == 1 and "it is a folder; give the path of a file" in into_folder.output
+    assert ".partial" not in into_folder.output
     assert runner.invoke(app, ["runs", "compare", "done"]).exit_code == 2
 
     path = runner.invoke(app, ["runs", "--path", "last"])

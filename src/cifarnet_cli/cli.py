@@ -982,16 +982,20 @@ def bench(
     Synthetic images in CIFAR's shape, through the same loader, engine and models; about a minute on a GPU.
     Example: cifarnet bench --quick --json
     """
+    from cifarnet_cli import fileio
     from cifarnet_cli.benchmark import run_bench
 
     with _user_errors():
+        target = fileio.check_target(output.expanduser()) if output is not None else None  # before a minute's work
         result = run_bench(device or "auto", quick=quick, on_event=_ui().BenchView(quiet=quiet))
-        if output is not None:
-            output.expanduser().write_text(json.dumps(result, indent=2) + "\n")
         if as_json:
             _print_json(result)
         else:
             _ui().bench_tables(result)
+        if target is not None:  # after the results are shown, so a failure here loses nothing
+            fileio.write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
+            if not quiet:
+                _ui().success(f"Wrote {target}")
 
 
 @app.command()

@@ -103,6 +103,15 @@ def os_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: s
     return CifarNetError(os_error_message(exc, path, action))
 
 
+def check_target(path: Path) -> Path:
+    """Fail early, in words, when ``path`` cannot become a file: it is a folder, or its folder cannot be
+    created (a command that measures for a minute checks its ``--output`` before it starts)."""
+    if path.is_dir():
+        raise CifarNetError(f"Cannot write {display(path)}: it is a folder; give the path of a file.")
+    ensure_dir(path.parent)
+    return path
+
+
 def ensure_dir(path: Path) -> Path:
     """``mkdir -p``, with a failure worded for the user (a file in the way, read-only, no permission)."""
     try:
@@ -169,6 +178,7 @@ def atomic_writer(path: Path) -> Iterator[Any]:
     Failures of the file itself (no space, read-only, no permission, size limit) become a
     :class:`CifarNetError` naming ``path``; anything else the writer raises (Ctrl-C, a network error)
     propagates unchanged. Either way the temporary file is gone and ``path`` is as it was."""
+    check_target(path)
     folder = ensure_dir(path.parent)
     tmp = folder / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     try:

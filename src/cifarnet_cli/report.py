@@ -8,14 +8,15 @@ caller says how to get it. Kept free of torch: only the figure's numbers come in
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cifarnet_cli import fileio
 from cifarnet_cli.events import EpochEnded, EpochStarted
 from cifarnet_cli.runs import Run
 
@@ -43,12 +44,10 @@ def _figure(width: float, height: float, columns: int) -> tuple[Any, Any] | None
 
 
 def _save(fig: Any, target: Path) -> Path:
-    tmp = target.with_name(f".{target.name}.partial")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Render in memory, then replace ``target`` atomically (fileio: the user's umask, errors naming it)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    fileio.write_bytes(target, buffer.getvalue())
     return target
 
 
