@@ -200,3 +200,15 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
     assert torch.load(home / "runs" / "sig" / "last.pt", weights_only=True)["epoch"] > done_before
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == list(range(1, len(epochs) + 1))  # continued, not restarted
+
+
+def test_a_closed_pipe_is_not_reported_as_an_error() -> None:
+    """`cifarnet info | head -1`: the reader goes away; exit 141 (as ls or cat report it), not 1 (an error)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifarnet_cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the program writes anything (it takes a while to start)
+    assert proc.wait(timeout=300) == 141
+    assert b"Traceback" not in proc.stderr.read()
+    proc.stderr.close()

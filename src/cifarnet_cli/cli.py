@@ -1175,7 +1175,14 @@ def completion_scripts() -> dict[str, str]:
 def main() -> None:
     # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
     # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
-    app(prog_name="cifarnet")
+    try:
+        app(prog_name="cifarnet")
+    except SystemExit as exc:
+        # Typer answers a closed stdout (EPIPE) by wrapping the streams so that nothing more is written, then
+        # exiting with 1; that wrapper is how the broken pipe is told from a real error.
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            raise SystemExit(141) from None  # as ui's consoles do (ui.EXIT_BROKEN_PIPE); ui is not imported here
+        raise
 
 
 if __name__ == "__main__":

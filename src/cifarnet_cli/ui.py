@@ -36,8 +36,21 @@ from cifarnet_cli.events import (
     TrainResult,
 )
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+#: Exit status when the reader of the output went away (`cifarnet runs | head -1`): 128 + SIGPIPE, what the
+#: shell reports for ls or cat stopped that way, so it is not mistaken for a runtime error (1).
+EXIT_BROKEN_PIPE = 141
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        try:
+            super().on_broken_pipe()  # quiet from now on, stdout pointed at /dev/null
+        except SystemExit:
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
+
+
+err_console = _Console(stderr=True, highlight=False)
+out_console = _Console(highlight=False)
 
 
 def error(message: str) -> None:
@@ -360,7 +373,7 @@ def _print_wide(console: Console, table: Table) -> None:
     width = _natural_width(console, table)
     if width > console.width:
         # Console.print clamps its width argument to the console's: print through a wider twin instead.
-        console = Console(
+        console = _Console(
             file=console.file,
             width=width,
             force_terminal=console.is_terminal,
