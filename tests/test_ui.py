@@ -153,3 +153,32 @@ def test_predict_table_never_cuts_the_answer(width: int) -> None:
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert "traffic_light_red" in out and "60.0%" in out and "…" not in out
     assert max(len(line) for line in out.splitlines()) <= width
+
+
+def test_runs_table_fits_a_60_column_terminal() -> None:
+    """The name, epochs, best and state stay; a long state wraps inside its cell instead of the whole
+    table running past the terminal's edge."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(
+        name="resnet20-20261128-101500",
+        command="train",
+        arch="resnet20",
+        epochs_done=2,
+        epochs_planned=60,
+        best_accuracy=0.5,
+        best_epoch=2,
+        final_accuracy=0.49,
+        split="val",
+        images_per_second=400.0,
+        device="cpu (2 threads)",
+        updated="2026-11-28T10:15:00",
+        state="stopped-early",
+        status="stopped early after epoch 2 (--patience 1)",
+        path="/home/u/.local/share/cifarnet/runs/x",
+    )
+    console = Console(file=io.StringIO(), width=60, force_terminal=True, color_system=None)
+    ui.runs_table([run], console)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert max(len(line) for line in out.splitlines()) <= 60
+    assert "resnet20-20261128-101500" in out and "50.00% @2" in out and "2/60" in out and "…" not in out

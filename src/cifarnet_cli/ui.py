@@ -353,7 +353,9 @@ def _natural_width(console: Console, renderable: Any) -> int:
     return console.measure(renderable, options=console.options.update(width=10_000)).maximum
 
 
-def print_fitted(console: Console, build: Callable[[set[str]], Table], droppable: Sequence[str] = ()) -> None:
+def print_fitted(
+    console: Console, build: Callable[[set[str]], Table], droppable: Sequence[str] = (), *, wrap: bool = False
+) -> None:
     """Print the table ``build(dropped)`` without cutting a cell: in a terminal too narrow for it, drop the
     ``droppable`` columns (least important first) until it fits; when output goes to a file or a pipe, print
     it at its full width (Rich would otherwise squeeze it into 80 columns and truncate names with "…")."""
@@ -365,6 +367,9 @@ def print_fitted(console: Console, build: Callable[[set[str]], Table], droppable
                 break
             dropped.add(name)
             table = build(dropped)
+    if wrap and console.is_terminal and _natural_width(console, table) > console.width:
+        console.print(table)  # the table's wrapping columns (a state, a recipe value) take the lines it needs
+        return
     _print_wide(console, table)
 
 
@@ -627,12 +632,18 @@ def runs_table(summaries: list[Any], console: Console | None = None) -> None:
         table = Table(title=f"Runs in {escape(str(Path(summaries[0].path).parent))}", title_justify="left")
         shown = [c for c in columns if c[0] not in dropped]
         for header, _get, justify in shown:
-            table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+            wraps = header == "state"  # the one column that may take several lines in a narrow terminal
+            table.add_column(
+                header,
+                justify=justify,  # type: ignore[arg-type]
+                no_wrap=not wraps,
+                overflow="fold" if wraps else "ellipsis",
+            )
         for s in summaries:
             table.add_row(*[get(s) for _h, get, _j in shown])
         return table
 
-    print_fitted(console, build, droppable=["device", "task", "img/s", "on", "updated", "arch", "final"])
+    print_fitted(console, build, droppable=["device", "task", "img/s", "on", "updated", "arch", "final"], wrap=True)
 
 
 def run_detail(d: Any, console: Console | None = None) -> None:
@@ -656,7 +667,7 @@ def run_detail(d: Any, console: Console | None = None) -> None:
             table.add_row(key, escape(value))
         return table
 
-    print_fitted(console, recipe)
+    print_fitted(console, recipe, wrap=True)
     if d.metrics:
 
         def metrics(dropped: set[str]) -> Table:
@@ -703,7 +714,7 @@ def compare_table(c: Any, console: Console | None = None) -> None:
         table = Table(title="Runs compared (recipe options that differ, then results)", title_justify="left")
         table.add_column("", no_wrap=True)
         for s in c.summaries:
-            table.add_column(escape(s.name), justify="right", no_wrap=True)
+            table.add_column(escape(s.name), justify="right", overflow="fold")  # narrow: values wrap, keys stay
         for key, values in c.differences.items():
             table.add_row(
                 key.replace("_", "-"),
@@ -722,7 +733,7 @@ def compare_table(c: Any, console: Console | None = None) -> None:
         table.add_row("state", *[escape(s.status) for s in c.summaries])
         return table
 
-    print_fitted(console, build)
+    print_fitted(console, build, wrap=True)
     if c.plot:
         err_console.print(f"Validation curves: {escape(c.plot)}", soft_wrap=True)
 
