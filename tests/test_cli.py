@@ -212,3 +212,11 @@ def test_a_closed_pipe_is_not_reported_as_an_error() -> None:
     assert proc.wait(timeout=300) == 141
     assert b"Traceback" not in proc.stderr.read()
     proc.stderr.close()
+
+
+def test_flags_show_no_value_type_in_help() -> None:
+    """`--json <bool>` read as if the flag took a value (`--json true` is refused)."""
+    for command in (["info"], ["export"], ["train"]):
+        shown = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"}).output
+        assert "--json" in shown and "<bool>" not in shown
+    assert "<int>" in runner.invoke(app, ["train", "--help"], env={"COLUMNS": "120"}).output  # values keep theirs

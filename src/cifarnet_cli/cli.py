@@ -28,6 +28,23 @@ app = typer.Typer(
 )
 
 
+def _hide_flag_types() -> None:
+    """Typer 0.2x prints a type after every flag in help (`--json <bool>`), which reads as if the flag took
+    a value (`--json true` is refused). A flag takes none: show none. Left alone where Typer lacks the hook."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if option is None or shown is None:
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
