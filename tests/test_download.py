@@ -41,8 +41,21 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def _fetch(dest: Path, *mirrors: str, messages: list[str] | None = None, **opts: object) -> Path:
+    """``messages`` collects what the user reads, in order: the notices, then the error's message."""
     notes = messages if messages is not None else []
-    return fetch("cifar10", dest, DownloadOptions(mirrors=mirrors, **opts), notify=notes.append)  # type: ignore[arg-type]
+    try:
+        return fetch("cifar10", dest, DownloadOptions(mirrors=mirrors, **opts), notify=notes.append)  # type: ignore[arg-type]
+    except DownloadError as exc:
+        notes.append(str(exc))
+        raise
+
+
+def test_the_last_failure_is_said_once_in_the_error(pinned: Asset, tmp_path: Path) -> None:
+    notes: list[str] = []
+    with pytest.raises(DownloadError):
+        _fetch(tmp_path, "http://127.0.0.1:9/x/", messages=notes, insecure_transport=True)
+    reason = notes[-1].split(": ", 1)[1].split(". To finish by hand")[0]  # the error: "Could not download X: why."
+    assert reason and not any(reason in n for n in notes[:-1])  # not also a line of its own before the error
 
 
 def test_untrusted_issuer_then_success_with_ca_bundle(
@@ -360,3 +373,11 @@ def test_a_disk_full_extraction_is_not_called_a_bad_archive(tmp_path: Path, monk
     with pytest.raises(CifarNetError, match="Cannot extract into .*: no space left"):
         safe_extract_cifar(archive, tmp_path / "out")
     assert _leftovers(tmp_path / "out") == []
+
+
+def test_a_local_mirror_folder_needs_no_trailing_slash_or_scheme(pinned: Asset, payload: bytes, tmp_path: Path) -> None:
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    (folder / pinned.filename).write_bytes(payload)
+    assert _fetch(tmp_path / "a", folder.as_uri()).read_bytes() == payload  # file:///…/mirror, no slash
+    assert _fetch(tmp_path / "b", str(folder)).read_bytes() == payload  # a bare path

@@ -364,10 +364,17 @@ def _stream(
 
 
 def mirror_urls(asset: Asset, mirrors: Sequence[str]) -> list[str]:
-    """A mirror is the URL of the file itself, or a base URL ending in '/' that gets the file name."""
+    """A mirror is the URL of the file itself, or a base URL ending in '/' that gets the file name. A local
+    folder is a base either way (file:///srv/mirror, or a path such as /srv/mirror, which becomes a file:// URL)."""
     env = os.environ.get(MIRROR_ENV, "")
     out = []
     for m in [*mirrors, *env.replace(",", " ").split()]:
+        local = Path(m).expanduser()
+        if "://" not in m and (local.is_absolute() or local.exists()):
+            m = local.resolve().as_uri() + ("/" if m.endswith("/") else "")
+        parts = urllib.parse.urlsplit(m)
+        if parts.scheme == "file" and not m.endswith("/") and Path(urllib.parse.unquote(parts.path)).is_dir():
+            m += "/"
         out.append(m + asset.filename if m.endswith("/") else m)
     return out
 
@@ -392,7 +399,20 @@ def _download(asset: Asset, dest: Path, options: DownloadOptions, notify: Notify
             "checked against its pinned size and SHA-256."
         )
     last: Failure | None = None
+    # An attempt's failure is said when another attempt follows it; the last one is the error's reason
+    # (said once, not also as a line of its own).
+    pending: list[str] = []
+
+    def attempt_failed(message: str) -> None:
+        pending.append(message)
+
+    def next_attempt() -> None:
+        for message in pending:
+            notify(message)
+        pending.clear()
+
     for url in urls:
+        next_attempt()
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme not in ("https", "file") and not (scheme == "http" and options.insecure_transport):
             allowed = "https:// and file://" + (" (http:// with --insecure-transport)" if scheme == "http" else "")
@@ -403,22 +423,23 @@ def _download(asset: Asset, dest: Path, options: DownloadOptions, notify: Notify
         while i < len(contexts):
             label, ctx = contexts[i]
             i += 1
+            next_attempt()
             try:
                 _stream(url, dest, asset, ctx, options.timeout_s, progress)
                 return
             except _VerifyFailed as exc:
                 last = exc.failure
-                notify(last.message)
+                attempt_failed(last.message)
                 break  # the server sent wrong bytes: another trust store will not fix that
             except (urllib.error.URLError, OSError, ssl.SSLError, http.client.HTTPException) as exc:
                 last = classify(exc, url, options.timeout_s)
                 tls_kinds = ("untrusted", "expired", "not_yet_valid", "hostname", "tls", "tls_version", "plain_http")
-                notify(f"{last.message} [{label}]" if last.kind in tls_kinds else last.message)
+                attempt_failed(f"{last.message} [{label}]" if last.kind in tls_kinds else last.message)
                 if last.kind in ("untrusted", "expired") and label == "system trust store":
                     certifi_ctx = certifi_context()
                     if certifi_ctx is not None:
                         contexts.append(("certifi CA bundle", certifi_ctx))
-                        notify("Retrying with the certifi CA bundle.")
+                        attempt_failed("Retrying with the certifi CA bundle.")
     reason = last.message if last is not None else "no usable URL"
     raise DownloadError(_manual_message(asset, dest, reason))
 

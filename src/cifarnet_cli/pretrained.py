@@ -24,7 +24,10 @@ def resolve_weights_file(
         try:
             return download.fetch(RESNET50_WEIGHTS[key], notify=notify, progress=progress)
         except download.DownloadError as exc:
-            raise download.DownloadError(f"{exc} Or pass --weights PATH to a local weights file.") from exc
+            raise download.DownloadError(
+                f"{exc} Or pass --weights PATH to a local weights file, or --weights none to train from random "
+                "weights (much lower accuracy)."
+            ) from exc
     path = Path(spec).expanduser()
     if path.is_file():
         return path
