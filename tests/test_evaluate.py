@@ -93,6 +93,18 @@ def test_evaluate_errors(trained_run: tuple[Path, dict[str, object]]) -> None:
     assert bad_split.exit_code == 2 and "test, val, train" in bad_split.output
     bad_class = runner.invoke(app, ["evaluate", "ev", "--classes", "unicorn"])
     assert bad_class.exit_code == 2 and "unicorn" in bad_class.output
+    # one class (every image "right") and an empty list (silently all classes) are refused
+    for given in ("cat", ""):
+        refused = runner.invoke(app, ["evaluate", "ev", "--split", "val", "--classes", given])
+        assert refused.exit_code == 2 and "at least two classes" in refused.output
+
+
+def test_each_class_subset_keeps_its_own_report(trained_run: tuple[Path, dict[str, object]]) -> None:
+    run_dir = Path(str(trained_run[1]["run_dir"]))
+    for subset in ("cat,dog", "airplane,ship"):
+        assert runner.invoke(app, ["evaluate", "ev", "--split", "val", "--classes", subset]).exit_code == 0
+    written = {p.name for p in run_dir.glob("eval-val-*.json")}
+    assert {"eval-val-cat+dog.json", "eval-val-airplane+ship.json"} <= written
 
 
 def test_evaluate_without_runs_says_how_to_train() -> None:

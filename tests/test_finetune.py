@@ -96,7 +96,7 @@ def test_module_prefixes_are_stripped(imagenet_state: Path, tmp_path: Path) -> N
     prefixed = tmp_path / "ddp.pth"
     torch.save({f"module.{k}": v for k, v in state.items()}, prefixed)
     model = get_model("resnet50", image_size=32)
-    assert "ImageNet weights" in pretrained.load_weights(model, str(prefixed))
+    assert "pretrained ResNet-50 weights" in pretrained.load_weights(model, str(prefixed))
     assert torch.equal(model.body.conv1.weight, state["conv1.weight"])
 
 
@@ -149,7 +149,7 @@ def test_hub_cache_file_with_the_pinned_hash_is_used(
         app, ["finetune-resnet50", "--data-dir", str(data), "--weights", "IMAGENET1K_V1", "--run", "hub", *FAST[:-2]]
     )
     assert result.exit_code == 0, result.output
-    assert f"Loaded ImageNet weights from {hub / 'resnet50-test.pth'}" in result.output.replace("\n", "")
+    assert f"Loaded pretrained ResNet-50 weights from {hub / 'resnet50-test.pth'}" in result.output.replace("\n", "")
 
 
 def test_imagenet_weights_without_network_fail_fast(data: Path) -> None:

@@ -215,3 +215,11 @@ def test_lock_holder_is_described() -> None:
         assert holder is not None and holder["pid"] == os.getpid()
         assert runs.describe_holder(holder).startswith(f"pid {os.getpid()} on ")
     assert runs.holder_of(run) is None and not run.lock_file.exists()
+
+
+def test_a_home_that_is_a_file_is_not_reported_as_no_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("CIFARNET_HOME", str(home))
+    result = runner.invoke(app, ["runs"])
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output and "No runs yet" not in result.output

@@ -738,7 +738,7 @@ def evaluate(
     with _user_errors():
         if run is not None and model is not None:
             raise UsageError("Give a run or --model, not both.")
-        class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+        class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         with _ui().TrainView(quiet=False) as view:  # renders notices and download progress
             report = evaluate_model(
                 run,

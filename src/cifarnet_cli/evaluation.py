@@ -6,7 +6,9 @@ torch is imported only for checkpoints: an exported model (ONNX, TensorRT) is ev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +155,13 @@ def _eval_set(
     return chosen, split, desc
 
 
+def _subset_suffix(names: list[str]) -> str:
+    """``-cat+dog`` for a few classes, ``-subset-<hash>`` for many: each subset keeps its own report."""
+    if len(names) <= 3:
+        return "-" + "+".join(re.sub(r"[^\w.-]", "_", n) for n in names)
+    return "-subset-" + hashlib.sha256("\0".join(names).encode()).hexdigest()[:8]
+
+
 def _splits_of(source: DataSource) -> list[str]:
     """The splits ``--split`` may name on ``source`` besides a run's val: test where the data has one, train
     where it has a training pool (a folder of class folders is one), and all."""
@@ -252,13 +261,18 @@ def evaluate_model(
 
     all_ids = list(range(len(model_classes)))
     class_ids = all_ids
-    if classes:
+    if classes is not None:
         mapping, unknown = match_classes(classes, model_classes)
         if unknown:
             raise UsageError(
                 f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(model_classes)})."
             )
         class_ids = sorted(set(mapping.values()))
+        if len(class_ids) < 2:
+            raise UsageError(
+                "--classes needs at least two classes: the model chooses among them, so with one every image "
+                f"would count as right (the model's classes: {', '.join(model_classes)})."
+            )
         keep = np.isin(data.labels, class_ids)
         left_out = int((~keep).sum())
         if left_out:
@@ -291,7 +305,7 @@ def evaluate_model(
         unrestricted,
     )
     if write_report and run is not None:
-        suffix = f"{split_name}" + ("-tta" if tta else "") + ("-subset" if classes else "")
+        suffix = f"{split_name}" + ("-tta" if tta else "") + (_subset_suffix(names) if class_ids != all_ids else "")
         target = run.dir / f"eval-{suffix}.json"
         picture = run.dir / f"confusion-{suffix}.png"
         try:  # atomically, and a failure worded like every other file error (the results are printed anyway)

@@ -60,4 +60,4 @@ def load_weights(
     head = {f"fc.{k}": v for k, v in target.fc.state_dict().items()}
     with torch.no_grad():
         checkpoint.load_state_strict(target, {**body, **head}, str(path))
-    return f"Loaded ImageNet weights from {path} (new {model.get_classifier().out_features}-class head)."
+    return f"Loaded pretrained ResNet-50 weights from {path} (new {model.get_classifier().out_features}-class head)."

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarnet_cli import paths
+from cifarnet_cli import fileio, paths
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 try:  # POSIX (Linux, macOS, Jetson): a lock the kernel releases when its process dies, however it dies
@@ -368,8 +368,10 @@ def list_runs() -> list[Run]:
     root = paths.runs_dir()
     try:
         dirs = [d for d in root.iterdir() if _is_run_dir(d)]
-    except OSError:
-        return []
+    except FileNotFoundError:
+        return []  # nothing trained yet
+    except OSError as exc:  # CIFARNET_HOME is a file, or unreadable: say so (training would fail there too)
+        raise fileio.os_error(exc, root, "read") from exc
     return sorted((Run(d.name, d) for d in dirs), key=Run.last_activity, reverse=True)
 
 
