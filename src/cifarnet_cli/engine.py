@@ -449,6 +449,12 @@ def fit(
     step = make_step()
     num_classes = model.get_classifier().out_features
     guard = DivergenceGuard(num_classes)
+
+    def diverged(loss: float, which: str) -> TrainingDiverged:
+        # A new run with no completed epoch keeps nothing (its folder goes); otherwise the last good epoch stays.
+        discard = resume_from is None and saved_epoch == 0
+        return _diverged(loss, guard.start, which, num_classes, config, precision, run, saved_epoch, discard=discard)
+
     # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
     # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
     start_state: dict[str, Any] | None = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
@@ -504,30 +510,10 @@ def fit(
                         f"{config.batch_size} --accum {config.accum} (the same effective batch, {config.effective_batch})."
                     )
                 except LossDiverged as exc:
-                    raise _diverged(
-                        exc.loss,
-                        exc.start,
-                        "training",
-                        num_classes,
-                        config,
-                        precision,
-                        run,
-                        saved_epoch,
-                        discard=resume_from is None and saved_epoch == 0,
-                    ) from None
+                    raise diverged(exc.loss, "training") from None
             ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
             if ev is not None and not math.isfinite(ev.loss):
-                raise _diverged(
-                    ev.loss,
-                    guard.start,
-                    "validation",
-                    num_classes,
-                    config,
-                    precision,
-                    run,
-                    saved_epoch,
-                    discard=resume_from is None and saved_epoch == 0,
-                )
+                raise diverged(ev.loss, "validation")
             state.epoch = epoch
             state.train_images += stats.images
             state.train_seconds += stats.seconds
