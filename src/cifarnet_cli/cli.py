@@ -16,7 +16,7 @@ import typer
 
 from cifarnet_cli import __version__, choices
 from cifarnet_cli.config import FINETUNE_DEFAULTS, TrainConfig
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.errors import EXIT_BROKEN_PIPE, CifarNetError, UsageError, quiet_stdout_after_broken_pipe
 
 app = typer.Typer(
     name="cifarnet",
@@ -80,6 +80,9 @@ def _user_errors() -> Iterator[None]:
             saved = f"no epoch had completed, so {exc.run.last} holds the starting point"
         _ui().warn(f"{how}; {saved}. Continue with: {exc.command} --resume {exc.run.name}")
         raise typer.Exit(exc.exit_code) from None
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): not a file error, not a failure
+        quiet_stdout_after_broken_pipe()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt as exc:  # SIGTERM arrives as a KeyboardInterrupt subclass with its own code
         _ui().warn("Stopped by SIGTERM." if getattr(exc, "exit_code", 130) == 143 else "Interrupted.")
         raise typer.Exit(getattr(exc, "exit_code", 130)) from None
@@ -1192,14 +1195,7 @@ def completion_scripts() -> dict[str, str]:
 def main() -> None:
     # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
     # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
-    try:
-        app(prog_name="cifarnet")
-    except SystemExit as exc:
-        # Typer answers a closed stdout (EPIPE) by wrapping the streams so that nothing more is written, then
-        # exiting with 1; that wrapper is how the broken pipe is told from a real error.
-        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
-            raise SystemExit(141) from None  # as ui's consoles do (ui.EXIT_BROKEN_PIPE); ui is not imported here
-        raise
+    app(prog_name="cifarnet")
 
 
 if __name__ == "__main__":

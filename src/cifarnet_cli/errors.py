@@ -1,5 +1,19 @@
 """The one exception type a user can cause; the CLI turns it into a red line and an exit code."""
 
+#: Exit status when the reader of the output went away (`cifarnet runs | head -1`): 128 + SIGPIPE, what the
+#: shell reports for ls or cat stopped that way, so it is not mistaken for a runtime error (1).
+EXIT_BROKEN_PIPE = 141
+
+
+def quiet_stdout_after_broken_pipe() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more (Python's advice for
+    SIGPIPE)."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
 
 class CifarNetError(Exception):
     """A problem the user can fix: the message says what to do.

@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cifarnet_cli.errors import EXIT_BROKEN_PIPE
 from cifarnet_cli.events import (
     BenchProgress,
     DecodeProgress,
@@ -36,17 +37,13 @@ from cifarnet_cli.events import (
     TrainResult,
 )
 
-#: Exit status when the reader of the output went away (`cifarnet runs | head -1`): 128 + SIGPIPE, what the
-#: shell reports for ls or cat stopped that way, so it is not mistaken for a runtime error (1).
-EXIT_BROKEN_PIPE = 141
-
 
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         try:
             super().on_broken_pipe()  # quiet from now on, stdout pointed at /dev/null
         except SystemExit:
-            raise SystemExit(EXIT_BROKEN_PIPE) from None
+            raise SystemExit(EXIT_BROKEN_PIPE) from None  # not 1: the output's reader left, nothing failed
 
 
 err_console = _Console(stderr=True, highlight=False)
