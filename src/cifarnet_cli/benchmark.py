@@ -272,16 +272,15 @@ def run_bench(device_spec: str = "auto", *, quick: bool = False, on_event: Event
     progress(
         f"ResNet-50 fine-tuning at {finetune_config.image_size} px, {finetune_config.batch_size} × {finetune_config.accum}"
     )
-    finetune_precision = resolve_precision("auto", device)
     if device.type == "cpu":
         on_event(Notice("ResNet-50 at 160 px trains at a few images per second on a CPU: this part takes a while."))
     finetune = _train_rate(
         "resnet50",
         device=device,
-        precision=finetune_precision,
+        precision=default_precision,  # the same "auto" choice on the same device as the ResNet-20 recipe's
         batch=finetune_config.batch_size,
         accum=finetune_config.accum,
-        mode=choose_mode("auto", device=device, precision=finetune_precision, notice=lambda _m: None),
+        mode=default_mode,
         images=finetune_config.effective_batch * sizes.finetune_windows,
         warmup_images=finetune_config.batch_size * (1 if device.type == "cpu" else finetune_config.accum * 2),
         model_kwargs={"image_size": finetune_config.image_size},
