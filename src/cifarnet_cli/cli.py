@@ -70,27 +70,47 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except CifarNetError as exc:
-        _ui().error(str(exc))
-        raise typer.Exit(exc.exit_code) from None
+        _say(exc, _ui().error, str(exc))
+        raise typer.Exit(_exit(exc, exc.exit_code)) from None
     except TrainingInterrupted as exc:
         how = "Stopped by SIGTERM" if exc.exit_code == 143 else "Interrupted"
         if exc.completed_epochs:
             saved = f"epoch {exc.completed_epochs} is saved in {exc.run.last}"
         else:
             saved = f"no epoch had completed, so {exc.run.last} holds the starting point"
-        _ui().warn(f"{how}; {saved}. Continue with: {exc.command} --resume {exc.run.name}")
-        raise typer.Exit(exc.exit_code) from None
+        resume = f"{exc.command} --resume {exc.run.name}{_launch().resume_options()}"
+        _say(exc, _ui().warn, f"{how}; {saved}. Continue with: {resume}")
+        raise typer.Exit(_exit(exc, exc.exit_code)) from None
     except BrokenPipeError:  # the reader of stdout went away (`| head`): not a file error, not a failure
         quiet_stdout_after_broken_pipe()
         raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt as exc:  # SIGTERM arrives as a KeyboardInterrupt subclass with its own code
-        _ui().warn("Stopped by SIGTERM." if getattr(exc, "exit_code", 130) == 143 else "Interrupted.")
-        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+        _say(exc, _ui().warn, "Stopped by SIGTERM." if getattr(exc, "exit_code", 130) == 143 else "Interrupted.")
+        raise typer.Exit(_exit(exc, getattr(exc, "exit_code", 130))) from None
     except OSError as exc:  # the operating system refused a file operation the library did not word itself
         from cifarnet_cli.fileio import os_error_message
 
-        _ui().error(os_error_message(exc))
-        raise typer.Exit(1) from None
+        _say(exc, _ui().error, os_error_message(exc))
+        raise typer.Exit(_exit(exc, 1)) from None
+
+
+def _launch() -> ModuleType:
+    """The launcher of several processes (torch-free), imported on first use."""
+    from cifarnet_cli import launch
+
+    return launch
+
+
+def _say(exc: BaseException, show: Any, message: str) -> None:
+    """Print an error line; under several processes, rank 0 prints what they share and another rank only an
+    error of its own, naming itself."""
+    launch = _launch()
+    if launch.speaks(exc):
+        show(launch.ranked(message))
+
+
+def _exit(exc: BaseException, code: int) -> int:
+    return _launch().exit_code(exc, code) if _launch().in_torchrun() else code
 
 
 def _print_json(obj: Any) -> None:
@@ -296,7 +316,12 @@ ValSplit = Annotated[
 ]
 Device = Annotated[
     str | None,
-    _option(str, help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]", autocompletion=_complete_device),
+    _option(
+        str,
+        help="auto, cpu, cuda, cuda:N, mps; for training also several GPUs: cuda:0,1 or cuda:all (one process "
+        "each). \\[default: auto]",
+        autocompletion=_complete_device,
+    ),
 ]
 PrecisionOpt = Annotated[
     str | None,
@@ -315,6 +340,23 @@ InferencePrecision = Annotated[
         help="fp32, bf16, fp16 or auto. \\[default: on a GPU the precision the run trained in, as its validation "
         "figures were measured; fp32 on the CPU]",
         autocompletion=_complete_precision,
+    ),
+]
+Nproc = Annotated[
+    int | None,
+    _option(
+        int,
+        "--nproc",
+        help="Processes to train with, one per device (torchrun, DDP): with --device cpu, N CPU processes; with "
+        "cuda, the first N GPUs. --device cuda:0,1 or cuda:all choose GPUs instead. \\[default: 1]",
+    ),
+]
+SyncBn = Annotated[
+    bool,
+    typer.Option(
+        "--sync-bn",
+        help="With several GPUs, BatchNorm statistics over every process's micro-batch (SyncBatchNorm) instead of "
+        "each micro-batch's own.",
     ),
 ]
 Capture = Annotated[
@@ -378,6 +420,8 @@ def _run_training(
     as_json: bool,
     quiet: bool,
     tensorboard: bool = False,
+    nproc: int | None = None,
+    ctx: typer.Context | None = None,
 ) -> None:
     from cifarnet_cli.config import make_config, parse_milestones
     from cifarnet_cli.training import init_defaults, train
@@ -396,11 +440,22 @@ def _run_training(
             options["milestones"] = parse_milestones(options["milestones"]) or None
         if options.get("data_dir") is not None:
             options["data_dir"] = str(options["data_dir"])
-        with _ui().TrainView(quiet=quiet) as view:
+        # The user's own split of the effective batch is kept (or refused) on several processes; the default
+        # one is re-cut for them.
+        split_given = options.get("batch_size") is not None or options.get("accum") is not None
+        plan = _launch().plan(options.get("device"), nproc)
+        if plan is not None:
+            assert ctx is not None
+            _train_processes(ctx, task, options, plan, resume=resume, quiet=quiet, split_given=split_given)
+        main = _launch().worker_rank() in (None, 0)  # under torchrun, rank 0 alone prints and draws
+        with _ui().TrainView(quiet=quiet or not main) as view:
+            kwargs: dict[str, Any] = {"tensorboard": tensorboard, "split_given": split_given, "on_event": view}
             if resume is not None:
-                result = train(None, resume=resume, overrides=options, tensorboard=tensorboard, on_event=view)
+                result = train(None, resume=resume, overrides=options, **kwargs)
             else:
-                result = train(make_config(task, options), run_name=run, tensorboard=tensorboard, on_event=view)
+                result = train(make_config(task, options), run_name=run, **kwargs)
+        if not main:
+            return
         if result.already_finished and not quiet:
             if result.stopped_early:
                 _ui().info(f"Run {result.run} stopped early after epoch {result.epochs} (--patience); nothing to do.")
@@ -412,8 +467,63 @@ def _run_training(
             _print_json(result.to_json())
 
 
+def _train_processes(
+    ctx: typer.Context,
+    task: str,
+    options: dict[str, Any],
+    plan: Any,
+    *,
+    resume: str | None,
+    quiet: bool,
+    split_given: bool,
+) -> None:
+    """Train with several processes: this command again under torchrun (:mod:`cifarnet_cli.launch`), after
+    refusing here what they would refuse (a split of the effective batch they cannot share, --sync-bn on CPUs)."""
+    from cifarnet_cli.config import make_config
+
+    if resume is None:
+        from cifarnet_cli.ddp import sync_batchnorm_refusal
+        from cifarnet_cli.distributed import split_for_world
+
+        config = make_config(task, dict(options))
+        if config.sync_bn and plan.device_type != "cuda":
+            raise sync_batchnorm_refusal()
+        if not (config.batch_size_auto and plan.device_type == "cuda"):
+            split_for_world(
+                config.batch_size, config.accum, plan.nproc, given=split_given and not config.batch_size_auto
+            )
+    if not quiet:
+        _ui().info(f"Training with {plan.describe()}, started by torchrun.")
+    code, message = _launch().run(plan, ["-m", "cifarnet_cli", *_typed_arguments(ctx, drop={"nproc"})])
+    if message:
+        _ui().error(message)
+    raise typer.Exit(code)
+
+
+def _typed_arguments(ctx: typer.Context, *, drop: set[str]) -> list[str]:
+    """The command and the options typed on its command line (less ``drop``), to run it again."""
+    args = [str(ctx.info_name)]
+    for param in ctx.command.params:
+        name = param.name or ""
+        if param.param_type_name != "option" or name in drop:
+            continue
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name != "COMMANDLINE":
+            continue
+        # The longest spelling, the last of equals: torchrun's parser takes `--run` for its `--run-path`.
+        flag = max(reversed(param.opts), key=len)
+        value = ctx.params.get(name)
+        if getattr(param, "is_flag", False):
+            if value:
+                args.append(flag)
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     arch: Annotated[
         str | None,
         typer.Option(
@@ -436,8 +546,10 @@ def train(
     data_dir: DataDir = None,
     val_split: ValSplit = None,
     device: Device = None,
+    nproc: Nproc = None,
     precision: PrecisionOpt = None,
     capture: Capture = None,
+    sync_bn: SyncBn = False,
     run: RunName = None,
     resume: Resume = None,
     seed: Seed = None,
@@ -475,16 +587,28 @@ def train(
         device=device,
         precision=precision,
         capture=capture,
+        sync_bn=sync_bn or None,
         seed=seed,
         init_from=init_from,
         save_every=save_every,
         patience=patience,
     )
-    _run_training("train", options, run=run, resume=resume, as_json=as_json, quiet=quiet, tensorboard=tensorboard)
+    _run_training(
+        "train",
+        options,
+        run=run,
+        resume=resume,
+        as_json=as_json,
+        quiet=quiet,
+        tensorboard=tensorboard,
+        nproc=nproc,
+        ctx=ctx,
+    )
 
 
 @app.command("finetune-resnet50")
 def finetune_resnet50(
+    ctx: typer.Context,
     weights: Annotated[
         str | None,
         typer.Option(
@@ -539,8 +663,10 @@ def finetune_resnet50(
     data_dir: DataDir = None,
     val_split: ValSplit = None,
     device: Device = None,
+    nproc: Nproc = None,
     precision: PrecisionOpt = None,
     capture: Capture = None,
+    sync_bn: SyncBn = False,
     run: RunName = None,
     resume: Resume = None,
     seed: Seed = None,
@@ -581,13 +707,22 @@ def finetune_resnet50(
         device=device,
         precision=precision,
         capture=capture,
+        sync_bn=sync_bn or None,
         seed=seed,
         init_from=init_from,
         save_every=save_every,
         patience=patience,
     )
     _run_training(
-        "finetune-resnet50", options, run=run, resume=resume, as_json=as_json, quiet=quiet, tensorboard=tensorboard
+        "finetune-resnet50",
+        options,
+        run=run,
+        resume=resume,
+        as_json=as_json,
+        quiet=quiet,
+        tensorboard=tensorboard,
+        nproc=nproc,
+        ctx=ctx,
     )
 
 

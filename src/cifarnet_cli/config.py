@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "auto"
     capture: str = "auto"  # CUDA-graph capture of the training step: auto (on CUDA) | on | off
     batch_size_auto: bool = False  # pick the largest micro-batch <= batch_size that fits, raising accum
+    sync_bn: bool = False  # several GPUs: BatchNorm statistics over every process's micro-batch (SyncBatchNorm)
     seed: int = 0
     # Transfer learning (finetune-resnet50)
     image_size: int | None = None  # model input side; None = the architecture's own

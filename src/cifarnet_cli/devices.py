@@ -13,7 +13,7 @@ import torch
 from cifarnet_cli import choices
 from cifarnet_cli.errors import CifarNetError, UsageError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "cuda:N,M", "cuda:all", "mps")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -37,6 +37,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
         if not mps_available():
             raise CifarNetError("--device mps: this machine has no usable Apple GPU; use --device cpu or auto.")
         return torch.device("mps")
+    if "," in spec and spec.startswith("cuda:"):
+        raise UsageError(
+            f"--device {spec} names several GPUs: train and finetune-resnet50 start one process per GPU; this "
+            "command runs on one device, e.g. --device cuda:0."
+        )
+    if spec == "cuda:all":  # every GPU, when there is one: the one there is
+        spec = "cuda"
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
     if match:
         if not torch.cuda.is_available():

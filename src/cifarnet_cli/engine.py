@@ -434,8 +434,7 @@ class _FitLoop:
         self.history = self._restore(resume_from)
         self.lrs = scheduled_lrs(config, self.epoch_steps)
         if resume_from is None:
-            with interrupts.deferred():
-                checkpoint.save_atomic(self.snapshot("last"), run.last)  # epoch 0: a resume point from the start
+            self._save_start()
         self.step = self._make_step()
         self.num_classes = model.get_classifier().out_features
         self.guard = DivergenceGuard(self.num_classes)
@@ -473,6 +472,11 @@ class _FitLoop:
             history = [row for row in self.run.read_metrics() if row["epoch"] <= self.state.epoch]
         self.run.write_metrics(history)
         return history
+
+    def _save_start(self) -> None:
+        """A new run's last.pt at epoch 0: a resume point from the start."""
+        with interrupts.deferred():
+            checkpoint.save_atomic(self.snapshot("last"), self.run.last)
 
     def _make_step(self) -> TrainStep:
         return TrainStep(

@@ -7,6 +7,7 @@ their :class:`TrainConfig` (architecture, weights, freezing, learning rates).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -17,9 +18,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cifarnet_cli import __version__, checkpoint, interrupts, paths, pretrained, report, runs, tensorboard_log
+from cifarnet_cli import (
+    __version__,
+    checkpoint,
+    ddp,
+    distributed,
+    interrupts,
+    launch,
+    paths,
+    pretrained,
+    report,
+    runs,
+    tensorboard_log,
+)
 from cifarnet_cli.autobatch import fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
@@ -30,10 +44,10 @@ from cifarnet_cli.engine import (
     FitResult,
     TrainingDiverged,
     backbone_frozen,
-    fit,
     scheduled_lrs,
     set_backbone_trainable,
 )
+from cifarnet_cli.engine import fit as engine_fit
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
@@ -282,13 +296,24 @@ def train(
     resume: str | None = None,
     overrides: dict[str, Any] | None = None,
     tensorboard: bool = False,
+    split_given: bool = True,
     on_event: EventCallback,
 ) -> TrainResult:
     """Start a run from ``config``, or continue the run ``resume`` (a name, a folder or a last.pt).
 
-    One process trains a run at a time (a lock in its folder); SIGTERM stops it like Ctrl-C.
+    One process trains a run at a time (a lock in its folder); SIGTERM stops it like Ctrl-C. Under torchrun,
+    the processes train it together (:mod:`cifarnet_cli.ddp`): rank 0 opens the run and the others follow.
+    ``split_given``: the user chose --batch-size/--accum (a number of processes that cannot share that split
+    exactly is refused; otherwise the recipe's effective batch is re-cut for them).
     """
-    with interrupts.sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+    with (
+        interrupts.sigterm_as_interrupt(),
+        distributed.session() as world,
+        contextlib.ExitStack() as stack,
+        distributed.MainRelay() as relay,
+    ):
+        if not world.is_main:
+            return _follow(world, tensorboard, split_given, stack, on_event)
         ckpt: dict[str, Any] | None = None
         if resume is not None:
             run, ckpt_path = _resume_target(resume)
@@ -320,7 +345,7 @@ def train(
             if changed:  # --device, --patience, ...: checked like a new run's options
                 config = config.replace(**_resume_micro_batch(config, changed)).validate()
             if done >= config.epochs or ckpt["fit_state"].get("stopped_early"):
-                return _finished_result(run, ckpt)
+                return relay.send(_finished_result(run, ckpt))
         else:
             assert config is not None
             config.validate()
@@ -329,7 +354,36 @@ def train(
         if config.data_dir is not None:
             # Absolute, so that `evaluate RUN` and `--resume` from another folder find the same data.
             config = config.replace(data_dir=absolute_path(config.data_dir))
-        return _train(config, ckpt, run if ckpt is not None else None, run_name, tensorboard, stack, on_event)
+        resumed = run if ckpt is not None else None
+        return _train(
+            config,
+            ckpt,
+            resumed,
+            run_name,
+            tensorboard,
+            stack,
+            on_event,
+            world=world,
+            relay=relay,
+            split_given=split_given,
+        )
+
+
+def _follow(
+    world: distributed.World,
+    tensorboard: bool,
+    split_given: bool,
+    stack: contextlib.ExitStack,
+    on_event: EventCallback,
+) -> TrainResult:
+    """A process other than rank 0: it trains what rank 0 opened (the recipe, the resumed checkpoint), or
+    returns what rank 0 found (a finished run), or raises the error that stopped rank 0."""
+    message = distributed.receive_from_main()
+    if isinstance(message, TrainResult):
+        return message
+    config, ckpt, resumed = message
+    run = ddp.FollowerRun(resumed.name, resumed.dir) if resumed is not None else None
+    return _train(config, ckpt, run, None, tensorboard, stack, on_event, world=world, split_given=split_given)
 
 
 @dataclass(frozen=True)
@@ -350,44 +404,44 @@ def _train(
     tensorboard: bool,
     stack: contextlib.ExitStack,
     on_event: EventCallback,
+    *,
+    world: distributed.World = distributed.World(),
+    relay: distributed.MainRelay | None = None,
+    split_given: bool = True,
 ) -> TrainResult:
     init: tuple[Path, dict[str, Any]] | None = None
-    if ckpt is None and config.init_from:
+    if ckpt is None and config.init_from and world.is_main:
         init = _load_init(config.init_from, config, on_event)
         config = config.replace(init_from=str(init[0].resolve()), weights=None)
+    if relay is not None:
+        relay.send((config, ckpt, resumed))  # the other processes start from here with rank 0's recipe
 
-    device = resolve_device(config.device)
-    precision: Precision = resolve_precision(config.precision, device)
+    device, precision = _device_and_precision(config, world)
+    config = _fit_world(config, world, device, split_given, on_event)
     _warn_if_slow(config, device, on_event)
-    config, data = _prepare_data(config, ckpt, on_event)
-    model = _prepare_model(config, data, ckpt, resumed, init, device, on_event)
+    config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, on_event))
+    model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
     if config.batch_size_auto and device.type == "cuda":
-        fitted = fit_micro_batch(
-            model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
-        )
-        config = config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
-        on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
-    step_mode = choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
+        config = distributed.agree(partial(_fit_micro_batch, config, model, device, precision, world, on_event))
+    step_mode = _step_mode(config, device, precision, world, on_event)
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
         set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
-    if resumed is not None:
-        run = resumed
-    else:
-        run, lock = runs.create_run(run_name or runs.default_name(config.arch), unique=run_name is None)
-        stack.callback(lock.release)
-        stack.push(partial(_discard_if_unsaved, run, on_event))  # runs before the lock is released
+    run = _open_run(config, resumed, run_name, stack, world, on_event)
 
-    train_loader, eval_loader = _loaders(config, data, device)
+    train_loader, eval_loader = _loaders(config, _share_eval(data, world), device)
     meta = _run_meta(config, model, data, precision)
-    _write_run_config(run, config, meta, device, precision, resumed=resumed is not None)
-    on_event(_run_started(run, config, data, model, device, precision, step_mode, start_epoch, train_loader))
+    if world.is_main:
+        _write_run_config(run, config, meta, device, precision, resumed=resumed is not None, world=world)
+        launch.note_run(run.name, config.command)
+    on_event(_run_started(run, config, data, model, device, precision, step_mode, start_epoch, train_loader, world))
     result = _fit_with_views(
         model,
         config,
         run,
         tensorboard,
         on_event,
+        world=world,
         train_loader=train_loader,
         eval_loader=eval_loader,
         device=device,
@@ -419,6 +473,153 @@ def _warn_if_slow(config: TrainConfig, device: torch.device, on_event: EventCall
                 "use a GPU, or --image-size 64 for a quick try."
             )
         )
+
+
+def _device_and_precision(config: TrainConfig, world: distributed.World) -> tuple[torch.device, Precision]:
+    """This process's device and the precision it trains in; under several processes, ``cuda:LOCAL_RANK`` (or
+    the GPU of the list that is this process's) in the one precision every process resolves to."""
+    if world.size == 1:
+        device = resolve_device(config.device)
+        return device, resolve_precision(config.precision, device)
+
+    def resolve() -> tuple[torch.device, Precision]:
+        device = distributed.worker_device(config.device, world, narrowed=launch.narrowed())
+        return device, resolve_precision(config.precision, device)
+
+    device, precision = distributed.agree(resolve)
+    names = sorted(set(distributed.gather_objects(precision.name)))
+    if len(names) > 1:
+        raise distributed.mark_agreed(
+            UsageError(
+                f"--precision {config.precision} resolves to {' and '.join(names)} on different GPUs of this run; "
+                "the processes must compute alike: choose one that every GPU computes natively, e.g. --precision fp32."
+            )
+        )
+    return device, precision
+
+
+def _fit_world(
+    config: TrainConfig, world: distributed.World, device: torch.device, split_given: bool, on_event: EventCallback
+) -> TrainConfig:
+    """The recipe's micro-batch and accumulation, shared by ``world``'s processes: accum / world micro-batches
+    per process and step (the effective batch stays the one-process run's); --sync-bn checked."""
+    if world.size == 1:
+        return config
+    if config.sync_bn and device.type != "cuda":
+        raise distributed.mark_agreed(ddp.sync_batchnorm_refusal())
+    if config.batch_size_auto and device.type == "cuda":
+        return config  # chosen with the memory each GPU has (_fit_micro_batch)
+    given = split_given and not config.batch_size_auto
+    batch, accum = distributed.agree(
+        partial(distributed.split_for_world, config.batch_size, config.accum, world.size, given=given)
+    )
+    if (batch, accum) == (config.batch_size, config.accum):
+        return config
+    on_event(
+        Notice(
+            f"{world.size} processes share the effective batch of {config.effective_batch} as micro-batch {batch} × "
+            f"accum {accum} ({accum // world.size} per process and step; one process trains the same with "
+            f"--batch-size {batch} --accum {accum})."
+        )
+    )
+    return config.replace(batch_size=batch, accum=accum)
+
+
+def _fit_micro_batch(
+    config: TrainConfig,
+    model: Classifier,
+    device: torch.device,
+    precision: Precision,
+    world: distributed.World,
+    on_event: EventCallback,
+) -> TrainConfig:
+    """--batch-size auto: the largest micro-batch the GPU's free memory holds (the smallest over the GPUs of
+    several processes, and one that splits evenly between them), accumulation making up the effective batch."""
+    fitted = fit_micro_batch(
+        model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
+    )
+    if world.size == 1:
+        on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
+        return config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
+    (largest,) = distributed.exchange([-fitted.batch_size])
+    split = distributed.fit_batch_for_world(config.effective_batch, -largest, world.size)
+    if split is None:
+        raise UsageError(
+            f"No micro-batch of at least 2 images that fits every GPU splits the effective batch of "
+            f"{config.effective_batch} evenly between {world.size} processes; give --batch-size and --accum."
+        )
+    on_event(
+        Notice(f"Fitted to the GPUs' memory: micro-batch {split[0]} × accum {split[1]} over {world.size} processes.")
+    )
+    return config.replace(batch_size=split[0], accum=split[1])
+
+
+def _step_mode(
+    config: TrainConfig, device: torch.device, precision: Precision, world: distributed.World, on_event: EventCallback
+) -> str:
+    if world.size == 1:
+        return choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
+    if config.capture == "on":
+        on_event(Notice(f"--capture on: {ddp.CAPTURE_REASON}."))
+    return "eager"
+
+
+def _prepare_world_model(
+    config: TrainConfig,
+    data: _Data,
+    ckpt: dict[str, Any] | None,
+    resumed: runs.Run | None,
+    init: tuple[Path, dict[str, Any]] | None,
+    device: torch.device,
+    world: distributed.World,
+    on_event: EventCallback,
+) -> Classifier:
+    """:func:`_prepare_model`; processes other than rank 0 skip the pretrained or --init-from weights (DDP
+    broadcasts rank 0's weights and buffers when it wraps the model), and --sync-bn converts BatchNorm."""
+    if not world.is_main and ckpt is None:
+        config = config.replace(weights=None)
+    model = _prepare_model(config, data, ckpt, resumed, init, device, on_event)
+    if config.sync_bn and world.size > 1:
+        model = ddp.sync_batchnorm(model, device)
+    return model
+
+
+def _open_run(
+    config: TrainConfig,
+    resumed: runs.Run | None,
+    run_name: str | None,
+    stack: contextlib.ExitStack,
+    world: distributed.World,
+    on_event: EventCallback,
+) -> runs.Run:
+    """The resumed run, or a new one: created, locked and written by rank 0 alone; the other processes know it
+    by name (:class:`ddp.FollowerRun`, which writes nothing)."""
+    if resumed is not None:
+        return resumed
+
+    def create() -> runs.Run:
+        run, lock = runs.create_run(run_name or runs.default_name(config.arch), unique=run_name is None)
+        stack.callback(lock.release)
+        stack.push(partial(_discard_if_unsaved, run, on_event))  # runs before the lock is released
+        return run
+
+    run = distributed.from_main(create)
+    return run if world.is_main else ddp.FollowerRun(run.name, run.dir)
+
+
+def _share_eval(data: _Data, world: distributed.World) -> _Data:
+    """This process's contiguous share of the evaluation images (all of them for one process)."""
+    if world.size == 1 or data.eval_set is None:
+        return data
+    start, end = distributed.shard_bounds(len(data.eval_set), world.size, world.rank)
+    return dataclasses.replace(data, eval_set=data.eval_set.subset(np.arange(start, end)))
+
+
+def _device_words(device: torch.device, world: distributed.World) -> str:
+    if world.size == 1:
+        return describe(device)
+    nodes = f" on {world.nodes} nodes" if world.nodes > 1 else ""
+    return f"{describe(device)} × {world.size} processes{nodes}"
 
 
 def _prepare_data(
@@ -523,6 +724,7 @@ def _write_run_config(
     precision: Precision,
     *,
     resumed: bool,
+    world: distributed.World = distributed.World(),
 ) -> None:
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     run.write_config(
@@ -531,8 +733,9 @@ def _write_run_config(
             "meta": meta,
             "created": (run.read_config().get("created") if resumed else None) or now,
             "updated": now,
-            "device": describe(device),
+            "device": _device_words(device, world),
             "precision": precision.name,
+            "world_size": world.size,  # processes of the latest invocation (torchrun, --device cuda:0,1)
         }
     )
 
@@ -547,11 +750,12 @@ def _run_started(
     step_mode: str,
     start_epoch: int,
     train_loader: DeviceLoader,
+    world: distributed.World = distributed.World(),
 ) -> RunStarted:
     return RunStarted(
         run=run.name,
         run_dir=str(run.dir),
-        device=describe(device),
+        device=_device_words(device, world),
         precision=precision.name,
         precision_reason=precision.reason,
         step_mode=step_mode,
@@ -578,10 +782,16 @@ def _fit_with_views(
     run: runs.Run,
     tensorboard: bool,
     on_event: EventCallback,
+    *,
+    world: distributed.World = distributed.World(),
     **fit_kwargs: Any,
 ) -> FitResult:
-    """:func:`engine.fit`, with the run's other consumers of its events beside the caller's view:
-    curves.png after every epoch, and TensorBoard scalars when asked for."""
+    """:func:`engine.fit` (:func:`ddp.fit` for several processes), with the run's other consumers of its
+    events beside the caller's view: curves.png after every epoch, and TensorBoard scalars when asked for
+    (rank 0 alone draws and logs)."""
+    fit = engine_fit if world.size == 1 else partial(ddp.fit, world=world)
+    if not world.is_main:
+        return fit(model, config, run=run, on_event=on_event, **fit_kwargs)
     curves = report.CurvesWriter(run, epochs=config.epochs, lr_schedule=partial(scheduled_lrs, config))
     consumers: list[EventCallback] = [curves]
     board: TensorBoardLogger | None = None

@@ -74,9 +74,10 @@ class DeviceLoader:
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         self.labels = labels.to(device) if self.on_device else labels
         self._bounds = batch_bounds(self.num_examples, batch_size, merge_single=train)
+        self._shard: tuple[int, ...] | None = None  # the batches this process yields (several processes)
 
     def __len__(self) -> int:
-        return len(self._bounds)
+        return len(self._bounds) if self._shard is None else len(self._shard)
 
     @property
     def num_examples(self) -> int:
@@ -94,6 +95,12 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def set_shard(self, batches: tuple[int, ...] | None) -> None:
+        """Yield only these of the epoch's batches (by index), of the same permutation and augmentation as one
+        process draws: several processes then share an epoch's batches without repeating or leaving out one.
+        None: every batch."""
+        self._shard = batches
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.num_examples
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -108,7 +115,8 @@ class DeviceLoader:
             if shifts is not None and flips is not None:
                 shifts = shifts.to(self.device, non_blocking=True)
                 flips = flips.to(self.device, non_blocking=True)
-        for start, end in self._bounds:
+        bounds = self._bounds if self._shard is None else [self._bounds[i] for i in self._shard]
+        for start, end in bounds:
             index = order[start:end]
             if self.on_device:
                 x, y = self.images[index], self.labels[index]

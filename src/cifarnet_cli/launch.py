@@ -1,0 +1,370 @@
+"""Starting the processes of a run on several devices: torchrun (torch.distributed.run) as a child process,
+as ``cifarnet train --device cuda:0,1``, ``--device cuda:all`` or ``--device cpu --nproc 2`` ask.
+
+The launcher runs ``python -m torch.distributed.run --standalone --nproc-per-node N -m cifarnet_cli <the same
+command>`` with CUDA_VISIBLE_DEVICES narrowed to the chosen GPUs, and a folder of its own (CIFARNET_LAUNCH_DIR)
+that the processes and it share:
+
+- ``pid-<rank>``: each process's pid. Ctrl-C and SIGTERM to the launcher are forwarded to every process (not to
+  torchrun, which is in a session of its own and would tear them down after 30 s): they stop together at their
+  next optimizer step, rank 0 says what is saved, and the launcher exits 130 or 143. ``stop`` holds the request
+  for a process that registers later. A second Ctrl-C stops the processes at once; a third kills them.
+- ``status-<rank>.json``: how each process ended. A stop or an error the processes agreed on is reported by
+  rank 0 alone, and they exit 0 so that torchrun does not add its own failure report; the launcher exits with
+  the agreed code. A process that ends without a status (killed, crashed) is named in one line with the
+  command that resumes the run (``run.json``, written by rank 0 when the run is open).
+
+Under a user's own torchrun none of this is there: the processes recognise torchrun's environment, nothing is
+relaunched, and they exit with their own codes. Kept free of torch at import (the CLI consults it for every
+error it prints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cifarnet_cli.errors import CifarNetError, UsageError
+
+LAUNCH_DIR_ENV = "CIFARNET_LAUNCH_DIR"
+RESUME_OPTIONS_ENV = "CIFARNET_RESUME_OPTIONS"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    nproc: int
+    device_type: str  # "cuda" or "cpu"
+    visible: str | None  # CUDA_VISIBLE_DEVICES for the processes (the chosen GPUs, in order)
+    resume_options: str  # what --resume needs besides the run's recorded --device, e.g. " --nproc 2"
+
+    def describe(self) -> str:
+        if self.device_type == "cpu":
+            return f"{self.nproc} CPU processes (gloo)"
+        return f"{self.nproc} GPUs (CUDA_VISIBLE_DEVICES={self.visible}, NCCL)"
+
+
+def in_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def worker_rank() -> int | None:
+    """This process's rank under torchrun; None for a plain process (read without importing torch)."""
+    if not in_torchrun():
+        return None
+    try:
+        return int(os.environ["RANK"])
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: how many processes on which devices
+
+
+def plan(device_spec: str | None, nproc: int | None) -> LaunchPlan | None:
+    """The processes ``--device`` and ``--nproc`` ask for, or None to train in this process (one device, or
+    already one of torchrun's processes)."""
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be at least 1 (got {nproc}).")
+    if in_torchrun():
+        if nproc is not None and nproc > 1:
+            raise UsageError("--nproc starts processes itself; under torchrun, give torchrun's --nproc-per-node.")
+        return None
+    spec = (device_spec or "auto").strip().lower()
+    if spec in ("cpu", "mps") or (spec == "auto" and not _cuda_count()):
+        kind = "cpu" if spec == "auto" else spec
+        if (nproc or 1) == 1:
+            return None
+        if kind == "mps":
+            raise UsageError("--device mps trains in one process (no torch.distributed backend for Apple GPUs).")
+        _check_distributed(cuda=False)
+        return LaunchPlan(nproc or 1, "cpu", None, f" --nproc {nproc}")
+    return _cuda_plan(spec, nproc)
+
+
+def _cuda_plan(spec: str, nproc: int | None) -> LaunchPlan | None:
+    from cifarnet_cli.distributed import parse_cuda_list
+
+    listed = parse_cuda_list(spec) if spec not in ("auto", "cuda") else None
+    count = _cuda_count()
+    if spec == "cuda:all":
+        listed = list(range(count))
+    options = ""
+    if listed is None:  # auto / cuda: one GPU unless --nproc says more
+        listed = list(range(nproc or 1))
+        options = f" --nproc {nproc}" if (nproc or 1) > 1 else ""
+    elif nproc is not None and nproc != len(listed):
+        raise UsageError(f"--device {spec} names {len(listed)} GPU(s) but --nproc is {nproc}; give one of them.")
+    if len(listed) <= 1:
+        return None
+    _check_distributed(cuda=False)
+    if not count:
+        raise CifarNetError(f"--device {spec}: CUDA is not available here; use --device cpu (with --nproc N).")
+    missing = [i for i in listed if i >= count]
+    if missing:
+        raise CifarNetError(
+            f"--device {spec}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1}); there is no cuda:{missing[0]}."
+        )
+    _check_distributed(cuda=True)
+    physical = [p.strip() for p in os.environ["CUDA_VISIBLE_DEVICES"].split(",")] if _narrowed_by_user() else None
+    visible = ",".join(physical[i] if physical else str(i) for i in listed)
+    return LaunchPlan(len(listed), "cuda", visible, options)
+
+
+def _narrowed_by_user() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip())
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_distributed(*, cuda: bool) -> None:
+    import torch
+
+    from cifarnet_cli.distributed import NO_DISTRIBUTED
+
+    if not torch.distributed.is_available():
+        raise UsageError(f"Several devices need torch.distributed, but {NO_DISTRIBUTED} (--device cuda).")
+    if cuda and not torch.distributed.is_nccl_available():
+        raise UsageError("Several GPUs need NCCL, which this torch build lacks; train on one GPU (--device cuda).")
+
+
+# --------------------------------------------------------------------------------------------------
+# The launcher
+
+
+def run(plan: LaunchPlan, argv: list[str]) -> tuple[int, str | None]:
+    """Run ``python -m torch.distributed.run ... <argv>`` (``argv``: ``-m module args...``) and wait for it,
+    forwarding stop signals to the processes. Returns the exit code to end with and a line to print (None when
+    the processes said everything themselves)."""
+    folder = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))
+    try:
+        env = dict(os.environ)
+        env[LAUNCH_DIR_ENV] = str(folder)
+        env[RESUME_OPTIONS_ENV] = plan.resume_options
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
+        if plan.visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = plan.visible
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a rendezvous on a free local port, chosen by torchrun
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(plan.nproc),
+            "--max-restarts",
+            "0",
+            *argv,
+        ]
+        # A session of its own: a terminal's Ctrl-C reaches the launcher alone, which forwards it to the
+        # processes (torchrun would answer it by terminating them, and print a traceback of its own).
+        proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+        forwarder = _Forwarder(proc, folder)
+        with forwarder.installed():
+            code = _wait(proc)
+        return _outcome(folder, code, plan)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> int:
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # only if a signal arrives before the forwarder is installed
+            continue
+
+
+def _end_with_parent() -> None:
+    """In torchrun's process: receive SIGTERM when the launcher dies (Linux), so that a launcher killed with -9
+    does not leave the training running on its own."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Forwarder:
+    """Ctrl-C / SIGTERM to the launcher: the first asks every process to stop at its next optimizer step, the
+    second to stop at once, the third kills them."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], folder: Path) -> None:
+        self.proc = proc
+        self.folder = folder
+        self.count = 0
+
+    def _pids(self) -> list[int]:
+        pids = []
+        for path in self.folder.glob("pid-*"):
+            try:
+                pids.append(int(path.read_text().strip()))
+            except (OSError, ValueError):
+                continue
+        return pids
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count == 1:
+            _write(self.folder / "stop", str(143 if signum == signal.SIGTERM else 130))
+        deliver = signal.SIGKILL if self.count >= 3 else signum
+        for pid in self._pids():
+            try:
+                os.kill(pid, deliver)
+            except OSError:
+                continue
+        if self.count >= 3:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _outcome(folder: Path, code: int, plan: LaunchPlan) -> tuple[int, str | None]:
+    nproc = plan.nproc
+    statuses = {r: s for r in range(nproc) if (s := _read_json(folder / f"status-{r}.json")) is not None}
+    if code == 0:
+        return int(statuses[0]["exit"]) if 0 in statuses else 0, None
+    failed = [r for r, s in statuses.items() if s.get("exit") and not s.get("agreed")]
+    if failed:  # it said why itself
+        return int(statuses[failed[0]]["exit"]), None
+    started = {r for r in range(nproc) if (folder / f"pid-{r}").exists()}
+    if not started:
+        return code, f"torchrun could not start the processes (exit code {code}); its messages are above."
+    silent = [r for r in range(nproc) if r not in statuses]
+    if not silent:
+        return int(statuses.get(0, {}).get("exit") or code), None
+    names = "Rank " + str(silent[0]) if len(silent) == 1 else "Ranks " + ", ".join(str(r) for r in silent)
+    record = _read_json(folder / "run.json")
+    if record is not None:
+        after = (
+            f" The run keeps its last completed epoch; continue with: {record['command']} --resume {record['run']}"
+            f"{plan.resume_options}"
+        )
+    else:
+        after = " No run was opened yet."
+    return 1, (
+        f"{names} of {nproc} ended without a word (killed, or out of memory); the other processes were stopped." + after
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The processes' side
+
+
+def launched() -> Path | None:
+    """The launcher's folder when ``cifarnet`` started this process itself (not a user's torchrun)."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    return Path(folder) if folder and in_torchrun() else None
+
+
+def narrowed() -> bool:
+    """The launcher left one visible GPU per local rank (CUDA_VISIBLE_DEVICES)."""
+    return launched() is not None
+
+
+def resume_options() -> str:
+    """What the resume command needs besides ``--resume NAME`` (``--nproc N`` when that started the run)."""
+    return os.environ.get(RESUME_OPTIONS_ENV, "") if launched() is not None else ""
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def register_worker(rank: int, on_stop: Callable[[Callable[[], int]], None]) -> None:
+    """Tell the launcher this process's pid, and hand ``on_stop`` the check of its stop file (a request that
+    came before the pid was known)."""
+    folder = launched()
+    if folder is None:
+        return
+    _write(folder / f"pid-{rank}", str(os.getpid()))
+
+    def stop_file() -> int:
+        try:
+            return int((folder / "stop").read_text().strip() or 130)
+        except (OSError, ValueError):
+            return 0
+
+    on_stop(stop_file)
+
+
+def note_run(name: str, command: str) -> None:
+    """Rank 0: the run is open (the launcher can then name the command that resumes it)."""
+    folder = launched()
+    if folder is not None:
+        _write(folder / "run.json", json.dumps({"run": name, "command": command}))
+
+
+def speaks(exc: BaseException) -> bool:
+    """Whether this process prints ``exc``: always alone; under several processes rank 0 does, and another
+    rank only for an error of its own that the others did not share."""
+    rank = worker_rank()
+    if rank is None or rank == 0:
+        return True
+    if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrainingInterrupted":
+        return False
+    from cifarnet_cli.distributed import is_agreed
+
+    return not is_agreed(exc)
+
+
+def ranked(message: str) -> str:
+    """``message`` from a rank other than 0 says which rank it comes from."""
+    rank = worker_rank()
+    return message if not rank else f"Rank {rank}: {message}"
+
+
+def exit_code(exc: BaseException | None, code: int) -> int:
+    """The code this process exits with; under the launcher its status is recorded, and an outcome the
+    processes agreed on exits 0 (the launcher ends with the agreed code, without torchrun's failure report)."""
+    folder = launched()
+    if folder is None:
+        return code
+    from cifarnet_cli.distributed import is_agreed
+
+    agreed = exc is not None and is_agreed(exc)
+    rank = worker_rank() or 0
+    _write(folder / f"status-{rank}.json", json.dumps({"exit": code, "agreed": agreed}))
+    return 0 if agreed or code == 0 else code
