@@ -85,7 +85,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     # BatchNorm statistics are combined exactly at the end of each epoch (RunningStats), not broadcast from
     # rank 0 before every forward pass; torch 2.14 renamed the switch.
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    no_buffer_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    no_buffer_sync: dict[str, Any] = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
     # A lambda: DDP checks the hook's annotations against the classes themselves, which the strings of
     # `from __future__ import annotations` are not.
