@@ -54,6 +54,25 @@ else
   echo "no DATA: skipping the 60-epoch training (pass a data folder or cifar10-jpeg-train.tar.gz)"
 fi
 
+gpus=$($py -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "${gpus:-0}" -ge 2 ]; then
+  # bench above already measured the default recipe on every GPU (its "distributed" entry); here the
+  # multi-process tests (gloo on the CPU) and a short NCCL training of every GPU against one.
+  step "distributed: tests/test_distributed.py (gloo) and a 3-epoch run on 2 GPUs against one"
+  timeout 600 $py -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -5 || fail "distributed tests"
+  if [ -n "$data" ]; then
+    # 512 × 1 is re-cut to 256 × 2 for two processes; one GPU trains the same with 256 × 2, eagerly.
+    timeout 600 $py -m cifarnet_cli train --data-dir "$data" --device cuda:0,1 --epochs 3 --run gpu-ddp --json \
+      >"$out/ddp-train.json" || fail "train --device cuda:0,1"
+    timeout 600 $py -m cifarnet_cli train --data-dir "$data" --device cuda:0 --capture off --epochs 3 --run gpu-one \
+      --batch-size 256 --accum 2 --json >"$out/ddp-reference.json" || fail "train on one GPU"
+    cp "$CIFARNET_HOME/runs/gpu-ddp/metrics.jsonl" "$out/ddp-metrics.jsonl" 2>/dev/null || true
+    cp "$CIFARNET_HOME/runs/gpu-one/metrics.jsonl" "$out/ddp-reference-metrics.jsonl" 2>/dev/null || true
+  fi
+else
+  echo "fewer than 2 GPUs: the distributed path runs on the CPU only (tests/test_distributed.py)"
+fi
+
 step "summary"
 $py - "$out" <<'EOF' | tee "$out/summary.json"
 import json, sys

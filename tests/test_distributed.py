@@ -25,7 +25,7 @@ from cifarnet_cli import checkpoint, devices, distributed, engine, launch, paths
 from cifarnet_cli.cli import app
 from cifarnet_cli.engine import window_sizes
 from cifarnet_cli.errors import CifarNetError, UsageError
-from tests.conftest import write_image_folder
+from tests.conftest import wait_until, write_image_folder
 
 runner = CliRunner()
 
@@ -271,16 +271,17 @@ def _cifarnet(*args: str) -> list[str]:
     return [sys.executable, "-m", "cifarnet_cli", *args]
 
 
-def _wait_for_epoch(run_dir: Path, proc: subprocess.Popen[str], deadline_s: float = 150) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip():
-            return
+def _wait_for_epoch(run_dir: Path, proc: subprocess.Popen[str]) -> None:
+    def epoch_done() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"training ended early: {proc.communicate()[1]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no epoch completed in time")
+        return (run_dir / "metrics.jsonl").is_file() and bool((run_dir / "metrics.jsonl").read_text().strip())
+
+    try:
+        wait_until(epoch_done, "the first epoch of the processes")
+    finally:
+        if proc.poll() is None and not epoch_done():
+            proc.kill()
 
 
 def _worker_pids(tmp_path: Path) -> dict[int, int]:

@@ -7,13 +7,19 @@
 - On a GPU, one full 50,000-image epoch of the default recipe (what `cifarnet train` does per epoch).
 - predict: latency at batch 1 and throughput at batch 256 of a model loaded from a checkpoint.
 - finetune-resnet50 at its defaults (160 px, 64 × 2): images/s and peak memory.
+- With several GPUs (or ``--nproc N``, also on the CPU with gloo): the default recipe trained by N processes
+  (DDP, eager, through torchrun as ``cifarnet train --device cuda:all`` runs it) against one process's eager
+  rate at the recipe's micro-batch: images/s and the scaling efficiency, rate_N / (N · rate_1).
 No data set is needed: images are random uint8 in CIFAR's shape, which costs the same as real ones.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import platform
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarnet_cli import __version__, checkpoint
+from cifarnet_cli import __version__, checkpoint, distributed, launch
 from cifarnet_cli.config import FINETUNE_DEFAULTS, TrainConfig
 from cifarnet_cli.data.classes import CIFAR10_CLASSES
 from cifarnet_cli.data.loader import DeviceLoader
@@ -39,6 +45,7 @@ from cifarnet_cli.devices import (
     synchronize,
 )
 from cifarnet_cli.engine import build_optimizer, build_scheduler, steps_per_epoch, train_one_epoch
+from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import BenchProgress, EventCallback, Notice, ignore
 from cifarnet_cli.inference import load_model
 from cifarnet_cli.models import get_model
@@ -196,9 +203,12 @@ def _predict_rates(device: torch.device, calls: int) -> dict[str, Any]:
     return out
 
 
-def run_bench(device_spec: str = "auto", *, quick: bool = False, on_event: EventCallback = ignore) -> dict[str, Any]:
+def run_bench(
+    device_spec: str = "auto", *, quick: bool = False, nproc: int | None = None, on_event: EventCallback = ignore
+) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(device_spec)
+    processes = _processes_to_measure(device, nproc)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     sizes = BenchSizes.for_device(device, quick)
@@ -221,7 +231,7 @@ def run_bench(device_spec: str = "auto", *, quick: bool = False, on_event: Event
                         },
                     )
                 )
-    total = len(plan) + 2 + (1 if sizes.full_epoch else 0)
+    total = len(plan) + 2 + (1 if sizes.full_epoch else 0) + (1 if processes else 0)
     index = 0
 
     def progress(what: str) -> None:
@@ -289,6 +299,13 @@ def run_bench(device_spec: str = "auto", *, quick: bool = False, on_event: Event
     if device.type != "cuda":
         # No allocator statistics off CUDA: the process's peak resident memory (Linux reports KiB).
         finetune["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scaling = None
+    if processes:
+        progress(f"ResNet-20 default recipe on {processes} processes (DDP)")
+        one = next(
+            r for r in train if r["batch_size"] == RECIPE.batch_size and not r["capture"]
+        )  # one process, eager, the recipe's micro-batch, the first precision measured (auto's)
+        scaling = distributed_rate(device, processes, precision=one["precision"], images=sizes.train_images, one=one)
     synchronize(device)
     env: dict[str, Any] = {
         "device": describe(device),
@@ -312,5 +329,121 @@ def run_bench(device_spec: str = "auto", *, quick: bool = False, on_event: Event
         "full_epoch": full_epoch,
         "predict": predict,
         "finetune": finetune,
+        "distributed": scaling,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes
+
+
+def _processes_to_measure(device: torch.device, nproc: int | None) -> int:
+    """--nproc N, else every GPU of a machine with several (where torch.distributed is there); 0: none."""
+    if nproc is not None:
+        if nproc > 1 and device.type not in ("cpu", "cuda"):
+            raise CifarNetError(f"--nproc: several processes run on the CPU or on CUDA GPUs, not on {device.type}.")
+        if nproc > 1:
+            launch.plan(device.type, nproc)  # the same refusals as training's (no torch.distributed, too few GPUs)
+        return nproc if nproc > 1 else 0
+    if device.type != "cuda" or torch.cuda.device_count() < 2 or not torch.distributed.is_available():
+        return 0
+    for n in range(torch.cuda.device_count(), 1, -1):  # every GPU, or as many as share the recipe exactly
+        try:
+            distributed.split_for_world(RECIPE.batch_size, RECIPE.accum, n, given=False)
+        except UsageError:
+            continue
+        return n
+    return 0
+
+
+def distributed_rate(
+    device: torch.device, nproc: int, *, precision: str, images: int, one: dict[str, Any]
+) -> dict[str, Any]:
+    """images/s of the default recipe trained by ``nproc`` processes (the micro-batch re-cut as training
+    re-cuts it), against ``one`` (one process, eager, at the recipe's micro-batch)."""
+    batch, accum = distributed.split_for_world(RECIPE.batch_size, RECIPE.accum, nproc, given=False)
+    plan = launch.plan(device.type, nproc)
+    assert plan is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rate.json"
+        args = ["--device", device.type, "--batch-size", str(batch), "--accum", str(accum)]
+        args += ["--precision", precision, "--images", str(images), "--out", str(out)]
+        code, message = launch.run(plan, ["-m", "cifarnet_cli.benchmark", *args])
+        measured = json.loads(out.read_text()) if code == 0 and out.is_file() else None
+    result: dict[str, Any] = {"processes": nproc, "batch_size": batch, "accum": accum, "precision": precision}
+    if measured is None:
+        return {**result, "error": message or f"the processes ended with exit code {code}"}
+    rate = measured["images_per_second"]
+    return {
+        **result,
+        "images": measured["images"],
+        "seconds": measured["seconds"],
+        "images_per_second": rate,
+        "one_process_images_per_second": one["images_per_second"],
+        "scaling_efficiency": round(rate / (nproc * one["images_per_second"]), 3),
+    }
+
+
+def _worker(argv: list[str]) -> None:
+    """One of the processes :func:`distributed_rate` starts: a warm-up pass, then the timed one, through
+    DDP and the multi-process epoch of training; rank 0 writes the rate."""
+    from cifarnet_cli import ddp
+
+    parser = argparse.ArgumentParser()
+    for name in ("--device", "--precision", "--out"):
+        parser.add_argument(name, required=True)
+    for name in ("--batch-size", "--accum", "--images"):
+        parser.add_argument(name, type=int, required=True)
+    args = parser.parse_args(argv)
+    with distributed.session() as world:
+        device = distributed.worker_device(args.device, world, narrowed=launch.narrowed())
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        precision = resolve_precision(args.precision, device)
+        torch.manual_seed(0)
+        model = get_model("resnet20").to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        config = TrainConfig(batch_size=args.batch_size, accum=args.accum)
+        optimizer = build_optimizer(model, config)
+        wrapped = ddp.wrap(model, device)
+        scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+        step = TrainStep(wrapped, optimizer, device=device, precision=precision, label_smoothing=0.1, scaler=scaler)
+        data = _synthetic(args.images)
+
+        def epoch(n: int) -> Any:
+            loader = DeviceLoader(
+                ImageSet(data.images[:n], data.labels[:n], data.classes),
+                batch_size=args.batch_size,
+                device=device,
+                train=True,
+                channels_last=device.type == "cuda",
+            )
+            sizes = loader.batch_sizes()
+            windows = distributed.plan_epoch(sizes, args.accum, world.size, world.rank)
+            loader.set_shard(tuple(i for w in windows for i in w.indices))
+            scheduler = build_scheduler(optimizer, config, steps_per_epoch(len(sizes), args.accum))
+            return ddp.train_one_epoch_ddp(
+                wrapped,
+                step,
+                loader,
+                optimizer,
+                windows=windows,
+                micro_batches=len(sizes),
+                world=world,
+                scheduler=scheduler,
+                device=device,
+                precision=precision,
+            )
+
+        epoch(min(args.images, RECIPE.effective_batch))
+        stats = epoch(args.images)
+        if world.is_main:
+            rate = {"images": stats.images, "seconds": round(stats.seconds, 4)}
+            rate["images_per_second"] = round(stats.images / stats.seconds, 1)
+            Path(args.out).write_text(json.dumps(rate))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

@@ -1126,6 +1126,15 @@ def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="Fewer images and precisions: a few seconds on a GPU.")
     ] = False,
+    nproc: Annotated[
+        int | None,
+        _option(
+            int,
+            "--nproc",
+            help="Also train the default recipe with N processes (DDP) and report the scaling over one. "
+            "\\[default: every GPU of a machine with several; none otherwise]",
+        ),
+    ] = None,
     as_json: JsonOut = False,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the JSON result to this file.", show_default=False)
@@ -1142,7 +1151,7 @@ def bench(
 
     with _user_errors():
         target = fileio.check_target(output.expanduser()) if output is not None else None  # before a minute's work
-        result = run_bench(device or "auto", quick=quick, on_event=_ui().BenchView(quiet=quiet))
+        result = run_bench(device or "auto", quick=quick, nproc=nproc, on_event=_ui().BenchView(quiet=quiet))
         if as_json:
             _print_json(result)
         else:

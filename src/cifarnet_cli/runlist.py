@@ -46,6 +46,7 @@ class RunSummary:
     status: str  # the state in words: "stopped after epoch 3", "running (pid 12 on host)", ...
     patience: int
     stopped_early: int | None  # epoch after which --patience stopped the run
+    world_size: int = 1  # processes that trained its latest invocation (several GPUs, torchrun)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +106,13 @@ def summarize(run: runs.Run) -> RunSummary:
         status=status,
         patience=patience,
         stopped_early=stopped_early,
+        world_size=_world_size(record),
     )
+
+
+def _world_size(record: dict[str, Any]) -> int:
+    value = record.get("world_size")
+    return value if isinstance(value, int) and value > 0 else 1
 
 
 def list_summaries() -> list[RunSummary]:
@@ -202,6 +209,10 @@ def detail(ref: str) -> RunDetail:
     resume = None
     if summary.state in ("stopped", "untrained") and run.last.is_file():
         resume = f"cifarnet {summary.command} --resume {run.name}"
+        config = record.get("config")
+        device = str(config.get("device", "")) if isinstance(config, dict) else ""
+        if summary.world_size > 1 and "," not in device and device != "cuda:all":
+            resume += f" --nproc {summary.world_size}"  # its processes came from --nproc, not from a list of GPUs
     return RunDetail(
         summary=summary,
         config=record.get("config", {}) if isinstance(record.get("config"), dict) else {},

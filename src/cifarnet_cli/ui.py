@@ -550,6 +550,16 @@ def bench_tables(result: dict[str, Any]) -> None:
     elif f.get("process_peak_rss_bytes") is not None:
         s.add_row("process peak resident memory", f"{f['process_peak_rss_bytes'] / 2**30:.2f} GiB")
     out_console.print(s)
+    d = result.get("distributed")
+    if d:
+        what = f"ResNet-20, {d['processes']} processes (DDP), {d['batch_size']} × {d['accum']}, {d['precision']}"
+        if d.get("error"):
+            out_console.print(f"{what}: [red]{escape(str(d['error']))}[/]")
+        else:
+            out_console.print(
+                f"{what}: [bold]{d['images_per_second']:,.0f}[/] images/s against {d['one_process_images_per_second']:,.0f} "
+                f"for one process: scaling efficiency {100 * d['scaling_efficiency']:.0f}%"
+            )
 
 
 def info_tables(data: dict[str, Any]) -> None:
