@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cifarnet_cli import checkpoint, devices, distributed, engine, launch, paths
+from cifarnet_cli import checkpoint, devices, distributed, engine, launch, paths, training
 from cifarnet_cli.cli import app
 from cifarnet_cli.engine import window_sizes
 from cifarnet_cli.errors import CifarNetError, UsageError
@@ -145,6 +145,7 @@ def test_device_lists_and_nproc(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gpus_under_a_users_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _device: None)
     second = distributed.World(rank=3, size=4, local_rank=1, local_size=2)
     assert distributed.worker_device("cuda", second, narrowed=False) == torch.device("cuda", 1)
     assert distributed.worker_device("auto", second, narrowed=False) == torch.device("cuda", 1)
@@ -155,6 +156,14 @@ def test_gpus_under_a_users_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
         distributed.worker_device("cuda:2", second, narrowed=False)
     with pytest.raises(UsageError, match="lists 3"):
         distributed.worker_device("cuda:0,1,2", second, narrowed=False)
+
+
+def test_a_resume_starts_the_processes_its_run_recorded(tmp_path: Path) -> None:
+    run = paths.runs_dir() / "two-gpus"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"device": "cuda:0,1"}}))
+    assert training.recorded_device("two-gpus") == "cuda:0,1"
+    assert training.recorded_device("no-such-run") is None
 
 
 def test_a_second_signal_stops_at_once() -> None:
@@ -343,6 +352,8 @@ def test_two_torchrun_agents_at_a_c10d_rendezvous_train_as_one_process(reference
     record = json.loads((run_dir / "config.json").read_text())
     assert record["world_size"] == 2 and "× 2 processes" in record["device"]
     assert checkpoint.load(run_dir / "last.pt")["world_size"] == 2
+    shown = runner.invoke(app, ["runs", "show", "two", "--json"])
+    assert json.loads(shown.stdout)["summary"]["world_size"] == 2
     assert_trains_as_the_reference(run_dir, reference)
     with _one_thread():
         evaluated = runner.invoke(app, ["evaluate", "two", "--json"])

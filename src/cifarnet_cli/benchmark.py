@@ -343,8 +343,9 @@ def _processes_to_measure(device: torch.device, nproc: int | None) -> int:
     if nproc is not None:
         if nproc > 1 and device.type not in ("cpu", "cuda"):
             raise CifarNetError(f"--nproc: several processes run on the CPU or on CUDA GPUs, not on {device.type}.")
-        if nproc > 1:
-            launch.plan(device.type, nproc)  # the same refusals as training's (no torch.distributed, too few GPUs)
+        if nproc > 1:  # the refusals of training, before a minute of measuring
+            launch.plan(device.type, nproc)
+            distributed.split_for_world(RECIPE.batch_size, RECIPE.accum, nproc, given=False)
         return nproc if nproc > 1 else 0
     if device.type != "cuda" or torch.cuda.device_count() < 2 or not torch.distributed.is_available():
         return 0

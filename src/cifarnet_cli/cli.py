@@ -424,7 +424,7 @@ def _run_training(
     ctx: typer.Context | None = None,
 ) -> None:
     from cifarnet_cli.config import make_config, parse_milestones
-    from cifarnet_cli.training import init_defaults, train
+    from cifarnet_cli.training import init_defaults, recorded_device, train
 
     with _user_errors():
         if resume is not None and run is not None:
@@ -443,7 +443,8 @@ def _run_training(
         # The user's own split of the effective batch is kept (or refused) on several processes; the default
         # one is re-cut for them.
         split_given = options.get("batch_size") is not None or options.get("accum") is not None
-        plan = _launch().plan(options.get("device"), nproc)
+        device = options.get("device") or (recorded_device(resume) if resume is not None else None)
+        plan = _launch().plan(device, nproc)
         if plan is not None:
             assert ctx is not None
             _train_processes(ctx, task, options, plan, resume=resume, quiet=quiet, split_given=split_given)

@@ -143,9 +143,7 @@ def session() -> Iterator[World]:
     # CPU tensors (stop flags, objects) go through gloo, CUDA tensors (gradients, metrics) through NCCL: the
     # control exchanges never wait for the GPU.
     cuda = torch.cuda.is_available() and dist.is_nccl_available()
-    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(world.local_rank % max(1, torch.cuda.device_count()))
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"  # NCCL starts with the first CUDA collective
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_seconds()))
     except (RuntimeError, ValueError) as exc:
@@ -563,6 +561,7 @@ def worker_device(spec: str, world: World, *, narrowed: bool) -> torch.device:
             f"Process {world.local_rank} of this node needs cuda:{index}, but only {count} GPU(s) are visible; start "
             "at most one process per GPU."
         )
+    torch.cuda.set_device(index)  # NCCL's communicators (created lazily) use the current device
     return torch.device("cuda", index)
 
 

@@ -246,6 +246,19 @@ def init_defaults(ref: str) -> dict[str, Any]:
     return {"arch": arch} if isinstance(arch, str) else {}
 
 
+def recorded_device(ref: str) -> str | None:
+    """The --device a run to be resumed recorded (``cuda:0,1`` starts its processes again), read from its
+    config.json; None when it cannot be told (the resume itself then says what is wrong)."""
+    path = Path(ref).expanduser()
+    try:
+        run = runs.Run(path.parent.name, path.parent) if path.is_file() else runs.resolve_run(ref)
+    except CifarNetError:
+        return None
+    config = run.read_config().get("config")
+    device = config.get("device") if isinstance(config, dict) else None
+    return device if isinstance(device, str) else None
+
+
 def _load_init(ref: str, config: TrainConfig, on_event: EventCallback) -> tuple[Path, dict[str, Any]]:
     """The checkpoint --init-from names (a run's best.pt, or a file), checked against the new run's
     architecture before any data is loaded."""
