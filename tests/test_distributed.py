@@ -281,16 +281,12 @@ def _cifarnet(*args: str) -> list[str]:
 
 
 def _wait_for_epoch(run_dir: Path, proc: subprocess.Popen[str]) -> None:
-    def epoch_done() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"training ended early: {proc.communicate()[1]}")
-        return (run_dir / "metrics.jsonl").is_file() and bool((run_dir / "metrics.jsonl").read_text().strip())
-
+    metrics = run_dir / "metrics.jsonl"
     try:
-        wait_until(epoch_done, "the first epoch of the processes")
+        wait_until(lambda: metrics.is_file() and bool(metrics.read_text().strip()), "the first epoch", proc=proc)
     finally:
-        if proc.poll() is None and not epoch_done():
-            proc.kill()
+        if not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None:
+            proc.kill()  # the test failed: leave no processes
 
 
 def _worker_pids(tmp_path: Path) -> dict[int, int]:
