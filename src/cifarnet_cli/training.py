@@ -34,7 +34,7 @@ from cifarnet_cli import (
     runs,
     tensorboard_log,
 )
-from cifarnet_cli.autobatch import fit_micro_batch
+from cifarnet_cli.autobatch import MemoryFit, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
@@ -367,18 +367,9 @@ def train(
         if config.data_dir is not None:
             # Absolute, so that `evaluate RUN` and `--resume` from another folder find the same data.
             config = config.replace(data_dir=absolute_path(config.data_dir))
-        resumed = run if ckpt is not None else None
+        opened = (config, ckpt, run if ckpt is not None else None)
         return _train(
-            config,
-            ckpt,
-            resumed,
-            run_name,
-            tensorboard,
-            stack,
-            on_event,
-            world=world,
-            relay=relay,
-            split_given=split_given,
+            *opened, run_name, tensorboard, stack, on_event, world=world, relay=relay, split_given=split_given
         )
 
 
@@ -435,7 +426,9 @@ def _train(
     config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, on_event))
     model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
     if config.batch_size_auto and device.type == "cuda":
-        config = distributed.agree(partial(_fit_micro_batch, config, model, device, precision, world, on_event))
+        probe = partial(fit_micro_batch, model, device=device, precision=precision, cap=config.batch_size)
+        fitted = distributed.agree(partial(probe, effective_batch=config.effective_batch))
+        config = _fit_micro_batch(config, fitted, world, on_event)
     step_mode = _step_mode(config, device, precision, world, on_event)
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
@@ -539,27 +532,22 @@ def _fit_world(
 
 
 def _fit_micro_batch(
-    config: TrainConfig,
-    model: Classifier,
-    device: torch.device,
-    precision: Precision,
-    world: distributed.World,
-    on_event: EventCallback,
+    config: TrainConfig, fitted: MemoryFit, world: distributed.World, on_event: EventCallback
 ) -> TrainConfig:
-    """--batch-size auto: the largest micro-batch the GPU's free memory holds (the smallest over the GPUs of
-    several processes, and one that splits evenly between them), accumulation making up the effective batch."""
-    fitted = fit_micro_batch(
-        model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
-    )
+    """--batch-size auto: the largest micro-batch the GPU's free memory holds (``fitted``; over several processes
+    the smallest of their GPUs', and one that splits evenly between them), accumulation making up the effective
+    batch."""
     if world.size == 1:
         on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
         return config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
     (largest,) = distributed.exchange([-fitted.batch_size])
     split = distributed.fit_batch_for_world(config.effective_batch, -largest, world.size)
     if split is None:
-        raise UsageError(
-            f"No micro-batch of at least 2 images that fits every GPU splits the effective batch of "
-            f"{config.effective_batch} evenly between {world.size} processes; give --batch-size and --accum."
+        raise distributed.mark_agreed(
+            UsageError(
+                f"No micro-batch of at least 2 images that fits every GPU splits the effective batch of "
+                f"{config.effective_batch} evenly between {world.size} processes; give --batch-size and --accum."
+            )
         )
     on_event(
         Notice(f"Fitted to the GPUs' memory: micro-batch {split[0]} × accum {split[1]} over {world.size} processes.")
