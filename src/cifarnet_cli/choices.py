@@ -7,7 +7,7 @@ import difflib
 from collections.abc import Sequence
 
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
-DEVICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:0,1", "cuda:all", "mps")
+DEVICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CAPTURE = ("auto", "on", "off")
 SCHEDULES = ("cosine", "multistep")
