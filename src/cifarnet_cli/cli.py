@@ -495,7 +495,7 @@ def _train_processes(
             )
     if not quiet:
         _ui().info(f"Training with {plan.describe()}, started by torchrun.")
-    code, message = _launch().run(plan, ["-m", "cifarnet_cli", *_typed_arguments(ctx, drop={"nproc"})])
+    code, message = _launch().run(plan, ["-m", "cifarnet_cli"], arguments=_typed_arguments(ctx, drop={"nproc"}))
     if message:
         _ui().error(message)
     raise typer.Exit(code)
@@ -511,8 +511,7 @@ def _typed_arguments(ctx: typer.Context, *, drop: set[str]) -> list[str]:
         source = ctx.get_parameter_source(name)
         if source is None or source.name != "COMMANDLINE":
             continue
-        # The longest spelling, the last of equals: torchrun's parser takes `--run` for its `--run-path`.
-        flag = max(reversed(param.opts), key=len)
+        flag = max(param.opts, key=len)
         value = ctx.params.get(name)
         if getattr(param, "is_flag", False):
             if value:
@@ -1340,7 +1339,8 @@ def completion_scripts() -> dict[str, str]:
 def main() -> None:
     # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
     # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
-    app(prog_name="cifarnet")
+    launched = _launch().launched_arguments() if len(sys.argv) == 1 else None
+    app(prog_name="cifarnet", args=launched)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from cifarnet_cli.errors import CifarNetError, UsageError
 
 LAUNCH_DIR_ENV = "CIFARNET_LAUNCH_DIR"
 RESUME_OPTIONS_ENV = "CIFARNET_RESUME_OPTIONS"
+ARGUMENTS_ENV = "CIFARNET_LAUNCH_ARGS"
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,18 @@ def _check_distributed(*, cuda: bool) -> None:
 # The launcher
 
 
-def run(plan: LaunchPlan, argv: list[str]) -> tuple[int, str | None]:
+def run(plan: LaunchPlan, argv: list[str], *, arguments: list[str] | None = None) -> tuple[int, str | None]:
     """Run ``python -m torch.distributed.run ... <argv>`` (``argv``: ``-m module args...``) and wait for it,
-    forwarding stop signals to the processes. Returns the exit code to end with and a line to print (None when
-    the processes said everything themselves)."""
+    forwarding stop signals to the processes. ``arguments``: the cifarnet command line of the processes, handed
+    over in the environment (:func:`launched_arguments`), out of reach of torchrun's own parser, which takes an
+    abbreviation of its options for its own (``--run`` for ``--run-path``). Returns the exit code to end with
+    and a line to print (None when the processes said everything themselves)."""
     folder = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))
     try:
         env = dict(os.environ)
         env[LAUNCH_DIR_ENV] = str(folder)
+        if arguments is not None:
+            env[ARGUMENTS_ENV] = json.dumps(arguments)
         env[RESUME_OPTIONS_ENV] = plan.resume_options
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
         if plan.visible is not None:
@@ -292,6 +297,18 @@ def launched() -> Path | None:
     """The launcher's folder when ``cifarnet`` started this process itself (not a user's torchrun)."""
     folder = os.environ.get(LAUNCH_DIR_ENV)
     return Path(folder) if folder and in_torchrun() else None
+
+
+def launched_arguments() -> list[str] | None:
+    """The command line the launcher handed this process (None when it was not started by the launcher)."""
+    text = os.environ.get(ARGUMENTS_ENV)
+    if not text or launched() is None:
+        return None
+    try:
+        args = json.loads(text)
+    except ValueError:
+        return None
+    return [str(a) for a in args] if isinstance(args, list) else None
 
 
 def narrowed() -> bool:
