@@ -166,6 +166,13 @@ def test_a_resume_starts_the_processes_its_run_recorded(tmp_path: Path) -> None:
     assert training.recorded_device("no-such-run") is None
 
 
+def test_a_lost_peer_is_named_in_words() -> None:
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:2480: Connection reset by peer. This")
+    assert distributed.is_collective_failure(gone)
+    assert distributed._lost_reason(gone) == "another process closed its connection (it ended or was killed)"
+    assert not distributed.is_collective_failure(RuntimeError("shape mismatch"))
+
+
 def test_a_second_signal_stops_at_once() -> None:
     stops = distributed.StopRequests()
     stops._on_signal(signal.SIGTERM, None)

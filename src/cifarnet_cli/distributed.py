@@ -162,9 +162,8 @@ def session() -> Iterator[World]:
         if is_collective_failure(exc):
             raise mark_agreed(
                 PeerLost(
-                    f"Lost contact with the other processes of this run ({_first_line(exc)}): one of them stopped or "
-                    f"did not answer within {timeout_seconds():g} s (${TIMEOUT_ENV}). The run keeps its last completed "
-                    "epoch; resume it with --resume once every process can run."
+                    f"Lost contact with the other processes of this run: {_lost_reason(exc)}. The run keeps its last "
+                    "completed epoch; resume it with --resume once every process can run."
                 )
             ) from None
         raise
@@ -187,6 +186,15 @@ def is_collective_failure(exc: BaseException) -> bool:
         words in text
         for words in ("Connection closed by peer", "Connection reset by peer", "Timed out", "NCCL", "Gloo")
     )
+
+
+def _lost_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "closed by peer" in text or "reset by peer" in text:
+        return "another process closed its connection (it ended or was killed)"
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return f"another process did not answer within {timeout_seconds():g} s (${TIMEOUT_ENV})"
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
