@@ -1035,6 +1035,26 @@ def info(as_json: JsonOut = False) -> None:
             raise typer.Exit(1)
 
 
+@app.command()
+def doctor(as_json: JsonOut = False) -> None:
+    """Diagnose this machine for training: torch and its CUDA, a Jetson's power mode, clocks, memory, swap and
+    temperature, the GPUs, the folders and the data. Each line is ok, warning or problem, with the command
+    that fixes it; the exit code is 1 when a problem is found.
+
+    Example: cifarnet doctor; cifarnet doctor --json
+    """
+    from cifarnet_cli.doctor import diagnose
+
+    with _user_errors():
+        report = diagnose()
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            _ui().doctor_table(report)
+        if report.problems:
+            raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------------------------------
 # runs: list, show, compare, rm (torch is never imported: config.json and metrics.jsonl are enough)
 

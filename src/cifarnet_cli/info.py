@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,26 +79,42 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def directory_problems() -> list[str]:
-    """One sentence per folder cifarnet writes to but cannot use (CIFARNET_HOME a file, read-only ...)."""
-    out: list[str] = []
-    broken: list[Path] = []
+@dataclass(frozen=True)
+class Folder:
+    what: str  # home, runs, datasets, cache
+    path: Path
+    problem: str | None  # why cifarnet cannot write there; None when it can
+    inside: str | None = None  # the unusable folder this one is inside of (its problem is that one's)
+
+
+def folder_status() -> list[Folder]:
+    """Each folder cifarnet writes to, and whether it can (CIFARNET_HOME a file, a read-only disk ...)."""
+    out: list[Folder] = []
     for what, path in (
         ("home", paths.home_dir()),
         ("runs", paths.runs_dir()),
         ("datasets", paths.datasets_dir()),
         ("cache", paths.cache_dir()),
     ):
-        if any(path.is_relative_to(b) for b in broken):
-            continue  # inside a folder already reported: same problem
+        parent = next((f for f in out if f.problem is not None and path.is_relative_to(f.path)), None)
+        if parent is not None:  # same problem: said once, for the outer folder
+            out.append(Folder(what, path, parent.problem, inside=parent.what))
+            continue
         try:
             why = _folder_problem(path)
         except OSError as exc:
             why = problem(exc, path)
-        if why is not None:
-            broken.append(path)
-            out.append(f"Cannot write the {what} folder {display(path)}: {why}.")
+        out.append(Folder(what, path, why))
     return out
+
+
+def directory_problems() -> list[str]:
+    """One sentence per folder cifarnet writes to but cannot use."""
+    return [
+        f"Cannot write the {f.what} folder {display(f.path)}: {f.problem}."
+        for f in folder_status()
+        if f.problem is not None and f.inside is None
+    ]
 
 
 def gather() -> dict[str, Any]:

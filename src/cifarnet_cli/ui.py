@@ -594,6 +594,30 @@ def info_tables(data: dict[str, Any]) -> None:
     out_console.print(p)
 
 
+_DOCTOR_STYLE = {"ok": "green", "warning": "yellow", "problem": "bold red"}
+
+
+def doctor_table(report: Any, console: Console | None = None) -> None:
+    """One row per check: its status in colour, what was found, and the command that fixes it."""
+    console = console or out_console
+    fixes = any(c.fix for c in report.checks)
+    table = Table(title="cifarnet doctor", box=box.SIMPLE_HEAD)
+    for col in ("", "check", "found", "fix")[: 4 if fixes else 3]:
+        table.add_column(col, overflow="fold")
+    area = None
+    for c in report.checks:
+        if c.area != area and area is not None:
+            table.add_section()
+        area = c.area
+        row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", escape(c.name), escape(c.detail)]
+        table.add_row(*row, *([escape(c.fix)] if fixes else []))
+    console.print(table)
+    counts = f"{report.problems} problem{'s' * (report.problems != 1)}, {report.warnings} warning{'s' * (report.warnings != 1)}"
+    (error if report.problems else warn if report.warnings else success)(
+        f"{counts}; training runs on {report.training_device}"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # cifarnet runs
 
