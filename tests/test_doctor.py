@@ -262,3 +262,10 @@ def test_text_from_the_machine_is_shown_as_text(tmp_path: Path, monkeypatch: pyt
     out = io.StringIO()
     ui.doctor_table(diagnose(tree.build(tmp_path / "board"), CPU_TORCH), console=Console(file=out, width=400))
     assert "[bold red]x[/]/runs" in out.getvalue() and "NVIDIA Jetson [blink]Orin[/blink], L4T" in out.getvalue()
+
+
+def test_nvpmodel_naming_the_mode_without_its_number(tmp_path: Path) -> None:
+    tree = agx_orin_maxn()
+    tree.commands[("nvpmodel", "-q")] = "NV Power Mode: MODE_30W\n"
+    power = boards.read_power_modes(tree.build(tmp_path))
+    assert power.current == boards.PowerMode(2, "MODE_30W") and power.is_maximum is False

@@ -163,7 +163,7 @@ class PowerModes:
 
 
 _CONF_MODE = re.compile(r"<\s*POWER_MODEL\s+ID\s*=\s*(\d+)\s+NAME\s*=\s*([^\s>]+)")
-_QUERY_MODE = re.compile(r"NV Power Mode:\s*(\S+)\s*\n\s*(\d+)")
+_QUERY_MODE = re.compile(r"NV Power Mode:\s*(\S+)(?:\s*\n\s*(\d+))?")
 _STATUS_MODE = re.compile(r"pmode:\s*(\d+)")
 
 
@@ -171,8 +171,9 @@ def read_power_modes(view: SystemView = LOCAL) -> PowerModes:
     modes = tuple(PowerMode(int(i), name) for i, name in _CONF_MODE.findall(view.read("/etc/nvpmodel.conf") or ""))
     current = None
     match = _QUERY_MODE.search(view.run(["nvpmodel", "-q"]) or "")
-    if match:
-        current = PowerMode(int(match.group(2)), match.group(1))
+    named = [m for m in modes if match and m.name == match.group(1)]
+    if match and (match.group(2) or named):  # the id on the next line; some releases print the name alone
+        current = PowerMode(int(match.group(2)) if match.group(2) else named[0].id, match.group(1))
     else:  # no nvpmodel on the PATH (a container): the file it keeps the mode in
         status = _STATUS_MODE.search(view.read("/var/lib/nvpmodel/status") or "")
         if status:
