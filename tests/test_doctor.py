@@ -167,6 +167,44 @@ def test_cpu_laptop(tmp_path: Path) -> None:
     assert checks["memory"]["detail"] == "15.4 GiB RAM, 9.4 GiB available"
 
 
+@pytest.mark.parametrize(
+    "tree,facts,exit_code,not_ok",
+    [
+        (
+            orin_nano_15w,
+            CPU_TORCH,
+            1,
+            {"torch": "problem", "power mode": "warning", "clocks": "warning", "swap": "warning"},
+        ),
+        (agx_orin_maxn, NVIDIA_TORCH, 0, {"temperature": "warning"}),
+        (
+            xavier_nx_jp5,
+            CPU_TORCH,
+            1,
+            {"torch": "problem", "board": "warning", "power mode": "warning", "clocks": "warning"},
+        ),
+        (rtx_desktop, DESKTOP_TORCH, 0, {}),
+        (cpu_laptop, CPU_TORCH, 0, {}),
+    ],
+)
+def test_doctor_json_on_each_recorded_machine(
+    tree: Any,
+    facts: TorchFacts,
+    exit_code: int,
+    not_ok: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command itself, reading the recorded tree where it would read `/`, with that machine's torch."""
+    monkeypatch.setattr(boards, "LOCAL", tree().build(tmp_path))
+    monkeypatch.setattr(doctor, "torch_facts", lambda: facts)
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == exit_code, result.output
+    data = json.loads(result.stdout)
+    assert {c["name"]: c["status"] for c in data["checks"] if c["status"] != "ok"} == not_ok
+    assert data["problems"] == list(not_ok.values()).count("problem")
+
+
 # --------------------------------------------------------------------------------------------------
 # Broken builds
 

@@ -98,8 +98,9 @@ class Report:
         }
 
 
-def diagnose(view: SystemView = boards.LOCAL, facts: TorchFacts | None = None) -> Report:
+def diagnose(view: SystemView | None = None, facts: TorchFacts | None = None) -> Report:
     """Every check, in the order a reader fixes things: torch, the board, the devices, the folders."""
+    view = view if view is not None else boards.LOCAL
     facts = facts if facts is not None else torch_facts()
     board = boards.read_board(view)
     checks = [
