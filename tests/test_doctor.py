@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,23 @@ def test_cuda_torch_that_cannot_see_the_jetsons_gpu(tmp_path: Path) -> None:
     check = _checks(diagnose(agx_orin_maxn().build(tmp_path), facts))["torch"]
     assert check["status"] == "problem" and "PyTorch for Jetson" not in check["fix"]
     assert "JetPack 6.0" in check["fix"]  # R36.3: NVIDIA's own page, or JetPack 6.2 and its index
+
+
+def test_a_torch_that_cannot_be_imported_is_diagnosed_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NVIDIA's torch for JetPack 6 needs cuSPARSELt; without it `import torch` fails, and doctor says so."""
+    error = "libcusparseLt.so.0: cannot open shared object file: No such file or directory"
+    facts = TorchFacts(
+        python="3.10.12", machine="aarch64", torch=None, cuda=None, cuda_available=False, torch_error=error
+    )
+    report = diagnose(orin_nano_15w().build(tmp_path), facts)
+    check = _checks(report)["torch"]
+    assert (check["status"], check["detail"]) == ("problem", f"import torch fails: {error}")
+    assert "cuSPARSELt" in check["fix"] and "torchvision" not in _checks(report)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    broken = doctor.torch_facts()
+    assert broken.torch is None and "torch" in (broken.torch_error or "")
 
 
 # --------------------------------------------------------------------------------------------------

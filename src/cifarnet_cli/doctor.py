@@ -9,6 +9,7 @@ point at recorded trees of real boards). ``cifarnet info`` stays the short inven
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ class TorchFacts:
 
     python: str
     machine: str
-    torch: str
+    torch: str | None  # None when `import torch` fails (torch_error says why)
     cuda: str | None  # torch.version.cuda: None for a CPU-only build
     cuda_available: bool
     devices: tuple[dict[str, Any], ...] = ()  # info.cuda_devices()
@@ -66,6 +67,7 @@ class TorchFacts:
     onnxruntime: str | None = None
     onnxruntime_providers: tuple[str, ...] = ()
     tensorrt: str | None = None
+    torch_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,14 +120,28 @@ def diagnose(view: SystemView | None = None, facts: TorchFacts | None = None) ->
 
 
 def torch_facts() -> TorchFacts:
-    import torch
+    ort_version, providers = _onnxruntime()
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways; the message is the diagnosis
+        return TorchFacts(
+            python=platform.python_version(),
+            machine=platform.machine(),
+            torch=None,
+            cuda=None,
+            cuda_available=False,
+            cpu_threads=os.cpu_count() or 1,
+            onnxruntime=ort_version,
+            onnxruntime_providers=providers,
+            tensorrt=_tensorrt(),
+            torch_error=first_line(exc),
+        )
 
     from cifarnet_cli.devices import mps_available
     from cifarnet_cli.info import cuda_devices
 
     available = torch.cuda.is_available()
     tv_version, tv_error, tv_ops = _torchvision()
-    ort_version, providers = _onnxruntime()
     return TorchFacts(
         python=platform.python_version(),
         machine=platform.machine(),
@@ -207,6 +223,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 def torch_checks(facts: TorchFacts, board: Board | None, view: SystemView) -> list[Check]:
+    if facts.torch is None:  # nothing that needs torch can be checked
+        return [_torch_check(facts, board, view), _onnxruntime_check(facts, board), _tensorrt_check(facts, board, view)]
     return [
         _torch_check(facts, board, view),
         *([_driver_check(facts, view)] if board is None and facts.cuda is not None else []),
@@ -217,7 +235,20 @@ def torch_checks(facts: TorchFacts, board: Board | None, view: SystemView) -> li
     ]
 
 
+def _broken_torch(facts: TorchFacts, board: Board | None) -> Check:
+    error = facts.torch_error or "unknown error"
+    if board is not None and "cusparselt" in error.lower():
+        fix = f"install cuSPARSELt, which NVIDIA's torch for JetPack needs: the steps are on {PYTORCH_FOR_JETSON}"
+    elif board is not None:
+        fix = jetson_torch_fix(board)
+    else:
+        fix = "reinstall torch: the pip line for this machine is on https://pytorch.org/get-started/locally/"
+    return Check("torch", "torch", PROBLEM, f"import torch fails: {error}", fix)
+
+
 def _torch_check(facts: TorchFacts, board: Board | None, view: SystemView) -> Check:
+    if facts.torch is None:
+        return _broken_torch(facts, board)
     name = f"torch {facts.torch}"
     gpus = len(facts.devices)
     if facts.cuda is None:
@@ -527,10 +558,9 @@ def memory_checks(view: SystemView) -> list[Check]:
 def folder_checks() -> list[Check]:
     from cifarnet_cli import paths
     from cifarnet_cli.data.sources import find_source
-    from cifarnet_cli.info import folder_status
 
     out = []
-    for f in folder_status():
+    for f in paths.folder_status():
         if f.problem is None:
             out.append(Check("folders", f"{f.what} folder", OK, f"{display(f.path)}, writable"))
         elif f.inside is not None:  # the outer folder's line says why and what to do

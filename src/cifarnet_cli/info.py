@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +20,7 @@ from cifarnet_cli.devices import (
     mps_available,
 )
 from cifarnet_cli.errors import CifarNetError
-from cifarnet_cli.fileio import display, problem
+from cifarnet_cli.fileio import display
 
 
 def _jetson_release() -> str | None:
@@ -60,59 +57,11 @@ def cuda_devices() -> list[dict[str, Any]]:
     return out
 
 
-def _folder_problem(path: Path) -> str | None:
-    """Why cifarnet could not write into ``path`` (None when it can, or can create it)."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{display(existing)} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return "the file system is read-only" if _read_only(existing) else "no permission to write there"
-    return None
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
-
-
-@dataclass(frozen=True)
-class Folder:
-    what: str  # home, runs, datasets, cache
-    path: Path
-    problem: str | None  # why cifarnet cannot write there; None when it can
-    inside: str | None = None  # the unusable folder this one is inside of (its problem is that one's)
-
-
-def folder_status() -> list[Folder]:
-    """Each folder cifarnet writes to, and whether it can (CIFARNET_HOME a file, a read-only disk ...)."""
-    out: list[Folder] = []
-    for what, path in (
-        ("home", paths.home_dir()),
-        ("runs", paths.runs_dir()),
-        ("datasets", paths.datasets_dir()),
-        ("cache", paths.cache_dir()),
-    ):
-        parent = next((f for f in out if f.problem is not None and path.is_relative_to(f.path)), None)
-        if parent is not None:  # same problem: said once, for the outer folder
-            out.append(Folder(what, path, parent.problem, inside=parent.what))
-            continue
-        try:
-            why = _folder_problem(path)
-        except OSError as exc:
-            why = problem(exc, path)
-        out.append(Folder(what, path, why))
-    return out
-
-
 def directory_problems() -> list[str]:
     """One sentence per folder cifarnet writes to but cannot use."""
     return [
         f"Cannot write the {f.what} folder {display(f.path)}: {f.problem}."
-        for f in folder_status()
+        for f in paths.folder_status()
         if f.problem is not None and f.inside is None
     ]
 
