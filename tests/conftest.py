@@ -49,12 +49,17 @@ def synthetic_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 600.0) -> None:
-    """Poll ``condition`` until it holds; fail the test, naming ``what``, after ``timeout`` seconds. The
-    limit is generous because the suite also runs on busy machines; a healthy run returns as soon as the
-    condition holds."""
+def wait_until(
+    condition: Callable[[], bool], what: str, *, proc: subprocess.Popen[str] | None = None, timeout: float = 900.0
+) -> None:
+    """Poll ``condition`` until it holds; fail the test, naming ``what``, when ``proc`` (the process being
+    watched) has exited first or after ``timeout`` seconds. The limit is generous because the suite also runs
+    on busy machines; a healthy run returns as soon as the condition holds."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if proc is not None and proc.poll() is not None:
+            _out, err = proc.communicate()
+            pytest.fail(f"the process exited ({proc.returncode}) before {what}: {err[-2000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)

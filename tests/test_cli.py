@@ -174,7 +174,7 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     metrics = home / "runs" / "sig" / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch")
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch", proc=proc)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -190,7 +190,7 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
         text=True,
         env=_env(),
     )
-    wait_until(lambda: metrics.read_text().count("\n") >= done_before + 1, "one more epoch after the resume")
+    wait_until(lambda: metrics.read_text().count("\n") >= done_before + 1, "one more epoch after the resume", proc=proc)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
