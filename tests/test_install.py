@@ -25,9 +25,9 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.install
 
-NVIDIA_TORCH = "2.3.0a0+40ec155e58.nv24.03"  # JetPack 6.0's torch
+NVIDIA_TORCH = "2.3.0a0+40ec155e58.nv24.03"  # NVIDIA's torch for JetPack 6 (the 24.03 build)
 NVIDIA_TORCHVISION = "0.18.0a0+6043bc2"
-OLD_NVIDIA_TORCH = "2.2.0a0+81ea7a4"  # JetPack 6.0 DP's: truly older than the floor
+OLD_NVIDIA_TORCH = "2.2.0a0+81ea7a4"  # NVIDIA's earlier one (the 23.12 build): truly older than the floor
 OLD_NVIDIA_TORCHVISION = "0.17.0a0+b2383d4"
 STAND_IN_VERSION = "99.0"  # every other dependency: a version each floor accepts
 
