@@ -370,9 +370,10 @@ def test_two_torchrun_agents_at_a_c10d_rendezvous_train_as_one_process(reference
 def test_ctrl_c_to_the_launcher_stops_every_process_and_the_run_resumes_on_one(
     reference: Reference, tmp_path: Path
 ) -> None:
+    # --save-minutes: the processes also agree on saves inside an epoch, at every optimizer step here.
     proc = subprocess.Popen(
         _cifarnet("train", "--data-dir", str(reference.data), "--run", "cc", "--device", "cpu", "--nproc", "2")
-        + RECIPE,
+        + [*RECIPE, "--save-minutes", "0.000001"],
         env=_env(tmp_path),
         stderr=subprocess.PIPE,
         text=True,
@@ -390,8 +391,8 @@ def test_ctrl_c_to_the_launcher_stops_every_process_and_the_run_resumes_on_one(
     saved = checkpoint.load(run_dir / "last.pt")
     checkpoint.validate_resumable(saved, run_dir / "last.pt")
     assert saved["epoch"] in (1, 2) and not list(run_dir.glob("*.partial"))
-    with _one_thread():  # the run trained by two processes continues in one
-        resumed = runner.invoke(app, ["train", "--resume", "cc", "--quiet"])
+    with _one_thread():  # the run trained by two processes continues in one, from the step it was saved at
+        resumed = runner.invoke(app, ["train", "--resume", "cc", "--save-minutes", "0", "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 1
     assert_trains_as_the_reference(run_dir, reference)
@@ -401,18 +402,21 @@ def test_ctrl_c_to_the_launcher_stops_every_process_and_the_run_resumes_on_one(
 def test_a_one_process_run_resumes_on_two(
     reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    save_epoch = engine._FitLoop._save_epoch
+    save_position = engine._FitLoop.save_position
 
-    def stop_after_the_first(loop: Any, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
-        save_epoch(loop, epoch, metrics, is_best)
-        raise KeyboardInterrupt  # as Ctrl-C after the first epoch's files
+    def stop_in_the_second_epoch(loop: Any, position: engine.EpochPosition) -> None:
+        save_position(loop, position)
+        if position.epoch == 2:
+            raise KeyboardInterrupt  # as Ctrl-C right after a save in the middle of the second epoch
 
-    monkeypatch.setattr(engine._FitLoop, "_save_epoch", stop_after_the_first)
+    monkeypatch.setattr(engine._FitLoop, "save_position", stop_in_the_second_epoch)
+    every_step = ["--save-minutes", "0.000001"]
     with _one_thread():
         first = runner.invoke(
-            app, ["train", "--data-dir", str(reference.data), "--run", "one", "--device", "cpu", *RECIPE]
+            app, ["train", "--data-dir", str(reference.data), "--run", "one", "--device", "cpu", *RECIPE, *every_step]
         )
     assert first.exit_code == 130, first.output
+    assert checkpoint.load(paths.runs_dir() / "one" / "last.pt")["position"]["steps"] == 1
     monkeypatch.undo()
     done = subprocess.run(
         _cifarnet("train", "--resume", "one", "--nproc", "2", "--quiet"),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -43,10 +43,14 @@ from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.devices import Precision, autocast, synchronize
 from cifarnet_cli.engine import (
     DivergenceGuard,
+    EpochColumns,
+    EpochPosition,
     EpochStats,
     EvalStats,
     FitResult,
     LossDiverged,
+    MidEpochSaver,
+    _first_micro_batch,
     _FitLoop,
     _out_of_memory_message,
     backbone_frozen,
@@ -119,7 +123,7 @@ class RunningStats:
     Layers that do not update (frozen, in eval mode), SyncBatchNorm and cumulative averages (momentum None)
     are left alone."""
 
-    def __init__(self, model: nn.Module, world: distributed.World) -> None:
+    def __init__(self, model: nn.Module, world: distributed.World, *, start: int = 0) -> None:
         self.layers = [
             m
             for m in model.modules()
@@ -130,7 +134,7 @@ class RunningStats:
             and m.running_mean is not None
             and m.momentum is not None
         ]
-        self.position = 0  # global micro-batches accounted for
+        self.position = start  # global micro-batches accounted for (an epoch resumed in its middle: not 0)
         self.counts = [m.num_batches_tracked.clone() for m in self.layers if m.num_batches_tracked is not None]
         if not world.is_main:
             with torch.no_grad():
@@ -162,20 +166,46 @@ class RunningStats:
         self._decay(index - self.position)
         self.position = index + 1
 
-    def finish(self, micro_batches: int) -> None:
-        """After the epoch's ``micro_batches``: every process holds the one-process statistics."""
-        if not self.layers:
-            return
-        self._decay(micro_batches - self.position)
+    def _buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         stats = [t for m in self.layers for t in (self._mean(m), self._var(m))]
         tracked = [m.num_batches_tracked for m in self.layers if m.num_batches_tracked is not None]
+        return stats, tracked
+
+    def _summed(self, micro_batches: int) -> list[torch.Tensor]:
+        """The one-process statistics after ``micro_batches`` (a collective), this process's terms untouched."""
+        stats, tracked = self._buffers()
+        steps = max(0, micro_batches - self.position)
+        factors = [(1.0 - float(m.momentum or 0.0)) ** steps for m in self.layers for _ in range(2)]
         deltas = [t - start for t, start in zip(tracked, self.counts, strict=True)]
-        summed = distributed.all_reduce_sum(stats + deltas)
+        summed = distributed.all_reduce_sum([t * f for t, f in zip(stats, factors, strict=True)] + deltas)
+        counts = [start + delta for start, delta in zip(self.counts, summed[len(stats) :], strict=True)]
+        return summed[: len(stats)] + counts
+
+    def _load(self, values: list[torch.Tensor]) -> None:
+        stats, tracked = self._buffers()
         with torch.no_grad():
-            for t, value in zip(stats, summed, strict=False):
-                t.copy_(value)
-            for t, start, delta in zip(tracked, self.counts, summed[len(stats) :], strict=True):
-                t.copy_(start + delta.to(t.dtype))
+            for t, value in zip(stats + tracked, values, strict=True):
+                t.copy_(value.to(t.dtype))
+
+    def finish(self, micro_batches: int) -> None:
+        """After the epoch's ``micro_batches``: every process holds the one-process statistics."""
+        if self.layers:
+            self._load(self._summed(micro_batches))
+
+    @contextlib.contextmanager
+    def assembled(self, micro_batches: int) -> Iterator[None]:
+        """Within the block the model holds the one-process statistics after ``micro_batches`` (a save in the
+        middle of an epoch); this process's own terms come back after it. A collective."""
+        if not self.layers:
+            yield
+            return
+        stats, tracked = self._buffers()
+        own = [t.detach().clone() for t in stats + tracked]
+        self._load(self._summed(micro_batches))
+        try:
+            yield
+        finally:
+            self._load(own)
 
 
 def _idle_pass(ddp: nn.Module, model: nn.Module, shape: torch.Size, device: torch.device, precision: Precision) -> None:
@@ -204,7 +234,8 @@ def train_one_epoch_ddp(
     optimizer: torch.optim.Optimizer,
     *,
     windows: list[distributed.Window],
-    micro_batches: int,
+    batch_sizes: list[int],
+    accum: int,
     world: distributed.World,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     device: torch.device,
@@ -213,24 +244,34 @@ def train_one_epoch_ddp(
     on_event: EventCallback = _ignore,
     report_every_s: float = 0.5,
     guard: DivergenceGuard | None = None,
+    resume_at: EpochPosition | None = None,
+    saver: MidEpochSaver | None = None,
 ) -> EpochStats:
     """One epoch of this process's share of ``loader`` (set with :meth:`DeviceLoader.set_shard` from
     ``windows``), with exact accumulation over the processes. After each optimizer step the processes
     exchange a stop request and rank 0's wish for a progress report (also taken after the first step, for
     ``guard``'s starting loss, and after the last); a report sums the running loss and accuracy over them.
-    The figures returned are those of the whole epoch, over every process."""
+    The figures returned are those of the whole epoch, over every process. ``resume_at`` continues the epoch
+    from a save in its middle; ``saver`` (asked on rank 0, the answer exchanged with the rest) saves at an
+    optimizer step, with the one-process BatchNorm statistics and the totals over every process."""
     model: nn.Module = getattr(ddp, "module", ddp)
     model.train()
     freeze_frozen_batchnorm(model)
-    running = RunningStats(model, world)
     shape = loader.images.shape[1:]
     step.reset_totals()
-    batches = iter(loader)
     total_steps = len(windows)
-    seen = done = 0
+    seen = done = first = 0
     loss = accuracy = float("nan")
     start = last_report = time.perf_counter()
-    for window in windows:
+    if resume_at is not None:
+        first = _first_micro_batch(resume_at, batch_sizes, accum)
+        seen, done, start = resume_at.images, resume_at.steps, start - resume_at.seconds
+        if world.is_main:  # the epoch's totals so far are over every process: rank 0 carries them
+            step.loss_sum.fill_(resume_at.loss_sum)
+            step.correct.fill_(resume_at.correct)
+    running = RunningStats(model, world, start=first)
+    batches = loader.iter_from(first)
+    for window in windows[done:]:
         for p in range(window.passes):
             with contextlib.nullcontext() if p == window.passes - 1 else ddp.no_sync():  # type: ignore[operator]
                 if p < len(window.indices):
@@ -247,16 +288,23 @@ def train_one_epoch_ddp(
         seen += window.images
         now = time.perf_counter()
         wanted = world.is_main and now - last_report >= report_every_s
-        first = guard is not None and guard.start is None
-        stop, report = distributed.exchange(
-            [distributed.stops().requested(), int(wanted or first or done == total_steps)]
+        starting = guard is not None and guard.start is None
+        save_due = saver is not None and world.is_main and done < total_steps and saver.due()
+        stop, report, save = distributed.exchange(
+            [distributed.stops().requested(), int(wanted or starting or done == total_steps), int(save_due)]
         )
         if stop:
             raise distributed.AgreedStop(stop)
+        if not (report or save):
+            continue
+        loss_sum, correct = distributed.all_reduce_sum([step.loss_sum, step.correct])
+        if save and saver is not None:
+            position = EpochPosition(epoch, done, seen, float(loss_sum), int(correct), time.perf_counter() - start)
+            with running.assembled(done * accum):
+                saver.save(position)
         if not report:
             continue
         last_report = now
-        loss_sum, correct = distributed.all_reduce_sum([step.loss_sum, step.correct])
         loss, accuracy = float(loss_sum) / seen, float(correct) / seen
         if guard is not None:
             if guard.start is None:
@@ -274,7 +322,7 @@ def train_one_epoch_ddp(
                 images_per_second=seen / max(time.perf_counter() - start, 1e-9),
             )
         )
-    running.finish(micro_batches)
+    running.finish(len(batch_sizes))
     synchronize(device)
     return EpochStats(loss, accuracy, seen, time.perf_counter() - start, done)
 
@@ -366,10 +414,16 @@ class DistributedFitLoop(_FitLoop):
             notice=self._notice,
         )
 
-    def snapshot(self, kind: str) -> dict[str, Any]:
-        ckpt = super().snapshot(kind)
+    def snapshot(self, kind: str, position: EpochPosition | None = None) -> dict[str, Any]:
+        ckpt = super().snapshot(kind, position)
         ckpt["world_size"] = self.world.size
         return ckpt
+
+    def save_position(self, position: EpochPosition) -> None:
+        if self.world.is_main:
+            super().save_position(position)
+        else:
+            self.saved_position = position
 
     def fit(self) -> FitResult:
         try:
@@ -391,14 +445,16 @@ class DistributedFitLoop(_FitLoop):
         windows = distributed.plan_epoch(self.batch_sizes, config.accum, world.size, world.rank)
         self.train_loader.set_shard(tuple(i for w in windows for i in w.indices))
         assert self.ddp is not None
+        resume_at = self.position if self.position is not None and self.position.epoch == epoch else None
         try:
-            return train_one_epoch_ddp(
+            stats = train_one_epoch_ddp(
                 self.ddp,
                 self.step,
                 self.train_loader,
                 self.optimizer,
                 windows=windows,
-                micro_batches=len(self.batch_sizes),
+                batch_sizes=self.batch_sizes,
+                accum=config.accum,
                 world=world,
                 scheduler=self.scheduler,
                 device=self.device,
@@ -406,7 +462,11 @@ class DistributedFitLoop(_FitLoop):
                 epoch=epoch,
                 on_event=self.on_event,
                 guard=self.guard,
+                resume_at=resume_at,
+                saver=self.saver,
             )
+            self.position = None
+            return stats
         except torch.cuda.OutOfMemoryError:
             message = _out_of_memory_message(self.config, self.run, self.saved_epoch)
             raise CifarNetError(
@@ -447,6 +507,7 @@ def fit(
     resume_from: dict[str, Any] | None = None,
     on_event: EventCallback = _ignore,
     step_mode: str = "eager",
+    columns: EpochColumns | None = None,
 ) -> FitResult:
     """:func:`engine.fit` over ``world``'s processes (the step runs eagerly; ``step_mode`` is ignored).
     ``eval_loader`` holds this process's share of the evaluation images (:func:`distributed.shard_bounds`)."""
@@ -465,4 +526,5 @@ def fit(
         on_event=on_event,
         step_mode="eager",
     )
+    loop.columns = columns
     return loop.fit()

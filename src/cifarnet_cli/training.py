@@ -34,12 +34,12 @@ from cifarnet_cli import (
     runs,
     tensorboard_log,
 )
-from cifarnet_cli.autobatch import MemoryFit, fit_micro_batch
+from cifarnet_cli.autobatch import fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import stratified_split
-from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
+from cifarnet_cli.devices import Precision, describe, is_integrated, resolve_device, resolve_precision
 from cifarnet_cli.engine import (
     FitResult,
     TrainingDiverged,
@@ -52,12 +52,13 @@ from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
 from cifarnet_cli.models import Classifier, count_parameters, get_model
+from cifarnet_cli.monitor import BoardMonitor
 from cifarnet_cli.tensorboard_log import TensorBoardLogger
 from cifarnet_cli.train_step import choose_mode
 
 #: Options that may differ when a run is resumed (the machine may have changed); the recipe may not.
 RESUME_OVERRIDABLE = frozenset(
-    {"device", "precision", "capture", "data_dir", "batch_size", "accum", "save_every", "patience"}
+    {"device", "precision", "capture", "data_dir", "batch_size", "accum", "save_every", "save_minutes", "patience"}
 )
 
 
@@ -425,10 +426,7 @@ def _train(
     _warn_if_slow(config, device, on_event)
     config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, on_event))
     model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
-    if config.batch_size_auto and device.type == "cuda":
-        probe = partial(fit_micro_batch, model, device=device, precision=precision, cap=config.batch_size)
-        fitted = distributed.agree(partial(probe, effective_batch=config.effective_batch))
-        config = _fit_micro_batch(config, fitted, world, on_event)
+    config = _fit_micro_batch(config, model, device, precision, world, on_event)
     step_mode = _step_mode(config, device, precision, world, on_event)
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
@@ -437,10 +435,18 @@ def _train(
 
     train_loader, eval_loader = _loaders(config, _share_eval(data, world), device)
     meta = _run_meta(config, model, data, precision)
+    start_step = _saved_step(ckpt, start_epoch)
     if world.is_main:
         _write_run_config(run, config, meta, device, precision, resumed=resumed is not None, world=world)
         launch.note_run(run.name, config.command)
-    on_event(_run_started(run, config, data, model, device, precision, step_mode, start_epoch, train_loader, world))
+    on_event(
+        _run_started(
+            run, config, data, model, device, precision, step_mode, start_epoch, train_loader, start_step, world
+        )
+    )
+    monitor = BoardMonitor.for_device(device, on_event) if world.is_main else None  # a Jetson's GPU temperature
+    if monitor is not None:
+        monitor.start()
     result = _fit_with_views(
         model,
         config,
@@ -448,6 +454,7 @@ def _train(
         tensorboard,
         on_event,
         world=world,
+        monitor=monitor,
         train_loader=train_loader,
         eval_loader=eval_loader,
         device=device,
@@ -468,6 +475,12 @@ def _train(
         best_epoch=result.best_epoch,
         split=data.eval_split,
     )
+
+
+def _saved_step(ckpt: dict[str, Any] | None, completed: int) -> int:
+    """Optimizer steps of the next epoch a resumed last.pt already holds (saved in that epoch's middle)."""
+    position = (ckpt or {}).get("position") or {}
+    return int(position.get("steps", 0)) if position.get("epoch") == completed + 1 else 0
 
 
 def _warn_if_slow(config: TrainConfig, device: torch.device, on_event: EventCallback) -> None:
@@ -532,13 +545,29 @@ def _fit_world(
 
 
 def _fit_micro_batch(
-    config: TrainConfig, fitted: MemoryFit, world: distributed.World, on_event: EventCallback
+    config: TrainConfig,
+    model: Classifier,
+    device: torch.device,
+    precision: Precision,
+    world: distributed.World,
+    on_event: EventCallback,
 ) -> TrainConfig:
-    """--batch-size auto: the largest micro-batch the GPU's free memory holds (``fitted``; over several processes
-    the smallest of their GPUs', and one that splits evenly between them), accumulation making up the effective
-    batch."""
+    """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch
+    (over several processes: the smallest that fits their GPUs, split evenly between them).
+
+    It is the default on a GPU that shares the system's memory (a Jetson), where running out of memory is
+    often the kernel killing the process rather than a CUDA error a run could recover from. The run
+    records what was decided, so a resume does the same."""
+    defaulted = config.batch_size_auto is None
+    if defaulted:
+        config = config.replace(batch_size_auto=device.type == "cuda" and is_integrated(device))
+    if not config.batch_size_auto or device.type != "cuda":
+        return config
+    probe = partial(fit_micro_batch, model, device=device, precision=precision, cap=config.batch_size)
+    fitted = distributed.agree(partial(probe, effective_batch=config.effective_batch))  # no collective inside
     if world.size == 1:
-        on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
+        why = " (--batch-size auto: the default on a GPU that shares the system's memory)" if defaulted else ""
+        on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}{why}."))
         return config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
     (largest,) = distributed.exchange([-fitted.batch_size])
     split = distributed.fit_batch_for_world(config.effective_batch, -largest, world.size)
@@ -751,6 +780,7 @@ def _run_started(
     step_mode: str,
     start_epoch: int,
     train_loader: DeviceLoader,
+    start_step: int = 0,
     world: distributed.World = distributed.World(),
 ) -> RunStarted:
     return RunStarted(
@@ -774,6 +804,7 @@ def _run_started(
         epochs=config.epochs,
         start_epoch=start_epoch,
         on_device_data=train_loader.on_device,
+        start_step=start_step,
     )
 
 
@@ -783,18 +814,19 @@ def _fit_with_views(
     run: runs.Run,
     tensorboard: bool,
     on_event: EventCallback,
+    monitor: BoardMonitor | None = None,
     *,
     world: distributed.World = distributed.World(),
     **fit_kwargs: Any,
 ) -> FitResult:
     """:func:`engine.fit` (:func:`ddp.fit` for several processes), with the run's other consumers of its
-    events beside the caller's view: curves.png after every epoch, and TensorBoard scalars when asked for
-    (rank 0 alone draws and logs)."""
+    events beside the caller's view: curves.png after every epoch, TensorBoard scalars when asked for, and a
+    Jetson's board monitor (rank 0 alone draws, logs and watches)."""
     fit = engine_fit if world.size == 1 else partial(ddp.fit, world=world)
     if not world.is_main:
         return fit(model, config, run=run, on_event=on_event, **fit_kwargs)
     curves = report.CurvesWriter(run, epochs=config.epochs, lr_schedule=partial(scheduled_lrs, config))
-    consumers: list[EventCallback] = [curves]
+    consumers: list[EventCallback] = [curves] + ([monitor] if monitor is not None else [])
     board: TensorBoardLogger | None = None
     if tensorboard_log.wanted(tensorboard):
         if tensorboard_log.available():
@@ -810,7 +842,7 @@ def _fit_with_views(
         on_event(event)
 
     try:
-        result = fit(model, config, run=run, on_event=events, **fit_kwargs)
+        result = fit(model, config, run=run, on_event=events, columns=monitor, **fit_kwargs)
     finally:
         curves.close()  # also after Ctrl-C: the picture shows every saved epoch
         if board is not None:

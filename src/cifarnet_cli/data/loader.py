@@ -102,6 +102,11 @@ class DeviceLoader:
         self._shard = batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``first`` on (a resume in the middle of an epoch): the order and the
+        augmentation are the epoch's, drawn whole as always, and the batches before ``first`` are not built."""
         n = self.num_examples
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
@@ -115,7 +120,10 @@ class DeviceLoader:
             if shifts is not None and flips is not None:
                 shifts = shifts.to(self.device, non_blocking=True)
                 flips = flips.to(self.device, non_blocking=True)
-        bounds = self._bounds if self._shard is None else [self._bounds[i] for i in self._shard]
+        if self._shard is None:
+            bounds = self._bounds[first:]
+        else:  # this process's batches, by their index in the whole epoch
+            bounds = [self._bounds[i] for i in self._shard if i >= first]
         for start, end in bounds:
             index = order[start:end]
             if self.on_device:
