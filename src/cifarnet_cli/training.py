@@ -426,7 +426,7 @@ def _train(
     _warn_if_slow(config, device, on_event)
     config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, on_event))
     model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
-    config = _fit_micro_batch(config, model, device, precision, world, on_event)
+    config = _fit_micro_batch(config, model, device, precision, on_event, world)
     step_mode = _step_mode(config, device, precision, world, on_event)
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
@@ -549,8 +549,8 @@ def _fit_micro_batch(
     model: Classifier,
     device: torch.device,
     precision: Precision,
-    world: distributed.World,
     on_event: EventCallback,
+    world: distributed.World = distributed.World(),
 ) -> TrainConfig:
     """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch
     (over several processes: the smallest that fits their GPUs, split evenly between them).
