@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cifarnet_cli import __version__, checkpoint, interrupts, paths, pretrained, report, runs, tensorboard_log
-from cifarnet_cli.autobatch import fit_micro_batch
+from cifarnet_cli.autobatch import data_bytes_on_device, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
@@ -361,13 +361,21 @@ def _train(
     _warn_if_slow(config, device, on_event)
     config, data = _prepare_data(config, ckpt, on_event)
     model = _prepare_model(config, data, ckpt, resumed, init, device, on_event)
+    step_mode = choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
     if config.batch_size_auto and device.type == "cuda":
         fitted = fit_micro_batch(
-            model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
+            model,
+            device=device,
+            precision=precision,
+            effective_batch=config.effective_batch,
+            cap=config.batch_size,
+            captured=step_mode == "graph",
+            data_bytes=data_bytes_on_device(
+                [s.images.nbytes for s in (data.train_set, data.eval_set) if s is not None], device
+            ),
         )
         config = config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
         on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
-    step_mode = choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
         set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
