@@ -62,7 +62,7 @@ else
   cifarnet=("$py" -m cifarnet_cli)
   bench_args=""
   train_args=""
-  test_timeout=60
+  test_timeout=90
 fi
 
 budget() {  # STEP: its budget in seconds (GPU_CHECK_BUDGET_<STEP> overrides), at most what is left before the deadline
