@@ -36,6 +36,9 @@ out=${1:?usage: bench/gpu-check.sh [--cpu-dry-run] OUT [DATA]}
 data=${2:-${CIFARNET_DATA:-}}
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
+absolute() { [ -e "$1" ] && echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" || echo "$1"; }
+[ -n "$data" ] && data=$(absolute "$data")
+wheels=$(absolute "${GPU_CHECK_WHEELS:-$(dirname "$0")/../.whl}")
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
 py=${PYTHON:-python3}
@@ -52,7 +55,7 @@ unset CIFARNET_DATA  # the data is DATA, given here; evaluate reads the run's ow
 
 if [ $dry_run = 1 ]; then
   # Seconds each step may take on a CPU, busy with other work too (on two idle cores each takes a few).
-  budgets=(DEVICE=60 TESTS=60 BENCH=60 EXTRACT=15 TRAIN=60 EVALUATE=60 EVALUATE_TTA=60)
+  budgets=(DEVICE=120 TESTS=120 BENCH=120 EXTRACT=30 TRAIN=120 EVALUATE=120 EVALUATE_TTA=120)
   cifarnet=("$py" bench/gpu_check_dry_run.py)
   bench_args="--device cpu --quick"
   train_args="--epochs 2 --batch-size 32 --device cpu"
@@ -103,7 +106,7 @@ step() {  # STEP COMMAND (a bash command line): runs it within the step's budget
 printf -v quoted '%q ' "${cifarnet[@]}"
 eval "cifarnet() { $quoted \"\$@\"; }"
 export -f cifarnet
-export WHEELS=${GPU_CHECK_WHEELS:-.whl} PY="$py" BENCH_ARGS="$bench_args" TRAIN_ARGS="$train_args" TEST_TIMEOUT=$test_timeout
+export WHEELS="$wheels" PY="$py" BENCH_ARGS="$bench_args" TRAIN_ARGS="$train_args" TEST_TIMEOUT=$test_timeout
 
 # -- device: the GPU, missing wheels, `cifarnet info` ----------------------------------------------------
 step DEVICE '

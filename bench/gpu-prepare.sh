@@ -7,22 +7,18 @@
 #
 #   bench/gpu-prepare.sh [ARCHIVE]      (default ../shared/datasets/cifar10-jpeg-train.tar.gz)
 #
-# GPU_PYTHON=3.12 is the GPU machine's Python version (the wheels are pure Python; pytest's backports are
-# fetched for older ones).
+# GPU_PYTHON=3.12 is the GPU machine's Python version (the wheels are pure Python; their dependencies are
+# resolved for that version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 archive=${1:-../shared/datasets/cifar10-jpeg-train.tar.gz}
 python_version=${GPU_PYTHON:-3.12}
-# cifarnet's own dependencies that are pure Python (with theirs), and pytest (with its own) for the CUDA tests.
-wheels=(
-  platformdirs truststore certifi
-  typer click shellingham typing_extensions rich markdown-it-py mdurl pygments
-  pytest pluggy iniconfig packaging exceptiongroup tomli
-)
+# cifarnet's own dependencies that are pure Python and pytest for the CUDA tests, with everything they need on
+# that Python (pip resolves it: typer, for one, needs annotated-doc).
 rm -rf .whl
 mkdir -p .whl .devdata
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation py \
-  -d .whl "${wheels[@]}"
+python3 -m pip download -q --only-binary=:all: --python-version "$python_version" --implementation py -d .whl \
+  platformdirs truststore certifi typer rich pytest
 cp "$archive" .devdata/cifar10-jpeg-train.tar.gz
 echo "Wheels in .whl/: $(ls .whl | tr '\n' ' ')"
 cat <<'EOF'
