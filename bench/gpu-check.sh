@@ -61,7 +61,7 @@ if [ $dry_run = 1 ]; then
   train_args="--epochs 2 --batch-size 32 --device cpu"
   test_timeout=30
 else
-  budgets=(DEVICE=30 TESTS=150 BENCH=180 EXTRACT=15 TRAIN=150 EVALUATE=30 EVALUATE_TTA=30)
+  budgets=(DEVICE=60 TESTS=150 BENCH=170 EXTRACT=15 TRAIN=150 EVALUATE=30 EVALUATE_TTA=30)
   cifarnet=("$py" -m cifarnet_cli)
   bench_args=""
   train_args=""
