@@ -122,7 +122,7 @@ def data_bytes_on_device(sizes: Sequence[int], device: torch.device) -> int:
     """The share of the device's memory that data sets of ``sizes`` bytes (uint8 images) take: all of it on an
     integrated GPU (a copy on the device and a pinned copy on the host are the same memory), else the sets the
     loader places on the device."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not sizes:
         return 0
     if is_integrated(device):
         return sum(sizes)
