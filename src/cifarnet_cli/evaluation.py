@@ -286,6 +286,7 @@ def evaluate_model(
     else:
         assert loaded is not None
         logits, labels = _checkpoint_logits(loaded, data, device, batch_size, tta, precision)
+    _check_finite(logits, model_path)
     names = [model_classes[i] for i in class_ids]
     accuracy, per_class, per_class_n, cm = metrics_from_logits(logits, labels, class_ids, names)
     unrestricted = None
@@ -319,6 +320,16 @@ def evaluate_model(
         else:
             report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
     return report
+
+
+def _check_finite(logits: np.ndarray, model_path: Path) -> None:
+    """An accuracy is only a figure when every output is a number: argmax over NaN picks class 0."""
+    bad = int((~np.isfinite(np.asarray(logits))).any(axis=1).sum())
+    if bad:
+        raise CifarNetError(
+            f"{display(model_path)} gave outputs that are not numbers (NaN or infinite) for {bad} of {len(logits)} "
+            "image(s), so no accuracy is reported (a checkpoint run in half precision may do better with --precision fp32)."
+        )
 
 
 def _checkpoint_logits(
