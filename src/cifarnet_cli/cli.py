@@ -828,6 +828,7 @@ def predict(
             device_spec=device or "auto",
             precision=precision,
             batch_size=batch_size,
+            save_csv=save_csv,
         )
         _ui().info(f"Model: {result.model} ({result.arch}, {result.runtime})")
         if result.notice:
@@ -1006,7 +1007,7 @@ def bench(
     from cifarnet_cli.benchmark import run_bench
 
     with _user_errors():
-        target = fileio.check_target(output.expanduser()) if output is not None else None  # before a minute's work
+        target = fileio.check_output(output) if output is not None else None  # before a minute's work
         result = run_bench(device or "auto", quick=quick, on_event=_ui().BenchView(quiet=quiet))
         if as_json:
             _print_json(result)

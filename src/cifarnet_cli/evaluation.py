@@ -310,9 +310,10 @@ def evaluate_model(
         target = run.dir / f"eval-{suffix}.json"
         picture = run.dir / f"confusion-{suffix}.png"
         try:  # atomically, and a failure worded like every other file error (the results are printed anyway)
-            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+            # within: a run that `runs rm` deleted meanwhile stays deleted (no half-run brought back)
+            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode(), within=run.dir)
             title = f"{run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
-            drawn = plot_confusion(cm, names, picture, title=title)
+            drawn = plot_confusion(cm, names, picture, title=title, within=run.dir)
         except CifarNetError as exc:
             notify(f"{exc} The results are not saved in the run folder.")
         except OSError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from cifarnet_cli import fileio
 from cifarnet_cli.data.images import ImageDecodeError, decode_workers, load_image
 from cifarnet_cli.data.walk import ImageWalk
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.errors import UsageError
 from cifarnet_cli.runtime import ImageClassifier, is_exported, open_exported, softmax
 
 NOT_A_NUMBER = "the model's output is not a number (NaN or infinite) for this image"
@@ -194,31 +196,34 @@ def predict(
     device_spec: str = "auto",
     precision: str | None = None,
     batch_size: int | None = None,
+    save_csv: Path | None = None,
 ) -> PredictResult:
     """Classify ``inputs`` (files, folders, globs) with the run or checkpoint ``ref`` (None: the most
-    recent run) or the model file ``model_file``."""
+    recent run) or the model file ``model_file``. ``save_csv``, where :func:`write_csv` will write the
+    answers, is checked before any work: it may not be one of the inputs or the model."""
     check_options(top_k, batch_size)
     if not inputs:
         raise UsageError("Give at least one image file, folder or glob.")
     model = open_model(ref, model_file, device_spec, precision)
     items = collect_inputs(inputs)
     files = [i for i in items if isinstance(i, Path)]
+    if save_csv is not None:
+        fileio.check_output(save_csv, [*files, model.path], option="--save-csv")
     by_file = dict(zip(files, predict_files(model, files, top_k=top_k, batch_size=batch_size), strict=True))
     predictions = [by_file[i] if isinstance(i, Path) else i for i in items]
     return PredictResult(predictions, str(model.path), model.arch, model.runtime, model.notice)
 
 
 def write_csv(predictions: Sequence[Prediction], target: Path) -> None:
-    """``path,class,probability,error``: one row per input, in input order (errors have no class)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "class", "probability", "error"])
-            for p in predictions:
-                if p.top:
-                    writer.writerow([p.path, p.top[0][0], f"{p.top[0][1]:.6f}", ""])
-                else:
-                    writer.writerow([p.path, "", "", p.error or ""])
-    except OSError as exc:
-        raise CifarNetError(f"Could not write {target} ({exc.strerror or exc}).") from None
+    """``path,class,probability,error``: one row per input, in input order (errors have no class). Fields
+    holding a comma, a quote or a line break are quoted (RFC 4180), so every file name reads back whole.
+    Written atomically: a failure leaves the previous file."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "class", "probability", "error"])
+    for p in predictions:
+        if p.top:
+            writer.writerow([p.path, p.top[0][0], f"{p.top[0][1]:.6f}", ""])
+        else:
+            writer.writerow([p.path, "", "", p.error or ""])
+    fileio.write_bytes(target.expanduser(), buffer.getvalue().encode("utf-8", errors="surrogateescape"))
