@@ -84,7 +84,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
             before = len(walk.unreadable)
             matches = walk.glob(item)
             found = _problems(walk, before) + _file_items(walk, matches, skip_folders=True)
-            if not found and not any(m.is_dir() for m in matches):
+            if not found and all(m.is_dir() for m in matches):  # files already named elsewhere add no row
                 items.append(Prediction(item, error="no files match this pattern"))
             items.extend(found)
         else:

@@ -526,7 +526,7 @@ def resolve_run(ref: str | None, *, trained_only: bool = False) -> Run:
     if _is_run_dir(path):
         return Run(path.name, path)
     run = Run(ref, paths.runs_dir() / ref)
-    if "/" not in ref and _is_run_dir(run.dir):
+    if "/" not in ref and not ref.startswith(TRASH_PREFIX) and _is_run_dir(run.dir):
         return run
     if path.is_dir():
         raise CifarNetError(

@@ -602,7 +602,13 @@ def info_tables(data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # cifarnet runs
 
-_STATE_STYLE = {"running": "bold blue", "finished": "green", "stopped-early": "green", "stopped": "yellow"}
+_STATE_STYLE = {
+    "running": "bold blue",
+    "finished": "green",
+    "stopped-early": "green",
+    "stopped": "yellow",
+    "damaged": "red",
+}
 
 
 def _acc(x: float | None) -> str:
