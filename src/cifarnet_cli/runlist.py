@@ -355,7 +355,7 @@ def removable(ref: str) -> runs.Run:
     nothing else. An empty name, "." and ".." are refused whatever folder they would mean (an unset shell
     variable must not delete the run the shell stands in)."""
     name = ref.strip()
-    if not name or Path(name).name in ("", ".", "..") or name.endswith(("/", os.sep)):
+    if os.path.basename(name.rstrip("/" + os.sep)) in ("", ".", ".."):
         raise UsageError(f"{ref!r} is not a run name; `runs rm` takes run names (see `cifarnet runs`).")
     run = runs.resolve_run(name)
     root = paths.runs_dir().resolve()
