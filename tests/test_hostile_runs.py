@@ -66,7 +66,7 @@ def _listed() -> dict[str, dict[str, Any]]:
 def _cli(*args: str, shell_tail: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m cifarnet_cli ARGS` through the shell, so that ``shell_tail`` can close streams (>&-)."""
     command = " ".join([f"'{sys.executable}'", "-m", "cifarnet_cli", *(f"'{a}'" for a in args), shell_tail])
-    return subprocess.run(
+    return subprocess.run(  # a hang fails the test (TimeoutExpired) instead of stopping the suite
         ["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env or dict(os.environ)
     )
 
@@ -240,6 +240,20 @@ def test_one_damaged_run_never_hides_the_others(monkeypatch: pytest.MonkeyPatch)
         _no_traceback(result)
         assert result.exit_code == 0, result.output
     assert "healthy" in table.output and "damaged: config.json" in shown.output.replace("\n", " ")
+
+
+def test_a_fifo_in_a_run_folder_never_hangs_the_listing() -> None:
+    _run("healthy")
+    for name, record in (("cfg", "config.json"), ("rows", "metrics.jsonl"), ("lock", ".lock")):
+        run = _run(name)
+        (run.dir / record).unlink(missing_ok=True)
+        os.mkfifo(run.dir / record)  # opening it for reading waits for a writer that never comes
+    proc = _cli("runs", "--json")
+    assert proc.returncode == 0, proc.stderr
+    states = {r["name"]: r["status"] for r in json.loads(proc.stdout)["runs"]}
+    assert states["healthy"] == "stopped after epoch 1" and states["lock"] == "stopped after epoch 1"
+    assert states["cfg"] == "damaged: config.json cannot be read (not a regular file)"
+    assert states["rows"] == "damaged: metrics.jsonl cannot be read (not a regular file)"
 
 
 def test_a_huge_metrics_line_is_not_read_into_memory() -> None:

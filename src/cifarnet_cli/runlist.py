@@ -235,7 +235,7 @@ def _shown(value: Any) -> str:
 def _evaluation(path: Path) -> dict[str, Any] | None:
     """One eval-*.json's summary; None for a file that is not one (damaged, edited, oversized)."""
     try:
-        with path.open("rb") as fh:
+        with fileio.open_regular(path) as fh:
             raw = fh.read(runs.MAX_CONFIG_BYTES + 1)
         data = json.loads(raw.decode("utf-8", errors="replace")) if len(raw) <= runs.MAX_CONFIG_BYTES else None
     except (OSError, ValueError, RecursionError):

@@ -139,7 +139,7 @@ class Run:
     def read_config_checked(self) -> tuple[dict[str, Any], str | None]:
         """config.json as a dict ({} when missing), and what is wrong with the file when it cannot be read."""
         try:
-            with self.config_file.open("rb") as fh:
+            with fileio.open_regular(self.config_file) as fh:
                 raw = fh.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             return {}, None
@@ -194,7 +194,7 @@ class Run:
         rows: list[dict[str, Any]] = []
         problem: str | None = None
         try:
-            with self.metrics_file.open("rb") as fh:
+            with fileio.open_regular(self.metrics_file) as fh:
                 for number, line in enumerate(_lines(fh), start=1):
                     if line is None:
                         problem = problem or f"metrics.jsonl line {number} is longer than {MAX_METRICS_LINE // 1024} KB"
@@ -383,7 +383,7 @@ def describe_holder(holder: dict[str, Any], *, since: bool = True) -> str:
 def holder_of(run: Run) -> dict[str, Any] | None:
     """Who trains ``run`` right now ({} if unknown), or None when nobody holds its lock."""
     try:
-        fd = os.open(run.lock_file, os.O_RDONLY)
+        fd = os.open(run.lock_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
     except OSError:
         return None
     try:
