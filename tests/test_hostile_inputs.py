@@ -313,6 +313,25 @@ def test_names_from_data_reach_the_terminal_inert(tmp_path: Path, monkeypatch: p
     assert outputs[2].exit_code == 1 and outputs[3].exit_code == 1
 
 
+def test_class_names_that_break_lines_are_refused_for_labels_txt(tmp_path: Path) -> None:
+    classes = ("cat\ndog",) + CIFAR10_CLASSES[1:]  # labels.txt would hold 11 lines for 10 outputs
+    ckpt = _checkpoint(tmp_path / "m.pt", classes=classes)
+    result = runner.invoke(app, ["export", str(ckpt), "--for", "jetson-inference", "-o", str(tmp_path / "j/m.onnx")])
+    _no_traceback(result)
+    assert result.exit_code == 1 and "Class name 'cat\\x0adog' cannot be written to labels.txt" in result.output
+    assert not (tmp_path / "j" / "labels.txt").exists()
+
+
+def test_dollar_signs_in_names_do_not_break_the_pictures(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from cifarnet_cli import report
+
+    names = ["$\\frac{$", "dog"]  # an unbalanced math expression failed the whole drawing
+    assert report.plot_confusion([[1, 0], [0, 1]], names, tmp_path / "c.png", title=names[0]) is not None
+    rows = [{"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.0}]
+    assert report.plot_compare({names[0]: rows, "b": rows}, tmp_path / "p.png") is not None
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. an exported model is checked when it is opened
 

@@ -325,7 +325,7 @@ def _check_line_names(classes: tuple[str, ...]) -> None:
     bad = [c for c in classes if printable(c) != c or not c.strip()]
     if bad:
         raise CifarNetError(
-            f"Class name {printable(bad[0])!r} cannot be written to labels.txt (one name per line): it holds a line "
+            f"Class name '{printable(bad[0])}' cannot be written to labels.txt (one name per line): it holds a line "
             "break or another control character, or is blank. Export without --for jetson-inference, or rename "
             "the class folder and train again."
         )
