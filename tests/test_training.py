@@ -124,7 +124,7 @@ def test_patience_stops_and_is_recorded(image_folder: Callable[..., Path], monke
 
     def on_event(event: object) -> None:
         if isinstance(event, EpochStarted) and event.epoch == 2:
-            deadline = time.monotonic() + 20  # drawn in the background after epoch 1
+            deadline = time.monotonic() + 300  # drawn in the background after epoch 1
             while not (paths.runs_dir() / "pat" / "curves.png").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             seen_curves.append((paths.runs_dir() / "pat" / "curves.png").exists())

@@ -379,201 +379,300 @@ def fit(
     evaluate/predict/export can rebuild the model from the file alone. ``step_mode`` is how the training
     step runs (train_step.MODES: eager, or captured as CUDA graphs).
     """
-    optimizer = build_optimizer(model, config)
-    batch_sizes = train_loader.batch_sizes()
-    epoch_steps = steps_per_epoch(len(batch_sizes), config.accum)
-    scheduler = build_scheduler(optimizer, config, epoch_steps)
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
-    state = FitState()
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        if scaler is not None and resume_from.get("scaler"):
-            scaler.load_state_dict(resume_from["scaler"])
-        known = {f.name for f in dataclasses.fields(FitState)}
-        state = FitState(**{k: v for k, v in resume_from["fit_state"].items() if k in known})
-        set_rng_state(resume_from.get("rng", {}), device)
-    else:
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-    # The checkpoint is the truth: its rows replace metrics.jsonl, which may lack the last epoch (a kill
-    # between saving last.pt and appending the row) or hold rows of an epoch that never reached last.pt.
-    # Checkpoints from before rows were stored in them keep the file's rows up to their epoch.
-    if resume_from is not None and "history" in resume_from:
-        history = [dict(row) for row in resume_from["history"]]
-    else:
-        history = [row for row in run.read_metrics() if row["epoch"] <= state.epoch]
-    run.write_metrics(history)
-    lrs = scheduled_lrs(config, epoch_steps)
+    loop = _FitLoop(
+        model,
+        config,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        device=device,
+        precision=precision,
+        run=run,
+        meta=meta,
+        resume_from=resume_from,
+        on_event=on_event,
+        step_mode=step_mode,
+    )
+    return loop.fit()
 
-    def snapshot(kind: str) -> dict[str, Any]:
+
+class _FitLoop:
+    """The phases of :func:`fit`: restore or start (``__init__``), then per epoch train (with the
+    out-of-memory retry of the first steps), evaluate, record and save, until the last epoch or a stop."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        config: TrainConfig,
+        *,
+        train_loader: DeviceLoader,
+        eval_loader: DeviceLoader | None,
+        device: torch.device,
+        precision: Precision,
+        run: Run,
+        meta: dict[str, Any],
+        resume_from: dict[str, Any] | None,
+        on_event: EventCallback,
+        step_mode: str,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.device = device
+        self.precision = precision
+        self.run = run
+        self.meta = meta
+        self.resumed = resume_from is not None
+        self.on_event = on_event
+        self.step_mode = step_mode
+        self.optimizer = build_optimizer(model, config)
+        self.batch_sizes = train_loader.batch_sizes()
+        self.epoch_steps = steps_per_epoch(len(self.batch_sizes), config.accum)
+        self.scheduler = build_scheduler(self.optimizer, config, self.epoch_steps)
+        self.scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+        self.state = FitState()
+        self.history = self._restore(resume_from)
+        self.lrs = scheduled_lrs(config, self.epoch_steps)
+        if resume_from is None:
+            with interrupts.deferred():
+                checkpoint.save_atomic(self.snapshot("last"), run.last)  # epoch 0: a resume point from the start
+        self.step = self._make_step()
+        self.num_classes = model.get_classifier().out_features
+        self.guard = DivergenceGuard(self.num_classes)
+        self.saved_epoch = self.state.epoch  # completed epochs that last.pt holds
+        # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
+        # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
+        self.start_state: dict[str, Any] | None = _cpu_copy(
+            {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        )
+        self.start_steps = self.scheduler.last_epoch
+
+    # -- start -------------------------------------------------------------------------------------------
+
+    def _restore(self, resume_from: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Put back a resumed run's model, optimizer, schedule, scaler, counters and random state (or seed
+        a new one), and return the metrics rows so far, which metrics.jsonl is rewritten from."""
+        if resume_from is not None:
+            self.model.load_state_dict(resume_from["model"])
+            self.optimizer.load_state_dict(resume_from["optimizer"])
+            self.scheduler.load_state_dict(resume_from["scheduler"])
+            if self.scaler is not None and resume_from.get("scaler"):
+                self.scaler.load_state_dict(resume_from["scaler"])
+            known = {f.name for f in dataclasses.fields(FitState)}
+            self.state = FitState(**{k: v for k, v in resume_from["fit_state"].items() if k in known})
+            set_rng_state(resume_from.get("rng", {}), self.device)
+        else:
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+        # The checkpoint is the truth: its rows replace metrics.jsonl, which may lack the last epoch (a kill
+        # between saving last.pt and appending the row) or hold rows of an epoch that never reached last.pt.
+        # Checkpoints from before rows were stored in them keep the file's rows up to their epoch.
+        if resume_from is not None and "history" in resume_from:
+            history = [dict(row) for row in resume_from["history"]]
+        else:
+            history = [row for row in self.run.read_metrics() if row["epoch"] <= self.state.epoch]
+        self.run.write_metrics(history)
+        return history
+
+    def _make_step(self) -> TrainStep:
+        return TrainStep(
+            self.model,
+            self.optimizer,
+            device=self.device,
+            precision=self.precision,
+            label_smoothing=self.config.label_smoothing,
+            scaler=self.scaler,
+            mode=self.step_mode,
+            notice=self._notice,
+        )
+
+    def _notice(self, message: str) -> None:
+        self.on_event(Notice(message))
+
+    def snapshot(self, kind: str) -> dict[str, Any]:
+        """A checkpoint of the current state: ``last`` (resumable), ``best`` or ``epoch`` (model only)."""
         ckpt: dict[str, Any] = {
             "version": checkpoint.CHECKPOINT_VERSION,
             "kind": kind,
-            "model": model.state_dict(),
-            "config": config.to_dict(),
-            "meta": meta,
-            "epoch": state.epoch,
-            "fit_state": vars(state).copy(),
+            "model": self.model.state_dict(),
+            "config": self.config.to_dict(),
+            "meta": self.meta,
+            "epoch": self.state.epoch,
+            "fit_state": vars(self.state).copy(),
         }
         if kind == "last":
-            ckpt["optimizer"] = optimizer.state_dict()
-            ckpt["scheduler"] = scheduler.state_dict()
-            ckpt["scaler"] = scaler.state_dict() if scaler is not None else {}
-            ckpt["rng"] = rng_state(device)
-            ckpt["history"] = [dict(row) for row in history]  # metrics.jsonl is rebuilt from it on resume
-        elif history:
-            ckpt["metrics"] = dict(history[-1])
+            ckpt["optimizer"] = self.optimizer.state_dict()
+            ckpt["scheduler"] = self.scheduler.state_dict()
+            ckpt["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
+            ckpt["rng"] = rng_state(self.device)
+            ckpt["history"] = [dict(row) for row in self.history]  # metrics.jsonl is rebuilt from it on resume
+        elif self.history:
+            ckpt["metrics"] = dict(self.history[-1])
         return ckpt
 
-    if resume_from is None:
-        with interrupts.deferred():
-            checkpoint.save_atomic(snapshot("last"), run.last)  # epoch 0: a resume point from the start
+    # -- the loop ------------------------------------------------------------------------------------------
 
-    def notice(message: str) -> None:
-        on_event(Notice(message))
-
-    def make_step() -> TrainStep:
-        return TrainStep(
-            model,
-            optimizer,
-            device=device,
-            precision=precision,
-            label_smoothing=config.label_smoothing,
-            scaler=scaler,
-            mode=step_mode,
-            notice=notice,
+    def fit(self) -> FitResult:
+        final_accuracy = float("nan")
+        try:
+            for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
+                stats = self._train_epoch(epoch)
+                ev = self._evaluate_epoch()
+                final_accuracy = ev.accuracy if ev is not None else float("nan")
+                metrics, is_best = self._record_epoch(epoch, stats, ev)
+                self._save_epoch(epoch, metrics, is_best)
+                self.on_event(EpochEnded(metrics, is_best))
+                if self.state.stopped_early:
+                    self._notice(self._early_stop_message(epoch))
+                    break
+        except KeyboardInterrupt as exc:
+            raise TrainingInterrupted(
+                self.run, self.saved_epoch, exit_code=getattr(exc, "exit_code", 130), command=self.config.command
+            ) from None
+        except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
+            raise CifarNetError(_out_of_memory_message(self.config, self.run, self.saved_epoch)) from None
+        state = self.state
+        return FitResult(
+            config=self.config,
+            epochs=state.epoch,
+            best_accuracy=state.best_accuracy,
+            final_accuracy=final_accuracy,
+            images_per_second=state.train_images / max(state.train_seconds, 1e-9),
+            best_epoch=state.best_epoch,
+            stopped_early=state.stopped_early,
         )
 
-    step = make_step()
-    num_classes = model.get_classifier().out_features
-    guard = DivergenceGuard(num_classes)
-
-    def diverged(loss: float, which: str) -> TrainingDiverged:
-        # A new run with no completed epoch keeps nothing (its folder goes); otherwise the last good epoch stays.
-        discard = resume_from is None and saved_epoch == 0
-        return _diverged(loss, guard.start, which, num_classes, config, precision, run, saved_epoch, discard=discard)
-
-    # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
-    # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
-    start_state: dict[str, Any] | None = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    start_steps = scheduler.last_epoch
-
-    final_accuracy = float("nan")
-    saved_epoch = state.epoch  # completed epochs that last.pt holds
-    try:
-        for epoch in range(state.epoch + 1, config.epochs + 1):
-            if config.freeze_backbone:
-                set_backbone_trainable(model, not backbone_frozen(config, epoch))
-            on_event(EpochStarted(epoch, config.epochs, epoch_steps, len(batch_sizes)))
-            train_loader.set_epoch(epoch)
-            while True:
-                try:
-                    stats = train_one_epoch(
-                        model,
-                        train_loader,
-                        optimizer,
-                        batch_sizes=batch_sizes,
-                        accum=config.accum,
-                        scheduler=scheduler,
-                        scaler=scaler,
-                        device=device,
-                        precision=precision,
-                        label_smoothing=config.label_smoothing,
-                        epoch=epoch,
-                        on_event=on_event,
-                        step=step,
-                        guard=guard,
-                    )
-                    start_state = None  # past the first steps: no more retries, the copy can go
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    smaller = _smaller_micro_batch(config, train_loader.num_examples)
-                    if start_state is None or scheduler.last_epoch != start_steps or smaller is None:
-                        raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
-                    del step
-                    model.load_state_dict(start_state["model"])
-                    optimizer.load_state_dict(start_state["optimizer"])
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    old = config
-                    config = smaller
-                    train_loader.set_batch_size(config.batch_size)
-                    if eval_loader is not None:
-                        eval_loader.set_batch_size(config.batch_size * 2)
-                    batch_sizes = train_loader.batch_sizes()
-                    step = make_step()
-                    run.update_config(config.to_dict())
-                    notice(
-                        f"Out of GPU memory at micro-batch {old.batch_size}: continuing with --batch-size "
-                        f"{config.batch_size} --accum {config.accum} (the same effective batch, {config.effective_batch})."
-                    )
-                except LossDiverged as exc:
-                    raise diverged(exc.loss, "training") from None
-            ev = evaluate(model, eval_loader, device=device, precision=precision) if eval_loader is not None else None
-            if ev is not None and not math.isfinite(ev.loss):
-                raise diverged(ev.loss, "validation")
-            state.epoch = epoch
-            state.train_images += stats.images
-            state.train_seconds += stats.seconds
-            final_accuracy = ev.accuracy if ev is not None else float("nan")
-            is_best = ev is not None and ev.accuracy > state.best_accuracy
-            if is_best and ev is not None:
-                state.best_accuracy = ev.accuracy
-                state.best_epoch = epoch
-            if config.patience and epoch < config.epochs and epoch - state.best_epoch >= config.patience:
-                state.stopped_early = epoch
-            first_step = (epoch - 1) * epoch_steps
-            metrics = {
-                "epoch": epoch,
-                "train_loss": round(stats.loss, 6),
-                "train_accuracy": round(stats.accuracy, 6),
-                "val_loss": round(ev.loss, 6) if ev is not None else None,
-                "val_accuracy": round(ev.accuracy, 6) if ev is not None else None,
-                "lr_first": lrs[min(first_step, len(lrs) - 1)],  # the rates of the epoch's first and last steps
-                "lr": lrs[min(first_step + epoch_steps - 1, len(lrs) - 1)],
-                "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
-                "epoch_seconds": round(stats.seconds, 3),
-            }
-            history.append(metrics)
-            # The epoch's files are written as one unit (a Ctrl-C or SIGTERM waits for them): best.pt, then
-            # last.pt, which holds the metrics rows, then metrics.jsonl/.csv. A kill -9 in between is
-            # mended on resume, from last.pt.
-            with interrupts.deferred():
-                if is_best or eval_loader is None:
-                    checkpoint.save_atomic(snapshot("best"), run.best)
-                if config.save_every and epoch % config.save_every == 0:
-                    checkpoint.save_atomic(snapshot("epoch"), run.epoch_checkpoint(epoch))
-                checkpoint.save_atomic(snapshot("last"), run.last)
-                saved_epoch = epoch
-                run.append_metrics(metrics)
-            on_event(EpochEnded(metrics, is_best))
-            if state.stopped_early:
-                on_event(
-                    Notice(
-                        f"Stopped early after epoch {epoch}: validation accuracy has not improved for "
-                        f"{epoch - state.best_epoch} epoch(s) (--patience {config.patience}); the best is epoch "
-                        f"{state.best_epoch} ({100 * state.best_accuracy:.2f}%)."
-                    )
+    def _train_epoch(self, epoch: int) -> EpochStats:
+        """One epoch of training; out of GPU memory in this invocation's first steps halves the micro-batch
+        and tries again (same effective batch), later it stops the run."""
+        config = self.config
+        if config.freeze_backbone:
+            set_backbone_trainable(self.model, not backbone_frozen(config, epoch))
+        self.on_event(EpochStarted(epoch, config.epochs, self.epoch_steps, len(self.batch_sizes)))
+        self.train_loader.set_epoch(epoch)
+        while True:
+            try:
+                stats = train_one_epoch(
+                    self.model,
+                    self.train_loader,
+                    self.optimizer,
+                    batch_sizes=self.batch_sizes,
+                    accum=self.config.accum,
+                    scheduler=self.scheduler,
+                    scaler=self.scaler,
+                    device=self.device,
+                    precision=self.precision,
+                    label_smoothing=self.config.label_smoothing,
+                    epoch=epoch,
+                    on_event=self.on_event,
+                    step=self.step,
+                    guard=self.guard,
                 )
-                break
-    except KeyboardInterrupt as exc:
-        raise TrainingInterrupted(
-            run, saved_epoch, exit_code=getattr(exc, "exit_code", 130), command=config.command
-        ) from None
-    except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
-        raise CifarNetError(_out_of_memory_message(config, run, saved_epoch)) from None
+                self.start_state = None  # past the first steps: no more retries, the copy can go
+                return stats
+            except torch.cuda.OutOfMemoryError:
+                self._retry_smaller()
+            except LossDiverged as exc:
+                raise self._diverged(exc.loss, "training") from None
 
-    return FitResult(
-        config=config,
-        epochs=state.epoch,
-        best_accuracy=state.best_accuracy,
-        final_accuracy=final_accuracy,
-        images_per_second=state.train_images / max(state.train_seconds, 1e-9),
-        best_epoch=state.best_epoch,
-        stopped_early=state.stopped_early,
-    )
+    def _retry_smaller(self) -> None:
+        """After running out of memory in the first steps: put the model and optimizer back, halve the
+        micro-batch and double the accumulation; a stop when that is not possible or too late."""
+        smaller = _smaller_micro_batch(self.config, self.train_loader.num_examples)
+        if self.start_state is None or self.scheduler.last_epoch != self.start_steps or smaller is None:
+            raise CifarNetError(_out_of_memory_message(self.config, self.run, self.saved_epoch)) from None
+        del self.step
+        self.model.load_state_dict(self.start_state["model"])
+        self.optimizer.load_state_dict(self.start_state["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        old = self.config
+        self.config = smaller
+        self.train_loader.set_batch_size(smaller.batch_size)
+        if self.eval_loader is not None:
+            self.eval_loader.set_batch_size(smaller.batch_size * 2)
+        self.batch_sizes = self.train_loader.batch_sizes()
+        self.step = self._make_step()
+        self.run.update_config(smaller.to_dict())
+        self._notice(
+            f"Out of GPU memory at micro-batch {old.batch_size}: continuing with --batch-size "
+            f"{smaller.batch_size} --accum {smaller.accum} (the same effective batch, {smaller.effective_batch})."
+        )
+
+    def _evaluate_epoch(self) -> EvalStats | None:
+        if self.eval_loader is None:
+            return None
+        ev = evaluate(self.model, self.eval_loader, device=self.device, precision=self.precision)
+        if not math.isfinite(ev.loss):
+            raise self._diverged(ev.loss, "validation")
+        return ev
+
+    def _record_epoch(self, epoch: int, stats: EpochStats, ev: EvalStats | None) -> tuple[dict[str, Any], bool]:
+        """Update the run's counters (best epoch, early stop) and return the epoch's metrics row."""
+        state, config = self.state, self.config
+        state.epoch = epoch
+        state.train_images += stats.images
+        state.train_seconds += stats.seconds
+        is_best = ev is not None and ev.accuracy > state.best_accuracy
+        if is_best and ev is not None:
+            state.best_accuracy = ev.accuracy
+            state.best_epoch = epoch
+        if config.patience and epoch < config.epochs and epoch - state.best_epoch >= config.patience:
+            state.stopped_early = epoch
+        first_step = (epoch - 1) * self.epoch_steps
+        last = len(self.lrs) - 1
+        metrics = {
+            "epoch": epoch,
+            "train_loss": round(stats.loss, 6),
+            "train_accuracy": round(stats.accuracy, 6),
+            "val_loss": round(ev.loss, 6) if ev is not None else None,
+            "val_accuracy": round(ev.accuracy, 6) if ev is not None else None,
+            "lr_first": self.lrs[min(first_step, last)],  # the rates of the epoch's first and last steps
+            "lr": self.lrs[min(first_step + self.epoch_steps - 1, last)],
+            "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
+            "epoch_seconds": round(stats.seconds, 3),
+        }
+        self.history.append(metrics)
+        return metrics, is_best
+
+    def _save_epoch(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
+        """The epoch's files are written as one unit (a Ctrl-C or SIGTERM waits for them): best.pt, then
+        last.pt, which holds the metrics rows, then metrics.jsonl/.csv. A kill -9 in between is mended on
+        resume, from last.pt."""
+        run = self.run
+        with interrupts.deferred():
+            if is_best or self.eval_loader is None:
+                checkpoint.save_atomic(self.snapshot("best"), run.best)
+            if self.config.save_every and epoch % self.config.save_every == 0:
+                checkpoint.save_atomic(self.snapshot("epoch"), run.epoch_checkpoint(epoch))
+            checkpoint.save_atomic(self.snapshot("last"), run.last)
+            self.saved_epoch = epoch
+            run.append_metrics(metrics)
+
+    # -- stops ---------------------------------------------------------------------------------------------
+
+    def _early_stop_message(self, epoch: int) -> str:
+        state = self.state
+        return (
+            f"Stopped early after epoch {epoch}: validation accuracy has not improved for "
+            f"{epoch - state.best_epoch} epoch(s) (--patience {self.config.patience}); the best is epoch "
+            f"{state.best_epoch} ({100 * state.best_accuracy:.2f}%)."
+        )
+
+    def _diverged(self, loss: float, which: str) -> TrainingDiverged:
+        # A new run with no completed epoch keeps nothing (its folder goes); otherwise the last good epoch stays.
+        discard = not self.resumed and self.saved_epoch == 0
+        return _diverged(
+            loss,
+            self.guard.start,
+            which,
+            self.num_classes,
+            self.config,
+            self.precision,
+            self.run,
+            self.saved_epoch,
+            discard=discard,
+        )
 
 
 def _cpu_copy(obj: Any) -> Any:

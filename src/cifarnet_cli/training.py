@@ -12,6 +12,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import stratified_split
 from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
-from cifarnet_cli.engine import TrainingDiverged, backbone_frozen, fit, scheduled_lrs, set_backbone_trainable
+from cifarnet_cli.engine import (
+    FitResult,
+    TrainingDiverged,
+    backbone_frozen,
+    fit,
+    scheduled_lrs,
+    set_backbone_trainable,
+)
 from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
@@ -324,6 +332,16 @@ def train(
         return _train(config, ckpt, run if ckpt is not None else None, run_name, tensorboard, stack, on_event)
 
 
+@dataclass(frozen=True)
+class _Data:
+    """The data a run trains and validates on."""
+
+    source: DataSource
+    train_set: ImageSet
+    eval_set: ImageSet | None
+    eval_split: str  # "val" (held out of the training images) or "test"
+
+
 def _train(
     config: TrainConfig,
     ckpt: dict[str, Any] | None,
@@ -340,43 +358,9 @@ def _train(
 
     device = resolve_device(config.device)
     precision: Precision = resolve_precision(config.precision, device)
-    if device.type == "cpu" and config.arch == "resnet50" and (config.image_size or 0) >= 128:
-        # measured: ~8.5 images/s at 160 px, ~59 at 64 px on 2 cores (fp32)
-        on_event(
-            Notice(
-                f"ResNet-50 at {config.image_size} px is slow on a CPU (a few images per second per core); "
-                "use a GPU, or --image-size 64 for a quick try."
-            )
-        )
-    source = open_data(config.data_dir, on_event=on_event)
-    if ckpt is not None and ckpt.get("meta", {}).get("data_fingerprint") not in (None, source.fingerprint):
-        on_event(Notice("The data differs from the data this run started with; continuing anyway."))
-    val_split_given = config.val_split is not None
-    if ckpt is None:
-        n_val = config.val_split if config.val_split is not None else default_val_split(len(source.train))
-        config = config.replace(val_split=n_val, data_dir=config.data_dir)
-    assert config.val_split is not None
-    check_training_data(source, config.val_split, user_set_val_split=ckpt is not None or val_split_given)
-    train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed)
-    if len(train_set) < 2:
-        raise CifarNetError(
-            f"{source.location} has {len(train_set)} training image(s) after the validation split; training "
-            "needs at least 2 (BatchNorm normalises over a batch)."
-        )
-
-    torch.manual_seed(config.seed)  # model initialization is reproducible
-    model = build_model(config, len(source.classes), load_weights=ckpt is None and init is None, on_event=on_event)
-    if init is not None:
-        _init_weights(model, init[0], init[1], source.classes, on_event)
-    if ckpt is not None and resumed is not None:  # a clear message, not a RuntimeError, if the weights do not fit
-        checkpoint.load_state_strict(model, ckpt["model"], str(resumed.last))
-    channels_last = device.type == "cuda"
-    if device.type == "cuda":
-        # Let cuDNN pick the fastest convolution algorithms for the few input shapes a run sees.
-        torch.backends.cudnn.benchmark = True
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    _warn_if_slow(config, device, on_event)
+    config, data = _prepare_data(config, ckpt, on_event)
+    model = _prepare_model(config, data, ckpt, resumed, init, device, on_event)
     if config.batch_size_auto and device.type == "cuda":
         fitted = fit_micro_batch(
             model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
@@ -394,8 +378,103 @@ def _train(
         stack.callback(lock.release)
         stack.push(partial(_discard_if_unsaved, run, on_event))  # runs before the lock is released
 
+    train_loader, eval_loader = _loaders(config, data, device)
+    meta = _run_meta(config, model, data, precision)
+    _write_run_config(run, config, meta, device, precision, resumed=resumed is not None)
+    on_event(_run_started(run, config, data, model, device, precision, step_mode, start_epoch, train_loader))
+    result = _fit_with_views(
+        model,
+        config,
+        run,
+        tensorboard,
+        on_event,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        device=device,
+        precision=precision,
+        meta=meta,
+        resume_from=ckpt,
+        step_mode=step_mode,
+    )
+    return TrainResult(
+        run.name,
+        str(run.dir),
+        result.epochs,
+        result.best_accuracy,
+        result.final_accuracy,
+        result.images_per_second,
+        str(run.best if run.best.is_file() else run.last),
+        stopped_early=result.stopped_early,
+        best_epoch=result.best_epoch,
+        split=data.eval_split,
+    )
+
+
+def _warn_if_slow(config: TrainConfig, device: torch.device, on_event: EventCallback) -> None:
+    if device.type == "cpu" and config.arch == "resnet50" and (config.image_size or 0) >= 128:
+        # measured: ~8.5 images/s at 160 px, ~59 at 64 px on 2 cores (fp32)
+        on_event(
+            Notice(
+                f"ResNet-50 at {config.image_size} px is slow on a CPU (a few images per second per core); "
+                "use a GPU, or --image-size 64 for a quick try."
+            )
+        )
+
+
+def _prepare_data(
+    config: TrainConfig, ckpt: dict[str, Any] | None, on_event: EventCallback
+) -> tuple[TrainConfig, _Data]:
+    """Open the data, fix a new run's validation split (10% by default) and split it, refusing data a
+    classifier cannot be trained on."""
+    source = open_data(config.data_dir, on_event=on_event)
+    if ckpt is not None and ckpt.get("meta", {}).get("data_fingerprint") not in (None, source.fingerprint):
+        on_event(Notice("The data differs from the data this run started with; continuing anyway."))
+    val_split_given = config.val_split is not None
+    if ckpt is None:
+        n_val = config.val_split if config.val_split is not None else default_val_split(len(source.train))
+        config = config.replace(val_split=n_val)
+    assert config.val_split is not None
+    check_training_data(source, config.val_split, user_set_val_split=ckpt is not None or val_split_given)
+    train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed)
+    if len(train_set) < 2:
+        raise CifarNetError(
+            f"{source.location} has {len(train_set)} training image(s) after the validation split; training "
+            "needs at least 2 (BatchNorm normalises over a batch)."
+        )
+    return config, _Data(source, train_set, eval_set, eval_split)
+
+
+def _prepare_model(
+    config: TrainConfig,
+    data: _Data,
+    ckpt: dict[str, Any] | None,
+    resumed: runs.Run | None,
+    init: tuple[Path, dict[str, Any]] | None,
+    device: torch.device,
+    on_event: EventCallback,
+) -> Classifier:
+    """The model with its starting weights (random and seeded, pretrained, --init-from or the resumed
+    run's), on the training device."""
+    torch.manual_seed(config.seed)  # model initialization is reproducible
+    classes = data.source.classes
+    model = build_model(config, len(classes), load_weights=ckpt is None and init is None, on_event=on_event)
+    if init is not None:
+        _init_weights(model, init[0], init[1], classes, on_event)
+    if ckpt is not None and resumed is not None:  # a clear message, not a RuntimeError, if the weights do not fit
+        checkpoint.load_state_strict(model, ckpt["model"], str(resumed.last))
+    if device.type == "cuda":
+        # Let cuDNN pick the fastest convolution algorithms for the few input shapes a run sees.
+        torch.backends.cudnn.benchmark = True
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _loaders(config: TrainConfig, data: _Data, device: torch.device) -> tuple[DeviceLoader, DeviceLoader | None]:
+    channels_last = device.type == "cuda"
     train_loader = DeviceLoader(
-        train_set,
+        data.train_set,
         batch_size=config.batch_size,
         device=device,
         train=True,
@@ -404,16 +483,23 @@ def _train(
     )
     eval_loader = (
         DeviceLoader(
-            eval_set,
+            data.eval_set,
             batch_size=config.batch_size * 2,
             device=device,
             train=False,
             channels_last=channels_last,
         )
-        if eval_set is not None
+        if data.eval_set is not None
         else None
     )
-    meta = {
+    return train_loader, eval_loader
+
+
+def _run_meta(config: TrainConfig, model: Classifier, data: _Data, precision: Precision) -> dict[str, Any]:
+    """What every checkpoint carries besides the weights, so that evaluate/predict/export can rebuild the
+    model and its data split from the file alone."""
+    source = data.source
+    return {
         "cifarnet_version": __version__,
         "arch": config.arch,
         "model_kwargs": model_kwargs(model, len(source.classes)),
@@ -424,46 +510,78 @@ def _train(
         "data_fingerprint": source.fingerprint,
         "val_split": config.val_split,
         "split_seed": config.seed,
-        "eval_split": eval_split,
+        "eval_split": data.eval_split,
         "precision": precision.name,  # evaluate/predict run in it by default, to reproduce the run's figures
     }
+
+
+def _write_run_config(
+    run: runs.Run,
+    config: TrainConfig,
+    meta: dict[str, Any],
+    device: torch.device,
+    precision: Precision,
+    *,
+    resumed: bool,
+) -> None:
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     run.write_config(
         {
             "config": config.to_dict(),
             "meta": meta,
-            "created": (run.read_config().get("created") if resumed is not None else None) or now,
+            "created": (run.read_config().get("created") if resumed else None) or now,
             "updated": now,
             "device": describe(device),
             "precision": precision.name,
         }
     )
-    on_event(
-        RunStarted(
-            run=run.name,
-            run_dir=str(run.dir),
-            device=describe(device),
-            precision=precision.name,
-            precision_reason=precision.reason,
-            step_mode=step_mode,
-            data=f"{source.location} ({source.kind})",
-            train_images=len(train_set),
-            eval_images=len(eval_set) if eval_set is not None else 0,
-            eval_split=eval_split,
-            arch=config.arch,
-            parameters=count_parameters(model),
-            trainable_parameters=count_parameters(model, trainable_only=True),
-            batch_size=config.batch_size,
-            accum=config.accum,
-            effective_batch=config.effective_batch,
-            peak_lr=config.peak_lr,
-            epochs=config.epochs,
-            start_epoch=start_epoch,
-            on_device_data=train_loader.on_device,
-        )
+
+
+def _run_started(
+    run: runs.Run,
+    config: TrainConfig,
+    data: _Data,
+    model: Classifier,
+    device: torch.device,
+    precision: Precision,
+    step_mode: str,
+    start_epoch: int,
+    train_loader: DeviceLoader,
+) -> RunStarted:
+    return RunStarted(
+        run=run.name,
+        run_dir=str(run.dir),
+        device=describe(device),
+        precision=precision.name,
+        precision_reason=precision.reason,
+        step_mode=step_mode,
+        data=f"{data.source.location} ({data.source.kind})",
+        train_images=len(data.train_set),
+        eval_images=len(data.eval_set) if data.eval_set is not None else 0,
+        eval_split=data.eval_split,
+        arch=config.arch,
+        parameters=count_parameters(model),
+        trainable_parameters=count_parameters(model, trainable_only=True),
+        batch_size=config.batch_size,
+        accum=config.accum,
+        effective_batch=config.effective_batch,
+        peak_lr=config.peak_lr,
+        epochs=config.epochs,
+        start_epoch=start_epoch,
+        on_device_data=train_loader.on_device,
     )
-    # Consumers of the engine's events, beside the caller's view: curves.png after every epoch, and
-    # TensorBoard scalars when asked for.
+
+
+def _fit_with_views(
+    model: Classifier,
+    config: TrainConfig,
+    run: runs.Run,
+    tensorboard: bool,
+    on_event: EventCallback,
+    **fit_kwargs: Any,
+) -> FitResult:
+    """:func:`engine.fit`, with the run's other consumers of its events beside the caller's view:
+    curves.png after every epoch, and TensorBoard scalars when asked for."""
     curves = report.CurvesWriter(run, epochs=config.epochs, lr_schedule=partial(scheduled_lrs, config))
     consumers: list[EventCallback] = [curves]
     board: TensorBoardLogger | None = None
@@ -481,19 +599,7 @@ def _train(
         on_event(event)
 
     try:
-        result = fit(
-            model,
-            config,
-            train_loader=train_loader,
-            eval_loader=eval_loader,
-            device=device,
-            precision=precision,
-            run=run,
-            meta=meta,
-            resume_from=ckpt,
-            on_event=events,
-            step_mode=step_mode,
-        )
+        result = fit(model, config, run=run, on_event=events, **fit_kwargs)
     finally:
         curves.close()  # also after Ctrl-C: the picture shows every saved epoch
         if board is not None:
@@ -506,18 +612,7 @@ def _train(
         on_event(Notice(report.PLOT_HINT))
     if board is not None and board.error is not None:
         on_event(Notice(f"TensorBoard logging stopped ({board.error})."))
-    return TrainResult(
-        run.name,
-        str(run.dir),
-        result.epochs,
-        result.best_accuracy,
-        result.final_accuracy,
-        result.images_per_second,
-        str(run.best if run.best.is_file() else run.last),
-        stopped_early=result.stopped_early,
-        best_epoch=result.best_epoch,
-        split=eval_split,
-    )
+    return result
 
 
 def _discard_if_unsaved(
