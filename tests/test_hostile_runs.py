@@ -205,6 +205,7 @@ def _unreadable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "stat", guard(os.stat, itself=True))  # the folder itself can be looked at
     monkeypatch.setattr(os, "scandir", guard(os.scandir, itself=False))
     monkeypatch.setattr(io, "open", guard(io.open, itself=False))
+    monkeypatch.setattr(os, "open", guard(os.open, itself=False))
 
 
 def test_one_damaged_run_never_hides_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
