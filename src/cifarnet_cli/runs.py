@@ -420,6 +420,7 @@ def check_new_run(name: str) -> None:
     """Fail early (before loading data) when ``name`` is invalid or taken; :func:`create_run` decides."""
     check_name(name)
     run = Run(name, paths.runs_dir() / name)
+    run.check_writable()
     if run.last.exists() or run.best.exists():
         raise CifarNetError(_exists_message(run))
 
