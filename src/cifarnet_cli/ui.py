@@ -26,6 +26,8 @@ from rich.table import Table
 from cifarnet_cli.errors import EXIT_BROKEN_PIPE
 from cifarnet_cli.events import (
     BenchProgress,
+    BoardStatus,
+    CheckpointSaved,
     DecodeProgress,
     DownloadProgress,
     EpochEnded,
@@ -155,6 +157,7 @@ class TrainView:
         self._decode: Progress | None = None
         self._no_echo = _NoEcho()
         self._best: float | None = None
+        self._board: BoardStatus | None = None
 
     # context manager so the live display is always torn down (also on Ctrl-C)
     def __enter__(self) -> TrainView:
@@ -201,6 +204,10 @@ class TrainView:
             self._step(event)
         elif isinstance(event, EpochEnded):
             self._epoch_ended(event)
+        elif isinstance(event, BoardStatus):
+            self._board = event
+        elif isinstance(event, CheckpointSaved):
+            self._print(f"[dim]Saved step {event.step}/{event.steps} of epoch {event.epoch} to {safe(event.path)}[/]")
 
     def _decoding(self, e: DecodeProgress) -> None:
         """A folder's first read: a bar in a terminal (it can take a minute), a line every 10,240 images
@@ -232,6 +239,8 @@ class TrainView:
 
     def _run_started(self, e: RunStarted) -> None:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
+        if e.start_step:
+            verb = f"Resuming run {e.run} at step {e.start_step} of epoch {e.start_epoch + 1}"
         self._print(f"[bold]{safe(verb)}[/] → {safe(e.run_dir)}")
         why = f" ({safe(e.precision_reason)})" if e.precision_reason and e.precision_reason != "asked for" else ""
         step = ", step captured as CUDA graphs" if e.step_mode == "graph" else ""
@@ -261,10 +270,18 @@ class TrainView:
                 self._progress.remove_task(self._epoch_task)
             self._epoch_task = self._progress.add_task(f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="", short="")
 
+    def _gpu(self) -> str:
+        """A Jetson's GPU temperature, and whether it throttles (BoardStatus, every few seconds)."""
+        board = self._board
+        if board is None or board.temp_c is None:
+            return ""
+        return f"  GPU {board.temp_c:.0f}°C" + (" [bold red]throttling[/]" if board.throttling else "")
+
     def _step(self, e: StepProgress) -> None:
-        stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s"
+        gpu = self._gpu()
+        stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s{gpu}"
         if self._progress is not None and self._epoch_task is not None:
-            short = f"loss {e.loss:.3f}  {e.images_per_second:,.0f} img/s"
+            short = f"loss {e.loss:.3f}  {e.images_per_second:,.0f} img/s{gpu}"
             self._progress.update(self._epoch_task, completed=e.step, stats=stats, short=short)
             if self._run_task is not None:
                 self._progress.update(self._run_task, completed=e.epoch - 1 + e.step / max(e.steps, 1))
@@ -603,6 +620,30 @@ def info_tables(data: dict[str, Any]) -> None:
     for key, value in data["assets"].items():
         p.add_row(key, safe(value) if value else f"[dim]not downloaded (cifarnet download {key})[/]")
     out_console.print(p)
+
+
+_DOCTOR_STYLE = {"ok": "green", "warning": "yellow", "problem": "bold red"}
+
+
+def doctor_table(report: Any, console: Console | None = None) -> None:
+    """One row per check: its status in colour, what was found, and the command that fixes it."""
+    console = console or out_console
+    fixes = any(c.fix for c in report.checks)
+    table = Table(title="cifarnet doctor", box=box.SIMPLE_HEAD)
+    for col in ("", "check", "found", "fix")[: 4 if fixes else 3]:
+        table.add_column(col, overflow="fold")
+    area = None
+    for c in report.checks:
+        if c.area != area and area is not None:
+            table.add_section()
+        area = c.area
+        row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", safe(c.name), safe(c.detail)]
+        table.add_row(*row, *([safe(c.fix)] if fixes else []))
+    console.print(table)
+    counts = f"{report.problems} problem{'s' * (report.problems != 1)}, {report.warnings} warning{'s' * (report.warnings != 1)}"
+    (error if report.problems else warn if report.warnings else success)(
+        f"{counts}; training runs on {report.training_device}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
