@@ -981,6 +981,7 @@ def predict(
             device_spec=device or "auto",
             precision=precision,
             batch_size=batch_size,
+            save_csv=save_csv,
         )
         _ui().info(f"Model: {result.model} ({result.arch}, {result.runtime})")
         if result.notice:
@@ -1168,7 +1169,7 @@ def bench(
     from cifarnet_cli.benchmark import run_bench
 
     with _user_errors():
-        target = fileio.check_target(output.expanduser()) if output is not None else None  # before a minute's work
+        target = fileio.check_output(output) if output is not None else None  # before a minute's work
         result = run_bench(device or "auto", quick=quick, nproc=nproc, on_event=_ui().BenchView(quiet=quiet))
         if as_json:
             _print_json(result)
@@ -1271,7 +1272,9 @@ def runs_main(
             folder = str(resolve_run(path).dir)
             if as_json:
                 _print_json({"path": folder})
-            else:
+            elif sys.stdout.isatty():  # a person reads it: control characters shown, not acted on
+                _ui().out_console.print(_ui().safe(folder), soft_wrap=True)
+            else:  # `cd "$(cifarnet runs --path NAME)"` needs the path as it is
                 typer.echo(folder)
             return
         _list_runs(as_json)
@@ -1346,8 +1349,9 @@ def runs_rm(
         if not yes:
             try:
                 confirmed = typer.confirm(f"Delete {len(targets)} run(s)?", default=False, err=True)
-            except typer.Abort:
-                confirmed = False
+            except typer.Abort:  # no answer: stdin closed or at its end, or Ctrl-C at the question
+                _ui().warn("No answer, so nothing was deleted; --yes deletes without asking.")
+                raise typer.Exit(1) from None
             if not confirmed:
                 _ui().warn("Nothing deleted.")
                 raise typer.Exit(1)
@@ -1375,10 +1379,17 @@ def completion_scripts() -> dict[str, str]:
 
 
 def main() -> None:
-    # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
-    # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
-    launched = _launch().launched_arguments() if len(sys.argv) == 1 else None
-    app(prog_name="cifarnet", args=launched)
+    from cifarnet_cli import streams
+
+    streams.prepare()  # closed or ASCII-only standard streams
+    try:
+        # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
+        # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
+        launched = _launch().launched_arguments() if len(sys.argv) == 1 else None
+        app(prog_name="cifarnet", args=launched)
+    except streams.StdoutClosed as exc:  # printed outside a command (--version, --help)
+        _ui().error(str(exc))
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

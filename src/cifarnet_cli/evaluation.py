@@ -286,6 +286,7 @@ def evaluate_model(
     else:
         assert loaded is not None
         logits, labels = _checkpoint_logits(loaded, data, device, batch_size, tta, precision)
+    _check_finite(logits, model_path)
     names = [model_classes[i] for i in class_ids]
     accuracy, per_class, per_class_n, cm = metrics_from_logits(logits, labels, class_ids, names)
     unrestricted = None
@@ -309,9 +310,10 @@ def evaluate_model(
         target = run.dir / f"eval-{suffix}.json"
         picture = run.dir / f"confusion-{suffix}.png"
         try:  # atomically, and a failure worded like every other file error (the results are printed anyway)
-            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+            # within: a run that `runs rm` deleted meanwhile stays deleted (no half-run brought back)
+            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode(), within=run.dir)
             title = f"{run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
-            drawn = plot_confusion(cm, names, picture, title=title)
+            drawn = plot_confusion(cm, names, picture, title=title, within=run.dir)
         except CifarNetError as exc:
             notify(f"{exc} The results are not saved in the run folder.")
         except OSError as exc:
@@ -319,6 +321,16 @@ def evaluate_model(
         else:
             report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
     return report
+
+
+def _check_finite(logits: np.ndarray, model_path: Path) -> None:
+    """An accuracy is only a figure when every output is a number: argmax over NaN picks class 0."""
+    bad = int((~np.isfinite(np.asarray(logits))).any(axis=1).sum())
+    if bad:
+        raise CifarNetError(
+            f"{display(model_path)} gave outputs that are not numbers (NaN or infinite) for {bad} of {len(logits)} "
+            "image(s), so no accuracy is reported (a checkpoint run in half precision may do better with --precision fp32)."
+        )
 
 
 def _checkpoint_logits(

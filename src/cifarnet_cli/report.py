@@ -19,6 +19,7 @@ from typing import Any
 from cifarnet_cli import fileio
 from cifarnet_cli.events import EpochEnded, EpochStarted
 from cifarnet_cli.runs import Run
+from cifarnet_cli.text import printable
 
 PLOT_HINT = "Install matplotlib to get curves.png in the run folder: pip install 'cifarnet[plot]'."
 
@@ -43,12 +44,19 @@ def _figure(width: float, height: float, columns: int) -> tuple[Any, Any] | None
     return fig, fig.subplots(1, columns, squeeze=False)[0]
 
 
-def _save(fig: Any, target: Path) -> Path:
-    """Render in memory, then replace ``target`` atomically (fileio: the user's umask, errors naming it)."""
+def _save(fig: Any, target: Path, within: Path | None = None) -> Path:
+    """Render in memory, then replace ``target`` atomically (fileio: the user's umask, errors naming it;
+    ``within``: a folder that must still exist, see fileio.atomic_writer)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
-    fileio.write_bytes(target, buffer.getvalue())
+    fileio.write_bytes(target, buffer.getvalue(), within=within)
     return target
+
+
+def _label(text: str) -> str:
+    """A class or run name as a plot label: printable (cifarnet_cli.text), and a "$" is a dollar sign, not
+    the start of matplotlib's math markup (an unbalanced one fails the whole drawing)."""
+    return printable(text).replace("$", r"\$")
 
 
 def _integer_epochs(ax: Any) -> None:
@@ -264,10 +272,11 @@ class CurvesWriter:
 
 
 def plot_confusion(
-    confusion: Sequence[Sequence[int]], classes: Sequence[str], target: Path, *, title: str
+    confusion: Sequence[Sequence[int]], classes: Sequence[str], target: Path, *, title: str, within: Path | None = None
 ) -> Path | None:
     """Counts and row-normalised confusion matrices side by side (rows: true class)."""
     n = len(classes)
+    classes = [_label(c) for c in classes]
     made = _figure(min(6 + 1.0 * n, 22), min(3 + 0.45 * n, 11), 2)
     if made is None:
         return None
@@ -305,8 +314,8 @@ def plot_confusion(
                     )
     counts_ax.set_title("counts")
     norm_ax.set_title("row-normalised")
-    fig.suptitle(title)
-    return _save(fig, target)
+    fig.suptitle(_label(title))
+    return _save(fig, target, within)
 
 
 def plot_compare(curves: Mapping[str, Sequence[dict[str, Any]]], target: Path) -> Path | None:
@@ -322,14 +331,14 @@ def plot_compare(curves: Mapping[str, Sequence[dict[str, Any]]], target: Path) -
             [100 * r["val_accuracy"] if r.get("val_accuracy") is not None else math.nan for r in rows],
             marker="o",
             markersize=3,
-            label=name,
+            label=_label(name),
         )
         loss_ax.plot(
             x,
             [r["val_loss"] if r.get("val_loss") is not None else math.nan for r in rows],
             marker="o",
             markersize=3,
-            label=name,
+            label=_label(name),
         )
     acc_ax.set_title("validation accuracy (%)")
     loss_ax.set_title("validation loss")

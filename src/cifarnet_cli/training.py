@@ -34,7 +34,7 @@ from cifarnet_cli import (
     runs,
     tensorboard_log,
 )
-from cifarnet_cli.autobatch import fit_micro_batch
+from cifarnet_cli.autobatch import data_bytes_on_device, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
@@ -426,8 +426,8 @@ def _train(
     _warn_if_slow(config, device, on_event)
     config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, on_event))
     model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
-    config = _fit_micro_batch(config, model, device, precision, on_event, world)
     step_mode = _step_mode(config, device, precision, world, on_event)
+    config = _fit_micro_batch(config, model, device, precision, on_event, step_mode=step_mode, data=data, world=world)
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
         set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
@@ -550,10 +550,14 @@ def _fit_micro_batch(
     device: torch.device,
     precision: Precision,
     on_event: EventCallback,
+    *,
+    step_mode: str = "eager",
+    data: _Data | None = None,
     world: distributed.World = distributed.World(),
 ) -> TrainConfig:
-    """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch
-    (over several processes: the smallest that fits their GPUs, split evenly between them).
+    """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch; the
+    budget holds a captured step's graph (``step_mode``) and ``data``'s share of the device's memory. Over
+    several processes: the smallest that fits their GPUs, split evenly between them.
 
     It is the default on a GPU that shares the system's memory (a Jetson), where running out of memory is
     often the kernel killing the process rather than a CUDA error a run could recover from. The run
@@ -563,8 +567,18 @@ def _fit_micro_batch(
         config = config.replace(batch_size_auto=device.type == "cuda" and is_integrated(device))
     if not config.batch_size_auto or device.type != "cuda":
         return config
-    probe = partial(fit_micro_batch, model, device=device, precision=precision, cap=config.batch_size)
-    fitted = distributed.agree(partial(probe, effective_batch=config.effective_batch))  # no collective inside
+    sets = [s.images.nbytes for s in (data.train_set, data.eval_set) if s is not None] if data is not None else []
+    probe = partial(
+        fit_micro_batch,
+        model,
+        device=device,
+        precision=precision,
+        effective_batch=config.effective_batch,
+        cap=config.batch_size,
+        captured=step_mode == "graph",
+        data_bytes=data_bytes_on_device(sets, device),
+    )
+    fitted = distributed.agree(probe)  # no collective inside: a failure on one process is agreed on
     if world.size == 1:
         why = " (--batch-size auto: the default on a GPU that shares the system's memory)" if defaulted else ""
         on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}{why}."))
