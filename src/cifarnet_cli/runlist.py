@@ -73,7 +73,7 @@ def summarize(run: runs.Run) -> RunSummary:
     seconds = sum(r["epoch_seconds"] for r in timed)
     speed = sum(r["images_per_second"] * r["epoch_seconds"] for r in timed) / seconds if seconds > 0 else None
     patience = int(config.get("patience") or 0)
-    stopped_early = done if patience and best and done < planned and done - best >= patience else None
+    stopped_early = report.stopped_early(rows, planned, patience)
 
     holder = runs.holder_of(run)
     if holder is not None:
@@ -123,7 +123,9 @@ class RunDetail:
     config: dict[str, Any]
     meta: dict[str, Any]
     metrics: list[dict[str, Any]]
-    evaluations: list[dict[str, Any]]  # {"file", "split", "accuracy", "n"} per eval-*.json
+    evaluations: list[
+        dict[str, Any]
+    ]  # {"file", "split", "accuracy", "n", "data", "tta", "classes", ...} per eval-*.json
     files: list[tuple[str, int]]  # (name, bytes)
     resume: str | None  # the command that continues an unfinished run
 
@@ -178,8 +180,18 @@ def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict):
+            classes = data.get("classes") if "unrestricted_accuracy" in data else None
             out.append(
-                {"file": path.name, "split": data.get("split"), "accuracy": data.get("accuracy"), "n": data.get("n")}
+                {
+                    "file": path.name,
+                    "split": data.get("split"),
+                    "accuracy": data.get("accuracy"),
+                    "n": data.get("n"),
+                    "data": data.get("data"),  # "<location> (<kind>)"; older reports have it too
+                    "runs_own_data": data.get("runs_own_data"),  # None in reports written before it was recorded
+                    "tta": bool(data.get("tta")),
+                    "classes": [str(c) for c in classes] if isinstance(classes, list) else None,  # a subset
+                }
             )
     return out
 
@@ -254,13 +266,14 @@ def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:
     keys = sorted({k for c in configs for k in c} - _NOT_RECIPE)
     differences = {k: [c.get(k) for c in configs] for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1}
     curves = {r.name: r.read_metrics() for r in chosen}
+    summaries = [summarize(r) for r in chosen]
     written = None
     if plot is not None:
-        path = report.plot_compare(curves, plot)
+        path = report.plot_compare(curves, plot, splits={s.name: s.split for s in summaries})
         if path is None:
             raise CifarNetError(report.PLOT_HINT.replace("curves.png in the run folder", "the comparison plot"))
         written = str(path)
-    return Comparison([summarize(r) for r in chosen], differences, curves, written)
+    return Comparison(summaries, differences, curves, written)
 
 
 # --------------------------------------------------------------------------------------------------
