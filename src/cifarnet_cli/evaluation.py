@@ -213,8 +213,9 @@ def _by_identity(
     others = len(pool) - index.size
     if index.size == 0:
         raise CifarNetError(
-            f"None of the {recorded:,} images this run {what} are in {display(source.location)}; choose --split all "
-            "(or test) to score this data."
+            f"None of the {recorded:,} images this run {what} are in {display(source.location)} (images are matched "
+            "by their decoded pixels, which another Pillow version may also change); choose --split all (or test) "
+            "to score this data."
         )
     left_out = f"{found.trained.size:,} it trained on and {found.new:,} new" if split == "val" else f"{others:,} other"
     on_event(

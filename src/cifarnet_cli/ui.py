@@ -413,10 +413,10 @@ class PathCell:
                 lines.append(line.rstrip())
                 line = ""
             line += piece
-            while cell_len(line) > width:  # one name longer than the column
+            while cell_len(line.rstrip()) > width:  # one name longer than the column
                 lines.append(line[:width])
                 line = line[width:]
-        lines.append(line)
+        lines.append(line.rstrip())
         yield Text("\n".join(lines), style=self.style, no_wrap=True, overflow="fold")
 
 
@@ -739,14 +739,15 @@ def runs_table(summaries: list[Any], console: Console | None = None) -> None:
 def run_detail(d: Any, console: Console | None = None) -> None:
     console = console or out_console
     s = d.summary
-    console.print(f"[bold]{escape(s.name)}[/] → {escape(s.path)}", soft_wrap=True)
+    wrap_lines = not console.is_terminal  # a file gets each line whole; a terminal wraps them between words
+    console.print(f"[bold]{escape(s.name)}[/] → {escape(s.path)}", soft_wrap=wrap_lines)
     console.print(
         f"{s.command} {s.arch}, {s.epochs_done}/{s.epochs_planned} epochs, "
         f"[{_STATE_STYLE.get(s.state, 'dim')}]{escape(s.status)}[/]; best {_acc(s.best_accuracy)}"
         + (f" (epoch {s.best_epoch})" if s.best_epoch else "")
         + f", final {_acc(s.final_accuracy)} on {s.split}"
         + (f"; {escape(s.device)}" if s.device else ""),
-        soft_wrap=True,
+        soft_wrap=wrap_lines,
     )
 
     def recipe(_dropped: set[str]) -> Table:
