@@ -195,6 +195,7 @@ def test_random_weights_get_a_recipe_of_their_own() -> None:
     )
     assert (scratch.peak_lr, scratch.backbone_lr_scale, scratch.warmup) == (0.01, 1.0, 1.0)
     assert scratch.batch_size == pretrained_recipe.batch_size and scratch.epochs == pretrained_recipe.epochs
+    assert make_config("finetune-resnet50", {"weights": "none", "epochs": 1}).warmup == 0.2  # a fifth, as train's
     chosen = make_config("finetune-resnet50", {"weights": "none", "lr": 0.03, "backbone_lr_scale": 0.5})
     assert (chosen.peak_lr, chosen.backbone_lr_scale) == (0.03, 0.5)  # what the user gives still wins
     model = build_model(scratch.replace(image_size=32), 10, load_weights=True, on_event=lambda _e: None)

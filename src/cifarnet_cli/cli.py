@@ -273,8 +273,8 @@ FinetuneWarmup = Annotated[
     _option(
         float,
         "--warmup-epochs",
-        help=f"Linear warm-up epochs. \\[default: {_F.warmup_epochs:g}; "
-        f"{FINETUNE_SCRATCH_DEFAULTS['warmup_epochs']:g} with --weights none]",
+        help=f"Linear warm-up epochs. \\[default: {_F.warmup_epochs:g}; with --weights none a fifth of the epochs, "
+        "at most 2]",
     ),
 ]
 Momentum = Annotated[float | None, _option(float, help="SGD (Nesterov) momentum. \\[default: 0.9]")]

@@ -252,7 +252,8 @@ def _warn_of_training_images(
             on_event(
                 Notice(
                     "This data differs from the run's training data and the run does not record which images it "
-                    f"trained on: some of these images may be among them, {overstates}"
+                    "trained on: some of these images may be among them, so the accuracy may overstate how the model "
+                    "does on new images."
                 )
             )
         return None

@@ -173,15 +173,16 @@ def curves_figure(
         lr_ax.plot(epoch_x, series("lr"), label="last step of the epoch", **point)
         lr_ax.set_title("learning rate")
     stop = stopped_early(rows, planned, patience)
-    # Fixed corners (where these curves rarely go): "best" placement is slow and warns with many points.
-    for ax, corner in ((loss_ax, "upper right"), (acc_ax, "lower right"), (lr_ax, "upper right")):
+    for ax in (loss_ax, acc_ax, lr_ax):
         if best is not None:
             ax.axvline(best, color="tab:red", alpha=0.3, linestyle="--", linewidth=1, label=f"best epoch ({best})")
         if stop is not None:
             ax.axvline(stop, color="black", alpha=0.6, linestyle=":", linewidth=1.2, label="stopped early")
         _integer_epochs(ax)
         ax.set_xlim(0, planned * 1.03 + 0.1)
-        ax.legend(fontsize=8, loc=corner)
+        # "best" asked for, not defaulted: matplotlib then places it clear of the curves without warning on
+        # stderr (in the middle of the epoch lines) when that takes long on a busy machine.
+        ax.legend(fontsize=8, loc="best")
     if stop is not None:
         fig.suptitle(f"{title}: stopped early after epoch {done} of {planned} (--patience {patience})")
     else:

@@ -189,6 +189,7 @@ def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
                     "n": data.get("n"),
                     "data": data.get("data"),  # "<location> (<kind>)"; older reports have it too
                     "runs_own_data": data.get("runs_own_data"),  # None in reports written before it was recorded
+                    "data_fingerprint": data.get("data_fingerprint"),
                     "tta": bool(data.get("tta")),
                     "classes": [str(c) for c in classes] if isinstance(classes, list) else None,  # a subset
                 }

@@ -54,20 +54,25 @@ err_console = _Console(stderr=True, highlight=False)
 out_console = _Console(highlight=False)
 
 
+def _line(text: str) -> None:
+    """One message on stderr: whole on one line in a file or a pipe, wrapped between words in a terminal."""
+    err_console.print(text, soft_wrap=not err_console.is_terminal)
+
+
 def error(message: str) -> None:
-    err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
+    _line(f"[bold red]Error:[/] {escape(message)}")
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
+    _line(f"[yellow]{escape(message)}[/]")
 
 
 def info(message: str) -> None:
-    err_console.print(escape(message), soft_wrap=True)
+    _line(escape(message))
 
 
 def success(message: str) -> None:
-    err_console.print(f"[green]✓[/] {escape(message)}", soft_wrap=True)
+    _line(f"[green]✓[/] {escape(message)}")
 
 
 def _pct(x: float | None) -> str:
@@ -252,7 +257,8 @@ class TrainView:
             err_console.print(f"Decoded {e.total:,} images", soft_wrap=True)
 
     def _print(self, text: str) -> None:
-        (self._progress.console if self._progress is not None else err_console).print(text, soft_wrap=True)
+        console = self._progress.console if self._progress is not None else err_console
+        console.print(text, soft_wrap=not console.is_terminal)  # a terminal wraps a long notice between words
 
     def _run_started(self, e: RunStarted) -> None:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
@@ -809,11 +815,16 @@ def _evaluations_table(evaluations: list[dict[str, Any]], dropped: set[str]) -> 
         table.add_column("file")
     for e in evaluations:
         what = str(e.get("split"))
-        if e.get("classes"):
-            what += f" ({len(e['classes'])} classes)"
+        subset = e.get("classes")
+        if subset:
+            what += f" ({', '.join(subset)})" if len(subset) <= 3 else f" ({len(subset)} classes)"
         if e.get("tta"):
             what += ", TTA"
-        data = str(e.get("data") or "—") + (", the run's own" if e.get("runs_own_data") else "")
+        data = str(e.get("data") or "—")
+        if e.get("runs_own_data"):
+            data += ", the run's own"
+        elif e.get("data_fingerprint"):  # two states of one folder differ here (and in the file name)
+            data += f", data {str(e['data_fingerprint'])[:8]}"
         n = e.get("n")
         cells: list[Any] = [
             escape(what),
