@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def synthetic_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     base = _PALETTE[labels % len(_PALETTE)][:, None, None, :]
     noise = rng.normal(0, 25, size=(len(labels), 32, 32, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, *, proc: subprocess.Popen[str] | None = None, timeout: float = 900.0
+) -> None:
+    """Poll ``condition`` until it holds; fail the test, naming ``what``, when ``proc`` (the process being
+    watched) has exited first or after ``timeout`` seconds. The limit is generous because the suite also runs
+    on busy machines; a healthy run returns as soon as the condition holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            _out, err = proc.communicate()
+            pytest.fail(f"the process exited ({proc.returncode}) before {what}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

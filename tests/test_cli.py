@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from cifarnet_cli import __version__
 from cifarnet_cli.cli import app
 
+from .conftest import wait_until
+
 runner = CliRunner()
 
 FAST = ["--epochs", "2", "--batch-size", "16", "--accum", "2", "--val-split", "20", "--warmup-epochs", "0.5"]
@@ -182,9 +184,7 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     metrics = home / "runs" / "sig" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        time.sleep(0.2)
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch", proc=proc)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -200,9 +200,7 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
         text=True,
         env=_env(),
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and metrics.read_text().count("\n") < done_before + 1:
-        time.sleep(0.2)
+    wait_until(lambda: metrics.read_text().count("\n") >= done_before + 1, "one more epoch after the resume", proc=proc)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

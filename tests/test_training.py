@@ -124,7 +124,7 @@ def test_patience_stops_and_is_recorded(image_folder: Callable[..., Path], monke
 
     def on_event(event: object) -> None:
         if isinstance(event, EpochStarted) and event.epoch == 2:
-            deadline = time.monotonic() + 20  # drawn in the background after epoch 1
+            deadline = time.monotonic() + 300  # drawn in the background after epoch 1
             while not (paths.runs_dir() / "pat" / "curves.png").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             seen_curves.append((paths.runs_dir() / "pat" / "curves.png").exists())
@@ -225,3 +225,43 @@ def test_resume_continues_on_the_same_images_only(image_folder: Callable[..., Pa
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["epochs"] == 2
     assert json.loads((paths.runs_dir() / "same" / "config.json").read_text())["config"]["data_dir"] == str(moved)
+
+
+def test_batch_size_auto_is_the_default_on_a_gpu_that_shares_the_systems_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a Jetson (an integrated GPU, mocked here) running out of memory is the kernel killing the process:
+    the micro-batch is fitted to the memory by default, and --accum keeps the recipe's effective batch."""
+    from cifarnet_cli.autobatch import MemoryFit
+    from cifarnet_cli.config import make_config
+    from cifarnet_cli.devices import Precision
+
+    asked: list[tuple[int, int]] = []
+
+    def fit_micro_batch(_model: Any, *, device: Any, precision: Any, effective_batch: int, cap: int) -> MemoryFit:
+        asked.append((effective_batch, cap))
+        return MemoryFit(64, effective_batch // 64, 1 << 20, 1 << 28, 5 << 30, measured=True)
+
+    monkeypatch.setattr(training, "fit_micro_batch", fit_micro_batch)
+    cuda, fp32 = torch.device("cuda", 0), Precision("fp32", None)
+
+    def fitted(config: TrainConfig, integrated: bool) -> tuple[TrainConfig, list[Any]]:
+        monkeypatch.setattr(training, "is_integrated", lambda _device: integrated)
+        events: list[Any] = []
+        return training._fit_micro_batch(config, torch.nn.Identity(), cuda, fp32, events.append), events
+
+    default = make_config("train", {})
+    assert default.batch_size_auto is None  # nothing asked: the device decides
+    jetson, events = fitted(default, integrated=True)
+    assert (jetson.batch_size, jetson.accum, jetson.effective_batch, jetson.peak_lr) == (64, 8, 512, 0.4)
+    assert jetson.batch_size_auto is True and asked == [(512, 512)]  # recorded, so a resume does the same
+    assert "the default on a GPU that shares the system's memory" in events[0].message
+
+    desktop, events = fitted(default, integrated=False)
+    assert desktop == default.replace(batch_size_auto=False) and not events and len(asked) == 1
+
+    for given in ({"batch_size": 16, "accum": 32}, {"accum": 8}, {"batch_size": 128}):
+        own = make_config("train", given)
+        assert own.batch_size_auto is False and fitted(own, integrated=True) == (own, [])  # the user's, as given
+    finetune = make_config("finetune-resnet50", {})
+    assert finetune.batch_size_auto is True and fitted(finetune, integrated=False)[0].effective_batch == 128

@@ -80,7 +80,11 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
     except TrainingInterrupted as exc:
         how = "Stopped by SIGTERM" if exc.exit_code == 143 else "Interrupted"
-        if exc.completed_epochs:
+        if exc.saved_step is not None:
+            step, steps = exc.saved_step
+            done = f"epoch {exc.completed_epochs} and " if exc.completed_epochs else ""
+            saved = f"{done}step {step}/{steps} of epoch {exc.completed_epochs + 1} are saved in {exc.run.last}"
+        elif exc.completed_epochs:
             saved = f"epoch {exc.completed_epochs} is saved in {exc.run.last}"
         else:
             saved = f"no epoch had completed, so {exc.run.last} holds the starting point"
@@ -383,6 +387,16 @@ FinetuneInitFrom = Annotated[
 SaveEvery = Annotated[
     int | None, _option(int, "--save-every", help="Also keep epoch-NNN.pt every N epochs. \\[default: 0 = off]")
 ]
+SaveMinutes = Annotated[
+    float | None,
+    _option(
+        float,
+        "--save-minutes",
+        help="Also write last.pt every N minutes inside an epoch (at an optimizer step), so that a kill loses at "
+        f"most N minutes; --resume continues from that step. 0 = at the end of epochs only. \\[default: "
+        f"{_T.save_minutes:g}]",
+    ),
+]
 Patience = Annotated[
     int | None,
     _option(
@@ -488,6 +502,7 @@ def train(
     seed: Seed = None,
     init_from: InitFrom = None,
     save_every: SaveEvery = None,
+    save_minutes: SaveMinutes = None,
     patience: Patience = None,
     tensorboard: TensorBoard = False,
     as_json: JsonOut = False,
@@ -523,6 +538,7 @@ def train(
         seed=seed,
         init_from=init_from,
         save_every=save_every,
+        save_minutes=save_minutes,
         patience=patience,
     )
     run = _run_name(run, name)
@@ -593,6 +609,7 @@ def finetune_resnet50(
     seed: Seed = None,
     init_from: FinetuneInitFrom = None,
     save_every: SaveEvery = None,
+    save_minutes: SaveMinutes = None,
     patience: Patience = None,
     tensorboard: TensorBoard = False,
     as_json: JsonOut = False,
@@ -631,6 +648,7 @@ def finetune_resnet50(
         seed=seed,
         init_from=init_from,
         save_every=save_every,
+        save_minutes=save_minutes,
         patience=patience,
     )
     run = _run_name(run, name)
@@ -1080,6 +1098,26 @@ def info(as_json: JsonOut = False) -> None:
         for problem in data["problems"]:  # after the tables: devices and versions are still worth seeing
             _ui().error(problem)
         if data["problems"]:
+            raise typer.Exit(1)
+
+
+@app.command()
+def doctor(as_json: JsonOut = False) -> None:
+    """Diagnose this machine for training: torch and its CUDA, a Jetson's power mode, clocks, memory, swap and
+    temperature, the GPUs, the folders and the data. Each line is ok, warning or problem, with the command
+    that fixes it; the exit code is 1 when a problem is found.
+
+    Example: cifarnet doctor; cifarnet doctor --json
+    """
+    from cifarnet_cli.doctor import diagnose
+
+    with _user_errors():
+        report = diagnose()
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            _ui().doctor_table(report)
+        if report.problems:
             raise typer.Exit(1)
 
 

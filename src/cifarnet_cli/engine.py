@@ -5,12 +5,13 @@ checkpoints. It reports through a callback of events, so it runs the same in tes
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.devices import Precision, autocast, synchronize
 from cifarnet_cli.errors import CifarNetError
 from cifarnet_cli.events import (
+    CheckpointSaved,
     EpochEnded,
     EpochStarted,
     EventCallback,
@@ -168,6 +170,56 @@ class DivergenceGuard:
             raise LossDiverged(epoch, loss, self.start)
 
 
+@dataclass(frozen=True)
+class EpochPosition:
+    """Where a save in the middle of an epoch left it: after ``steps`` optimizer steps, ``images`` images (whole
+    accumulation windows), and the epoch's running totals, so that a resume continues from that exact step."""
+
+    epoch: int
+    steps: int
+    images: int
+    loss_sum: float  # the sum of the micro-batches' losses times their sizes (float32 on the device: exact here)
+    correct: int
+    seconds: float  # the epoch's training time so far
+
+
+class EpochColumns(Protocol):
+    """Adds columns to each epoch's metrics row (a Jetson's GPU temperature and clock: cifarnet_cli.monitor)."""
+
+    def epoch_columns(self) -> dict[str, Any]: ...
+
+
+class MidEpochSaver(Protocol):
+    """Asked at every optimizer step but an epoch's last whether a save is due, and handed the position."""
+
+    def due(self) -> bool: ...
+
+    def save(self, position: EpochPosition) -> None: ...
+
+
+def _first_micro_batch(position: EpochPosition, batch_sizes: list[int], accum: int) -> int:
+    """The micro-batch a resumed epoch starts at: the one after ``position.images`` images, which must end an
+    accumulation window (it does when the effective batch is the one the position was saved with)."""
+    ends = [0, *itertools.accumulate(batch_sizes)]  # images before each micro-batch
+    done = ends.index(position.images) if position.images in ends else -1
+    if done < 0 or done % accum or done // accum != position.steps:
+        raise CifarNetError(
+            f"The checkpoint was saved at step {position.steps} of epoch {position.epoch}, which does not fall "
+            f"between this run's optimizer steps ({accum} micro-batches of {batch_sizes[0]}); it may be damaged."
+        )
+    return done
+
+
+def _batches_from(
+    loader: DeviceLoader | Iterable[tuple[torch.Tensor, torch.Tensor]], first: int
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    if first == 0:
+        return loader
+    if isinstance(loader, DeviceLoader):
+        return loader.iter_from(first)  # the batches before it are not even built
+    return itertools.islice(loader, first, None)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DeviceLoader | Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -185,6 +237,8 @@ def train_one_epoch(
     report_every_s: float = 0.5,
     step: TrainStep | None = None,
     guard: DivergenceGuard | None = None,
+    resume_at: EpochPosition | None = None,
+    saver: MidEpochSaver | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` with exact gradient accumulation.
 
@@ -194,7 +248,9 @@ def train_one_epoch(
     ``step`` runs the arithmetic (eager, or a captured CUDA graph; built eagerly when not given). The host
     reads the running loss back at most every ``report_every_s`` seconds (and once after an invocation's first
     update, for ``guard``'s starting loss), which is also when ``guard`` may stop the epoch with
-    :class:`LossDiverged`.
+    :class:`LossDiverged`. ``resume_at`` continues an epoch from a save in its middle (its batches are the
+    epoch's, so the rest of the epoch is what it would have been); ``saver`` may save at any optimizer step but
+    the epoch's last.
     """
     if step is None:
         step = TrainStep(
@@ -206,10 +262,14 @@ def train_one_epoch(
     n_micro = len(batch_sizes)
     total_steps = len(windows)
     step.reset_totals()
-    seen = 0
-    done = 0
+    seen = done = first = 0
     start = last_report = time.perf_counter()
-    for i, (x, y) in enumerate(loader):
+    if resume_at is not None:
+        first = _first_micro_batch(resume_at, batch_sizes, accum)
+        seen, done, start = resume_at.images, resume_at.steps, start - resume_at.seconds
+        step.loss_sum.fill_(resume_at.loss_sum)
+        step.correct.fill_(resume_at.correct)
+    for i, (x, y) in enumerate(_batches_from(loader, first), start=first):
         step.micro(x, y, y.shape[0] / windows[i // accum])
         seen += y.shape[0]
         if (i + 1) % accum == 0 or i + 1 == n_micro:
@@ -239,6 +299,9 @@ def train_one_epoch(
                         images_per_second=seen / max(time.perf_counter() - start, 1e-9),
                     )
                 )
+            if saver is not None and i + 1 < n_micro and saver.due():
+                totals = float(step.loss_sum), int(step.correct)  # a read-back, only when a save is due
+                saver.save(EpochPosition(epoch, done, seen, *totals, time.perf_counter() - start))
     synchronize(device)
     seconds = time.perf_counter() - start
     return EpochStats(float(step.loss_sum) / max(seen, 1), float(step.correct) / max(seen, 1), seen, seconds, done)
@@ -372,12 +435,14 @@ def fit(
     resume_from: dict[str, Any] | None = None,
     on_event: EventCallback = _ignore,
     step_mode: str = "eager",
+    columns: EpochColumns | None = None,
 ) -> FitResult:
     """Train for ``config.epochs`` epochs, evaluating and checkpointing after each.
 
     ``meta`` (classes, data fingerprint, model kwargs, ...) is stored in every checkpoint so that
     evaluate/predict/export can rebuild the model from the file alone. ``step_mode`` is how the training
-    step runs (train_step.MODES: eager, or captured as CUDA graphs).
+    step runs (train_step.MODES: eager, or captured as CUDA graphs); ``columns`` adds to each epoch's
+    metrics row.
     """
     loop = _FitLoop(
         model,
@@ -392,6 +457,7 @@ def fit(
         on_event=on_event,
         step_mode=step_mode,
     )
+    loop.columns = columns
     return loop.fit()
 
 
@@ -425,6 +491,7 @@ class _FitLoop:
         self.resumed = resume_from is not None
         self.on_event = on_event
         self.step_mode = step_mode
+        self.columns: EpochColumns | None = None
         self.optimizer = build_optimizer(model, config)
         self.batch_sizes = train_loader.batch_sizes()
         self.epoch_steps = steps_per_epoch(len(self.batch_sizes), config.accum)
@@ -432,6 +499,7 @@ class _FitLoop:
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
         self.state = FitState()
         self.history = self._restore(resume_from)
+        self.position = _saved_position(resume_from, self.state.epoch)  # a save in the middle of the next epoch
         self.lrs = scheduled_lrs(config, self.epoch_steps)
         if resume_from is None:
             with interrupts.deferred():
@@ -440,6 +508,8 @@ class _FitLoop:
         self.num_classes = model.get_classifier().out_features
         self.guard = DivergenceGuard(self.num_classes)
         self.saved_epoch = self.state.epoch  # completed epochs that last.pt holds
+        self.saved_position = self.position  # and how far into the next one, when saved in its middle
+        self.saver = _TimedSaver(self, config.save_minutes) if config.save_minutes else None
         # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
         # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
         self.start_state: dict[str, Any] | None = _cpu_copy(
@@ -489,8 +559,9 @@ class _FitLoop:
     def _notice(self, message: str) -> None:
         self.on_event(Notice(message))
 
-    def snapshot(self, kind: str) -> dict[str, Any]:
-        """A checkpoint of the current state: ``last`` (resumable), ``best`` or ``epoch`` (model only)."""
+    def snapshot(self, kind: str, position: EpochPosition | None = None) -> dict[str, Any]:
+        """A checkpoint of the current state: ``last`` (resumable; at ``position`` inside the next epoch when
+        given), ``best`` or ``epoch`` (model only)."""
         ckpt: dict[str, Any] = {
             "version": checkpoint.CHECKPOINT_VERSION,
             "kind": kind,
@@ -506,6 +577,8 @@ class _FitLoop:
             ckpt["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
             ckpt["rng"] = rng_state(self.device)
             ckpt["history"] = [dict(row) for row in self.history]  # metrics.jsonl is rebuilt from it on resume
+            if position is not None:
+                ckpt["position"] = dataclasses.asdict(position)
         elif self.history:
             ckpt["metrics"] = dict(self.history[-1])
         return ckpt
@@ -526,8 +599,13 @@ class _FitLoop:
                     self._notice(self._early_stop_message(epoch))
                     break
         except KeyboardInterrupt as exc:
+            saved = self.saved_position
             raise TrainingInterrupted(
-                self.run, self.saved_epoch, exit_code=getattr(exc, "exit_code", 130), command=self.config.command
+                self.run,
+                self.saved_epoch,
+                exit_code=getattr(exc, "exit_code", 130),
+                command=self.config.command,
+                saved_step=(saved.steps, self.epoch_steps) if saved is not None else None,
             ) from None
         except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
             raise CifarNetError(_out_of_memory_message(self.config, self.run, self.saved_epoch)) from None
@@ -567,8 +645,11 @@ class _FitLoop:
                     on_event=self.on_event,
                     step=self.step,
                     guard=self.guard,
+                    resume_at=self.position if self.position is not None and self.position.epoch == epoch else None,
+                    saver=self.saver,
                 )
                 self.start_state = None  # past the first steps: no more retries, the copy can go
+                self.position = None
                 return stats
             except torch.cuda.OutOfMemoryError:
                 self._retry_smaller()
@@ -632,6 +713,8 @@ class _FitLoop:
             "images_per_second": round(stats.images / max(stats.seconds, 1e-9), 1),
             "epoch_seconds": round(stats.seconds, 3),
         }
+        if self.columns is not None:
+            metrics.update(self.columns.epoch_columns())
         self.history.append(metrics)
         return metrics, is_best
 
@@ -646,8 +729,18 @@ class _FitLoop:
             if self.config.save_every and epoch % self.config.save_every == 0:
                 checkpoint.save_atomic(self.snapshot("epoch"), run.epoch_checkpoint(epoch))
             checkpoint.save_atomic(self.snapshot("last"), run.last)
-            self.saved_epoch = epoch
+            self.saved_epoch, self.saved_position = epoch, None
             run.append_metrics(metrics)
+        if self.saver is not None:
+            self.saver.restart()
+
+    def save_position(self, position: EpochPosition) -> None:
+        """last.pt in the middle of an epoch, at an optimizer step (``--save-minutes``): a kill then loses
+        minutes, not the epoch. best.pt and the metrics are an epoch's and wait for its end."""
+        with interrupts.deferred():
+            checkpoint.save_atomic(self.snapshot("last", position), self.run.last)
+            self.saved_position = position
+        self.on_event(CheckpointSaved(position.epoch, position.steps, self.epoch_steps, str(self.run.last)))
 
     # -- stops ---------------------------------------------------------------------------------------------
 
@@ -674,6 +767,34 @@ class _FitLoop:
             self.saved_epoch,
             discard=discard,
         )
+
+
+class _TimedSaver:
+    """Asks for a save in the middle of an epoch every ``minutes`` of training (epoch-end saves restart it)."""
+
+    def __init__(self, loop: _FitLoop, minutes: float) -> None:
+        self.loop = loop
+        self.every_s = 60.0 * minutes
+        self.last = time.monotonic()
+
+    def restart(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def save(self, position: EpochPosition) -> None:
+        self.loop.save_position(position)
+        self.restart()
+
+
+def _saved_position(resume_from: dict[str, Any] | None, completed: int) -> EpochPosition | None:
+    """The mid-epoch position a last.pt holds, if it was saved in the epoch after its completed ones."""
+    saved = (resume_from or {}).get("position")
+    if not saved or int(saved.get("epoch", -1)) != completed + 1:
+        return None
+    known = {f.name for f in dataclasses.fields(EpochPosition)}
+    return EpochPosition(**{k: v for k, v in saved.items() if k in known})
 
 
 def _cpu_copy(obj: Any) -> Any:

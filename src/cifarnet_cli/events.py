@@ -45,6 +45,7 @@ class RunStarted:
     epochs: int
     start_epoch: int  # completed epochs before this invocation (resume)
     on_device_data: bool
+    start_step: int = 0  # optimizer steps of the next epoch already done (a resume from a save inside it)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,25 @@ class EpochEnded:
 
 
 @dataclass(frozen=True)
+class CheckpointSaved:
+    """last.pt was written in the middle of an epoch (``--save-minutes``), after ``step`` of its ``steps``."""
+
+    epoch: int
+    step: int
+    steps: int
+    path: str
+
+
+@dataclass(frozen=True)
+class BoardStatus:
+    """A Jetson's GPU during training, read from sysfs every few seconds (see cifarnet_cli.monitor)."""
+
+    temp_c: float | None
+    clock_mhz: float | None
+    throttling: tuple[str, ...]  # the thermal zones at or above their throttling point
+
+
+@dataclass(frozen=True)
 class BenchProgress:
     """`cifarnet bench`: one measurement is about to start (``index`` of ``total``)."""
 
@@ -115,13 +135,20 @@ class TrainingInterrupted(Exception):
     completed epoch."""
 
     def __init__(
-        self, run: Run, completed_epochs: int, *, exit_code: int = 130, command: str = "cifarnet train"
+        self,
+        run: Run,
+        completed_epochs: int,
+        *,
+        exit_code: int = 130,
+        command: str = "cifarnet train",
+        saved_step: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(f"interrupted after {completed_epochs} completed epoch(s)")
         self.run = run
         self.completed_epochs = completed_epochs
         self.exit_code = exit_code
         self.command = command  # the one that resumes it: cifarnet train or cifarnet finetune-resnet50
+        self.saved_step = saved_step  # (step, steps) of the next epoch, when last.pt was saved in its middle
 
 
 @dataclass(frozen=True)

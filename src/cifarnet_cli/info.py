@@ -22,7 +22,7 @@ from cifarnet_cli.devices import (
     mps_available,
 )
 from cifarnet_cli.errors import CifarNetError
-from cifarnet_cli.fileio import display, problem
+from cifarnet_cli.fileio import display
 
 
 def _jetson_release() -> str | None:
@@ -59,45 +59,13 @@ def cuda_devices() -> list[dict[str, Any]]:
     return out
 
 
-def _folder_problem(path: Path) -> str | None:
-    """Why cifarnet could not write into ``path`` (None when it can, or can create it)."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{display(existing)} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return "the file system is read-only" if _read_only(existing) else "no permission to write there"
-    return None
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
-
-
 def directory_problems() -> list[str]:
-    """One sentence per folder cifarnet writes to but cannot use (CIFARNET_HOME a file, read-only ...)."""
-    out: list[str] = []
-    broken: list[Path] = []
-    for what, path in (
-        ("home", paths.home_dir()),
-        ("runs", paths.runs_dir()),
-        ("datasets", paths.datasets_dir()),
-        ("cache", paths.cache_dir()),
-    ):
-        if any(path.is_relative_to(b) for b in broken):
-            continue  # inside a folder already reported: same problem
-        try:
-            why = _folder_problem(path)
-        except OSError as exc:
-            why = problem(exc, path)
-        if why is not None:
-            broken.append(path)
-            out.append(f"Cannot write the {what} folder {display(path)}: {why}.")
-    return out
+    """One sentence per folder cifarnet writes to but cannot use."""
+    return [
+        f"Cannot write the {f.what} folder {display(f.path)}: {f.problem}."
+        for f in paths.folder_status()
+        if f.problem is not None and f.inside is None
+    ]
 
 
 def cuda_unavailable_reason() -> str | None:

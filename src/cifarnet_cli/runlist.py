@@ -20,7 +20,7 @@ from cifarnet_cli.errors import CifarNetError, UsageError
 STATES = ("running", "finished", "stopped-early", "stopped", "untrained")
 
 #: Recipe options left out of ``runs compare``: they never change the result.
-_NOT_RECIPE = {"device", "precision", "save_every"}
+_NOT_RECIPE = {"device", "precision", "save_every", "save_minutes"}
 
 #: Options that only mean something to finetune-resnet50 (``runs show`` hides them for train runs).
 _FINETUNE_ONLY = {"image_size", "weights", "freeze_backbone", "unfreeze_at", "backbone_lr_scale"}

@@ -25,7 +25,7 @@ from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
 from cifarnet_cli.data.split import SPLIT_IDS, SplitRecord, stratified_split
-from cifarnet_cli.devices import Precision, describe, resolve_device, resolve_precision
+from cifarnet_cli.devices import Precision, describe, is_integrated, resolve_device, resolve_precision
 from cifarnet_cli.engine import (
     FitResult,
     TrainingDiverged,
@@ -38,12 +38,13 @@ from cifarnet_cli.errors import CifarNetError, UsageError
 from cifarnet_cli.events import DecodeProgress, DownloadProgress, EventCallback, Notice, RunStarted, TrainResult
 from cifarnet_cli.fileio import display
 from cifarnet_cli.models import Classifier, count_parameters, get_model
+from cifarnet_cli.monitor import BoardMonitor
 from cifarnet_cli.tensorboard_log import TensorBoardLogger
 from cifarnet_cli.train_step import choose_mode
 
 #: Options that may differ when a run is resumed (the machine may have changed); the recipe may not.
 RESUME_OVERRIDABLE = frozenset(
-    {"device", "precision", "capture", "data_dir", "batch_size", "accum", "save_every", "patience"}
+    {"device", "precision", "capture", "data_dir", "batch_size", "accum", "save_every", "save_minutes", "patience"}
 )
 
 
@@ -385,12 +386,7 @@ def _train(
     _warn_if_slow(config, device, on_event)
     config, data = _prepare_data(config, ckpt, resumed, on_event)
     model = _prepare_model(config, data, ckpt, resumed, init, device, on_event)
-    if config.batch_size_auto and device.type == "cuda":
-        fitted = fit_micro_batch(
-            model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
-        )
-        config = config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
-        on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}."))
+    config = _fit_micro_batch(config, model, device, precision, on_event)
     step_mode = choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
@@ -405,13 +401,20 @@ def _train(
     train_loader, eval_loader = _loaders(config, data, device)
     meta = _run_meta(config, model, data, precision)
     _write_run_config(run, config, meta, device, precision, resumed=resumed is not None)
-    on_event(_run_started(run, config, data, model, device, precision, step_mode, start_epoch, train_loader))
+    start_step = _saved_step(ckpt, start_epoch)
+    on_event(
+        _run_started(run, config, data, model, device, precision, step_mode, start_epoch, train_loader, start_step)
+    )
+    monitor = BoardMonitor.for_device(device, on_event)  # a Jetson's GPU temperature, clock and throttling
+    if monitor is not None:
+        monitor.start()
     result = _fit_with_views(
         model,
         config,
         run,
         tensorboard,
         on_event,
+        monitor=monitor,
         train_loader=train_loader,
         eval_loader=eval_loader,
         device=device,
@@ -432,6 +435,33 @@ def _train(
         best_epoch=result.best_epoch,
         split=data.eval_split,
     )
+
+
+def _fit_micro_batch(
+    config: TrainConfig, model: Classifier, device: torch.device, precision: Precision, on_event: EventCallback
+) -> TrainConfig:
+    """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch.
+
+    It is the default on a GPU that shares the system's memory (a Jetson), where running out of memory is
+    often the kernel killing the process rather than a CUDA error a run could recover from. The run
+    records what was decided, so a resume does the same."""
+    defaulted = config.batch_size_auto is None
+    if defaulted:
+        config = config.replace(batch_size_auto=device.type == "cuda" and is_integrated(device))
+    if not config.batch_size_auto or device.type != "cuda":
+        return config
+    fitted = fit_micro_batch(
+        model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
+    )
+    why = " (--batch-size auto: the default on a GPU that shares the system's memory)" if defaulted else ""
+    on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}{why}."))
+    return config.replace(batch_size=fitted.batch_size, accum=fitted.accum)
+
+
+def _saved_step(ckpt: dict[str, Any] | None, completed: int) -> int:
+    """Optimizer steps of the next epoch a resumed last.pt already holds (saved in that epoch's middle)."""
+    position = (ckpt or {}).get("position") or {}
+    return int(position.get("steps", 0)) if position.get("epoch") == completed + 1 else 0
 
 
 def _warn_if_slow(config: TrainConfig, device: torch.device, on_event: EventCallback) -> None:
@@ -591,6 +621,7 @@ def _run_started(
     step_mode: str,
     start_epoch: int,
     train_loader: DeviceLoader,
+    start_step: int = 0,
 ) -> RunStarted:
     return RunStarted(
         run=run.name,
@@ -613,6 +644,7 @@ def _run_started(
         epochs=config.epochs,
         start_epoch=start_epoch,
         on_device_data=train_loader.on_device,
+        start_step=start_step,
     )
 
 
@@ -622,10 +654,11 @@ def _fit_with_views(
     run: runs.Run,
     tensorboard: bool,
     on_event: EventCallback,
+    monitor: BoardMonitor | None = None,
     **fit_kwargs: Any,
 ) -> FitResult:
     """:func:`engine.fit`, with the run's other consumers of its events beside the caller's view:
-    curves.png after every epoch, and TensorBoard scalars when asked for."""
+    curves.png after every epoch, TensorBoard scalars when asked for, and a Jetson's board monitor."""
     curves = report.CurvesWriter(
         run,
         epochs=config.epochs,
@@ -633,7 +666,7 @@ def _fit_with_views(
         eval_split=str(fit_kwargs["meta"].get("eval_split", "val")),
         patience=config.patience,
     )
-    consumers: list[EventCallback] = [curves]
+    consumers: list[EventCallback] = [curves] + ([monitor] if monitor is not None else [])
     board: TensorBoardLogger | None = None
     if tensorboard_log.wanted(tensorboard):
         if tensorboard_log.available():
@@ -649,7 +682,7 @@ def _fit_with_views(
         on_event(event)
 
     try:
-        result = fit(model, config, run=run, on_event=events, **fit_kwargs)
+        result = fit(model, config, run=run, on_event=events, columns=monitor, **fit_kwargs)
     finally:
         curves.close()  # also after Ctrl-C: the picture shows every saved epoch
         if board is not None:

@@ -31,6 +31,8 @@ from rich.text import Text
 from cifarnet_cli.errors import EXIT_BROKEN_PIPE
 from cifarnet_cli.events import (
     BenchProgress,
+    BoardStatus,
+    CheckpointSaved,
     DecodeProgress,
     DownloadProgress,
     EpochEnded,
@@ -184,6 +186,7 @@ class TrainView:
         self._decode: Progress | None = None
         self._no_echo = _NoEcho()
         self._best: float | None = None
+        self._board: BoardStatus | None = None
 
     # context manager so the live display is always torn down (also on Ctrl-C)
     def __enter__(self) -> TrainView:
@@ -230,6 +233,10 @@ class TrainView:
             self._step(event)
         elif isinstance(event, EpochEnded):
             self._epoch_ended(event)
+        elif isinstance(event, BoardStatus):
+            self._board = event
+        elif isinstance(event, CheckpointSaved):
+            self._print(f"[dim]Saved step {event.step}/{event.steps} of epoch {event.epoch} to {escape(event.path)}[/]")
 
     def _decoding(self, e: DecodeProgress) -> None:
         """A folder's first read: a bar in a terminal (it can take a minute), a line every 10,240 images
@@ -262,6 +269,8 @@ class TrainView:
 
     def _run_started(self, e: RunStarted) -> None:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
+        if e.start_step:
+            verb = f"Resuming run {e.run} at step {e.start_step} of epoch {e.start_epoch + 1}"
         self._print(f"[bold]{escape(verb)}[/] → {escape(e.run_dir)}")
         why = f" ({escape(e.precision_reason)})" if e.precision_reason and e.precision_reason != "asked for" else ""
         step = ", step captured as CUDA graphs" if e.step_mode == "graph" else ""
@@ -300,10 +309,18 @@ class TrainView:
                 f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="", short="", tiny=""
             )
 
+    def _gpu(self) -> str:
+        """A Jetson's GPU temperature, and whether it throttles (BoardStatus, every few seconds)."""
+        board = self._board
+        if board is None or board.temp_c is None:
+            return ""
+        return f"  GPU {board.temp_c:.0f}°C" + (" [bold red]throttling[/]" if board.throttling else "")
+
     def _step(self, e: StepProgress) -> None:
-        stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s"
+        gpu = self._gpu()
+        stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s{gpu}"
         if self._progress is not None and self._epoch_task is not None:
-            short = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  {e.images_per_second:,.0f} img/s"
+            short = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  {e.images_per_second:,.0f} img/s{gpu}"
             tiny = f"loss {e.loss:.2f} acc {100 * e.accuracy:.1f}%"
             self._progress.update(self._epoch_task, completed=e.step, stats=stats, short=short, tiny=tiny)
             if self._run_task is not None:
@@ -691,6 +708,30 @@ def info_tables(data: dict[str, Any]) -> None:
     for key, value in data["assets"].items():
         p.add_row(key, PathCell(value) if value else f"[dim]not downloaded (cifarnet download {key})[/]")
     print_fitted(out_console, lambda _d: p, wrap=True)
+
+
+_DOCTOR_STYLE = {"ok": "green", "warning": "yellow", "problem": "bold red"}
+
+
+def doctor_table(report: Any, console: Console | None = None) -> None:
+    """One row per check: its status in colour, what was found, and the command that fixes it."""
+    console = console or out_console
+    fixes = any(c.fix for c in report.checks)
+    table = Table(title="cifarnet doctor", box=box.SIMPLE_HEAD)
+    for col in ("", "check", "found", "fix")[: 4 if fixes else 3]:
+        table.add_column(col, overflow="fold")
+    area = None
+    for c in report.checks:
+        if c.area != area and area is not None:
+            table.add_section()
+        area = c.area
+        row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", escape(c.name), escape(c.detail)]
+        table.add_row(*row, *([escape(c.fix)] if fixes else []))
+    console.print(table)
+    counts = f"{report.problems} problem{'s' * (report.problems != 1)}, {report.warnings} warning{'s' * (report.warnings != 1)}"
+    (error if report.problems else warn if report.warnings else success)(
+        f"{counts}; training runs on {report.training_device}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ class DeviceLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``first`` on (a resume in the middle of an epoch): the order and the
+        augmentation are the epoch's, drawn whole as always, and the batches before ``first`` are not built."""
         n = self.num_examples
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
@@ -108,7 +113,7 @@ class DeviceLoader:
             if shifts is not None and flips is not None:
                 shifts = shifts.to(self.device, non_blocking=True)
                 flips = flips.to(self.device, non_blocking=True)
-        for start, end in self._bounds:
+        for start, end in self._bounds[first:]:
             index = order[start:end]
             if self.on_device:
                 x, y = self.images[index], self.labels[index]
