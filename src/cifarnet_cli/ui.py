@@ -727,7 +727,7 @@ def doctor_table(report: Any, console: Console | None = None) -> None:
         area = c.area
         row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", escape(c.name), escape(c.detail)]
         table.add_row(*row, *([escape(c.fix)] if fixes else []))
-    console.print(table)
+    _print_table(console, table)  # the title on a line of its own, like every other table's
     counts = f"{report.problems} problem{'s' * (report.problems != 1)}, {report.warnings} warning{'s' * (report.warnings != 1)}"
     (error if report.problems else warn if report.warnings else success)(
         f"{counts}; training runs on {report.training_device}"
