@@ -62,10 +62,16 @@ def measure_cuda(batch: int, accum: int, image_size: int, device: torch.device, 
         )
         for _ in range(2 * accum)
     ]
+
+    def steps(n: int) -> None:
+        train_one_epoch(
+            model, batches[:n], opt, batch_sizes=[batch] * n, accum=accum, device=device, precision=precision
+        )
+
+    steps(accum)  # warm-up: cuDNN's autotuning tries workspaces far larger than the one it keeps
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    train_one_epoch(
-        model, batches, opt, batch_sizes=[batch] * len(batches), accum=accum, device=device, precision=precision
-    )
+    steps(len(batches))
     return torch.cuda.max_memory_allocated(device) / GIB
 
 

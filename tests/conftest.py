@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +49,40 @@ def synthetic_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     base = _PALETTE[labels % len(_PALETTE)][:, None, None, :]
     noise = rng.normal(0, 25, size=(len(labels), 32, 32, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--test-timeout",
+        type=float,
+        default=0.0,
+        help="fail a test whose call runs longer than this many seconds (0: no limit); bench/gpu-check.sh sets it",
+    )
+
+
+class TimeLimitExceeded(BaseException):
+    """A test ran past --test-timeout. Not an Exception: the code under test must not catch it as its own error."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """--test-timeout without pytest-timeout (which a GPU machine may lack): an alarm fails the test that runs
+    too long, and the session goes on to the next test."""
+    limit = float(item.config.getoption("--test-timeout"))
+    if limit <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeLimitExceeded(f"the test ran longer than --test-timeout {limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def wait_until(
@@ -97,7 +133,11 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("COLUMNS", "200")
     torch.manual_seed(0)
+    # Training on CUDA turns cuDNN's autotuning on for the process: each test starts with the flags as they were.
+    cudnn = torch.backends.cudnn
+    flags = cudnn.benchmark, cudnn.deterministic
     yield
+    cudnn.benchmark, cudnn.deterministic = flags
     monkeypatch.undo()
 
 

@@ -18,6 +18,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def _small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(benchmark, "MICRO_BATCHES", (8, 16))
+    monkeypatch.setattr(benchmark, "PREDICT_BATCH", 8)
     monkeypatch.setattr(benchmark, "RECIPE", TrainConfig(batch_size=16))
     monkeypatch.setattr(
         benchmark, "FINETUNE_DEFAULTS", {**FINETUNE_DEFAULTS, "image_size": 32, "batch_size": 4, "accum": 2}

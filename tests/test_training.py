@@ -237,9 +237,13 @@ def test_batch_size_auto_is_the_default_on_a_gpu_that_shares_the_systems_memory(
     from cifarnet_cli.devices import Precision
 
     asked: list[tuple[int, int]] = []
+    budgeted: list[tuple[bool, int]] = []
 
-    def fit_micro_batch(_model: Any, *, device: Any, precision: Any, effective_batch: int, cap: int) -> MemoryFit:
+    def fit_micro_batch(
+        _model: Any, *, device: Any, precision: Any, effective_batch: int, cap: int, captured: bool, data_bytes: int
+    ) -> MemoryFit:
         asked.append((effective_batch, cap))
+        budgeted.append((captured, data_bytes))
         return MemoryFit(64, effective_batch // 64, 1 << 20, 1 << 28, 5 << 30, measured=True)
 
     monkeypatch.setattr(training, "fit_micro_batch", fit_micro_batch)
@@ -265,3 +269,6 @@ def test_batch_size_auto_is_the_default_on_a_gpu_that_shares_the_systems_memory(
         assert own.batch_size_auto is False and fitted(own, integrated=True) == (own, [])  # the user's, as given
     finetune = make_config("finetune-resnet50", {})
     assert finetune.batch_size_auto is True and fitted(finetune, integrated=False)[0].effective_batch == 128
+    # the budget is told whether the step is captured (its graph keeps its own memory)
+    training._fit_micro_batch(finetune, torch.nn.Identity(), cuda, fp32, lambda e: None, step_mode="graph")
+    assert [captured for captured, _data in budgeted] == [False, False, True]

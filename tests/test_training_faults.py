@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,6 +112,71 @@ def test_out_of_memory_later_stops_and_names_the_options(
     assert resumed.exit_code == 0, resumed.output
     saved = torch.load(_run_dir("late") / "last.pt", weights_only=True)
     assert saved["epoch"] == 3 and (saved["config"]["batch_size"], saved["config"]["accum"]) == (8, 2)
+
+
+def _model(run: str) -> dict[str, torch.Tensor]:
+    return torch.load(_run_dir(run) / "last.pt", weights_only=True)["model"]
+
+
+def test_out_of_memory_at_the_end_of_the_first_epoch_trains_it_again_halved(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The epoch's last micro-batch (on a GPU: a short one, run eagerly beside the captured graph's memory), after
+    # the epoch's optimizer steps: the epoch is trained again from its start at half the micro-batch, and the
+    # run ends where a run started at that micro-batch ends.
+    data = image_folder(per_class=6)
+    original = TrainStep.micro
+    calls: list[int] = []
+
+    def micro(self: TrainStep, x: torch.Tensor, y: torch.Tensor, weight: float) -> None:
+        calls.append(1)
+        if len(calls) == 3:  # the third of 16 + 16 + 8 images
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        original(self, x, y, weight)
+
+    monkeypatch.setattr(TrainStep, "micro", micro)
+    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "retried", "--epochs", "1", *QUICK])
+    assert result.exit_code == 0, result.output
+    assert "continuing with --batch-size 8 --accum 2" in result.output
+    monkeypatch.setattr(TrainStep, "micro", original)
+    halved = ["--batch-size", "8", "--accum", "2"]
+    args = ["train", "--data-dir", str(data), "--run", "halved", "--epochs", "1", *QUICK, *halved, "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    for key, value in _model("halved").items():
+        torch.testing.assert_close(_model("retried")[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_out_of_memory_in_the_first_evaluation_evaluates_in_smaller_batches(
+    image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cifarnet_cli import engine
+
+    data = image_folder(per_class=6)
+    original = engine.evaluate
+    calls: list[int] = []
+
+    def evaluate(model: torch.nn.Module, loader: Any, **kwargs: Any) -> engine.EvalStats:
+        calls.append(loader.batch_size)
+        if len(calls) in (1, 3):  # the first evaluation's first try; the second evaluation
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(model, loader, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    args = ["train", "--data-dir", str(data), "--epochs", "2", *QUICK]
+    result = runner.invoke(app, [*args, "--run", "eval-oom"])
+    assert "evaluating 32 images at a time: evaluating 16 at a time" in " ".join(result.output.split())
+    assert calls == [32, 16, 16]  # the smaller batch is kept
+    # a later evaluation running out of memory stops the run, keeping the epochs before it
+    assert result.exit_code == 1 and "ran out of memory" in result.output
+    assert torch.load(_run_dir("eval-oom") / "last.pt", weights_only=True)["epoch"] == 1
+    # the figures do not depend on the evaluation batch
+    monkeypatch.setattr(engine, "evaluate", original)
+    assert runner.invoke(app, [*args, "--run", "plain", "--quiet"]).exit_code == 0
+    rows = {
+        run: [json.loads(line) for line in (_run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+        for run in ("eval-oom", "plain")
+    }
+    assert [r["val_accuracy"] for r in rows["eval-oom"]] == [r["val_accuracy"] for r in rows["plain"]][:1]
 
 
 def test_resume_may_not_change_the_effective_batch(image_folder: Callable[..., Path]) -> None:

@@ -10,7 +10,7 @@ sentence that says what is missing, instead of a KeyError, an AttributeError or 
 from __future__ import annotations
 
 import pickle
-import re
+import reprlib
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -40,9 +40,85 @@ def _display(path: Path) -> str:
     return fileio.display(path)
 
 
-# How torch's weights-only unpickler words a refusal of an object it was asked to build (torch 2.4-2.9);
-# its other errors ("Unsupported operand 103") mean bytes that are not a pickle at all.
-_REFUSALS = ("Unsupported global", "unrecognized function", "Can only create", "Can only build", "Can only setstate")
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+
+
+def _globals_in(stream: Any) -> list[str]:
+    """The ``module.name`` of every class or function one pickle in ``stream`` would import, read with
+    pickletools (nothing is executed). Raises ValueError (or EOFError) for bytes that are not a pickle."""
+    import pickletools
+
+    found: list[str] = []
+    recent: list[str] = []  # the last strings pushed, for STACK_GLOBAL (protocol 4+)
+    memo: dict[Any, str] = {}
+    for op, arg, _pos in pickletools.genops(stream):
+        name = op.name
+        if name == "GLOBAL" or name == "INST":
+            found.append(str(arg).replace(" ", "."))
+        elif name == "STACK_GLOBAL" and len(recent) >= 2:
+            found.append(f"{recent[-2]}.{recent[-1]}")
+        elif name in _STRING_OPS:
+            recent.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT") and recent:
+            memo[arg] = recent[-1]
+        elif name == "MEMOIZE" and recent:
+            memo[len(memo)] = recent[-1]
+        elif name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+            recent.append(memo[arg])
+        if name == "STOP":
+            break
+    return found
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals the pickle of a checkpoint names: ``*/data.pkl`` of a zip checkpoint, or the first four
+    pickles of a legacy file (magic number, protocol, system info, the object)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                raise ValueError("no data.pkl")
+            with archive.open(name) as fh:
+                return _globals_in(fh)
+    with open(path, "rb") as fh:
+        return [g for _ in range(4) for g in _globals_in(fh)]
+
+
+def _allowed_globals() -> set[str]:
+    """What torch's weights-only unpickler builds (its own private list where this torch has one, which
+    differs between versions, plus the user-registered safe globals)."""
+    allowed: set[str] = set()
+    try:
+        from torch import _weights_only_unpickler as unpickler
+
+        allowed.update(getattr(unpickler, "_get_allowed_globals", dict)().keys())
+    except ImportError:  # pragma: no cover - a torch without the module
+        pass
+    for entry in getattr(torch.serialization, "get_safe_globals", list)():
+        obj = entry[0] if isinstance(entry, tuple) else entry
+        allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}")
+    return allowed
+
+
+def _refusal(path: Path) -> CifarNetError:
+    """torch.load(weights_only=True) raised UnpicklingError: the one type every torch version (2.0 to 2.14)
+    raises both for an object it refuses to build and for bytes that are no pickle, each with its own
+    wording. Which of the two it was is read from the file itself: a pickle that parses but names a class
+    or function torch does not allow is a refusal (named), anything else is damage."""
+    try:
+        names = _pickled_globals(path)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, RuntimeError):
+        return CifarNetError(f"{_display(path)} is not a readable checkpoint (its pickled contents are damaged).")
+    allowed = _allowed_globals()
+    foreign = [n for n in names if n not in allowed and n.split(".")[0] not in ("torch", "collections")]
+    foreign = foreign or [n for n in names if n not in allowed]
+    holding = f" (it holds {foreign[0]})" if foreign else ""
+    return CifarNetError(
+        f"{_display(path)} contains code or Python objects that cifarnet will not load{holding}: "
+        "a cifarnet checkpoint holds only tensors and plain values. Load only files from sources you trust."
+    )
 
 
 def _refuse_exports(path: Path) -> None:
@@ -108,16 +184,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise
     except OSError as exc:
         raise fileio.os_error(exc, path, "read") from exc
-    except pickle.UnpicklingError as exc:
-        if not any(sign in str(exc) for sign in _REFUSALS):  # not a refused object: a damaged file
-            raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({first_line(exc, 200)}).") from exc
-        # torch's refusal is a page of advice about weights_only; the user needs one plain sentence.
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        holding = f" (it holds {found.group(1)})" if found else ""
-        raise CifarNetError(
-            f"{_display(path)} contains code or Python objects that cifarnet will not load{holding}: "
-            "a cifarnet checkpoint holds only tensors and plain values. Load only files from sources you trust."
-        ) from exc
+    except pickle.UnpicklingError as exc:  # torch's words are a page of advice about weights_only
+        raise _refusal(path) from exc
     except Exception as exc:  # noqa: BLE001 - any failure of torch.load means a damaged or foreign file
         raise CifarNetError(f"{_display(path)} is not a readable checkpoint ({first_line(exc, 200)}).") from exc
     if not isinstance(obj, dict):
@@ -215,6 +283,7 @@ def validate_model(obj: dict[str, Any], path: Path) -> ModelCheckpoint:
             f"{where} names {len(classes)} classes for a model with {outputs} outputs; the file is damaged "
             "or was edited by hand."
         )
+    _check_meta_values(meta, where)
     config = obj.get("config")
     return ModelCheckpoint(
         path,
@@ -227,6 +296,37 @@ def validate_model(obj: dict[str, Any], path: Path) -> ModelCheckpoint:
         _completed_epochs(obj),
         obj,
     )
+
+
+#: meta entries evaluate and predict compute with, and what each must be (None: absent or unset).
+_META_TEXT = ("data_kind", "data_location", "data_fingerprint", "eval_split", "precision")
+_META_COUNTS = ("val_split", "split_seed")
+
+
+def _check_meta_values(meta: dict[str, Any], where: str) -> None:
+    """The meta entries used to size inputs and recompute splits: an edited value ("lots", 0, 30000) is
+    refused here, in words, instead of a ValueError in the middle of an evaluation."""
+    from cifarnet_cli.data.images import IMAGE_SIZE, MAX_INPUT_SIZE, MIN_INPUT_SIZE, valid_input_size
+
+    size = meta.get("input_size", IMAGE_SIZE)
+    if not valid_input_size(size):
+        raise CifarNetError(
+            f"{where}: 'input_size' is {reprlib.repr(size)}, not a whole number of pixels from {MIN_INPUT_SIZE} to "
+            f"{MAX_INPUT_SIZE}; the file is damaged or was edited by hand."
+        )
+    for key in _META_COUNTS:
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise CifarNetError(
+                f"{where}: {key!r} is {reprlib.repr(value)}, not a whole number of at least 0; the file is damaged or was "
+                "edited by hand."
+            )
+    for key in _META_TEXT:
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise CifarNetError(
+                f"{where}: {key!r} is {reprlib.repr(value)}, not text; the file is damaged or was edited by hand."
+            )
 
 
 def read_model(path: Path, map_location: str | torch.device = "cpu") -> ModelCheckpoint:

@@ -894,6 +894,7 @@ def predict(
             device_spec=device or "auto",
             precision=precision,
             batch_size=batch_size,
+            save_csv=save_csv,
         )
         _ui().info(f"Model: {result.model} ({result.arch}, {result.runtime})")
         if result.notice:
@@ -1072,7 +1073,7 @@ def bench(
     from cifarnet_cli.benchmark import run_bench
 
     with _user_errors():
-        target = fileio.check_target(output.expanduser()) if output is not None else None  # before a minute's work
+        target = fileio.check_output(output) if output is not None else None  # before a minute's work
         result = run_bench(device or "auto", quick=quick, on_event=_ui().BenchView(quiet=quiet))
         if as_json:
             _print_json(result)
@@ -1175,7 +1176,9 @@ def runs_main(
             folder = str(resolve_run(path).dir)
             if as_json:
                 _print_json({"path": folder})
-            else:
+            elif sys.stdout.isatty():  # a person reads it: control characters shown, not acted on
+                _ui().out_console.print(_ui().safe(folder), soft_wrap=True)
+            else:  # `cd "$(cifarnet runs --path NAME)"` needs the path as it is
                 typer.echo(folder)
             return
         _list_runs(as_json)
@@ -1250,8 +1253,9 @@ def runs_rm(
         if not yes:
             try:
                 confirmed = typer.confirm(f"Delete {len(targets)} run(s)?", default=False, err=True)
-            except typer.Abort:
-                confirmed = False
+            except typer.Abort:  # no answer: stdin closed or at its end, or Ctrl-C at the question
+                _ui().warn("No answer, so nothing was deleted; --yes deletes without asking.")
+                raise typer.Exit(1) from None
             if not confirmed:
                 _ui().warn("Nothing deleted.")
                 raise typer.Exit(1)
@@ -1279,11 +1283,17 @@ def completion_scripts() -> dict[str, str]:
 
 
 def main() -> None:
-    # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
-    # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
-    watch = StdoutWatch()
+    from cifarnet_cli import streams
+
+    streams.prepare()  # closed or ASCII-only standard streams
+    watch = StdoutWatch()  # after prepare: a stdout closed from the start is no pipe whose reader left
     try:
+        # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
+        # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
         app(prog_name="cifarnet")
+    except streams.StdoutClosed as exc:  # printed outside a command (--version, --help)
+        _ui().error(str(exc))
+        sys.exit(exc.exit_code)
     except SystemExit as exc:
         # One rule for every command, --help included: the output's reader went away → 141, not 1.
         if exc.code == 1 and watch.reader_left():

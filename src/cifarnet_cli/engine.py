@@ -463,7 +463,7 @@ def fit(
 
 class _FitLoop:
     """The phases of :func:`fit`: restore or start (``__init__``), then per epoch train (with the
-    out-of-memory retry of the first steps), evaluate, record and save, until the last epoch or a stop."""
+    out-of-memory retry of the first epoch), evaluate, record and save, until the last epoch or a stop."""
 
     def __init__(
         self,
@@ -510,12 +510,19 @@ class _FitLoop:
         self.saved_epoch = self.state.epoch  # completed epochs that last.pt holds
         self.saved_position = self.position  # and how far into the next one, when saved in its middle
         self.saver = _TimedSaver(self, config.save_minutes) if config.save_minutes else None
-        # Until this invocation's first optimizer step, running out of GPU memory is answered by halving the
-        # micro-batch (same effective batch); this copy puts back what the failed attempt touched.
+        # Until this invocation's first epoch has trained, running out of GPU memory is answered by halving the
+        # micro-batch (same effective batch) and training the epoch again (from where this invocation began it,
+        # also a save in its middle: the accumulation windows cover the same images); this copy puts back what
+        # the failed attempt touched. Its first evaluation halves the evaluation batch instead (_evaluate_epoch).
         self.start_state: dict[str, Any] | None = _cpu_copy(
-            {"model": model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            {
+                "model": model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            }
         )
-        self.start_steps = self.scheduler.last_epoch
+        self.evaluated = False  # whether this invocation has completed an evaluation
 
     # -- start -------------------------------------------------------------------------------------------
 
@@ -607,7 +614,7 @@ class _FitLoop:
                 command=self.config.command,
                 saved_step=(saved.steps, self.epoch_steps) if saved is not None else None,
             ) from None
-        except torch.cuda.OutOfMemoryError:  # evaluating, or a later epoch (the first steps retry above)
+        except torch.cuda.OutOfMemoryError:  # a later epoch or evaluation (the first ones retry below)
             raise CifarNetError(_out_of_memory_message(self.config, self.run, self.saved_epoch)) from None
         state = self.state
         return FitResult(
@@ -621,8 +628,9 @@ class _FitLoop:
         )
 
     def _train_epoch(self, epoch: int) -> EpochStats:
-        """One epoch of training; out of GPU memory in this invocation's first steps halves the micro-batch
-        and tries again (same effective batch), later it stops the run."""
+        """One epoch of training; out of GPU memory in this invocation's first epoch (its first steps, where the
+        step is captured, or its end, where a short last micro-batch runs eagerly beside the graph's memory)
+        halves the micro-batch and trains the epoch again (same effective batch), later it stops the run."""
         config = self.config
         if config.freeze_backbone:
             set_backbone_trainable(self.model, not backbone_frozen(config, epoch))
@@ -648,7 +656,7 @@ class _FitLoop:
                     resume_at=self.position if self.position is not None and self.position.epoch == epoch else None,
                     saver=self.saver,
                 )
-                self.start_state = None  # past the first steps: no more retries, the copy can go
+                self.start_state = None  # past the first epoch: no more retries, the copy can go
                 self.position = None
                 return stats
             except torch.cuda.OutOfMemoryError:
@@ -657,15 +665,21 @@ class _FitLoop:
                 raise self._diverged(exc.loss, "training") from None
 
     def _retry_smaller(self) -> None:
-        """After running out of memory in the first steps: put the model and optimizer back, halve the
-        micro-batch and double the accumulation; a stop when that is not possible or too late."""
+        """After running out of memory in the first epoch: put the model, optimizer, schedule and scaler back
+        as the epoch found them, halve the micro-batch and double the accumulation; a stop when that is not
+        possible or too late. The epoch's batches depend only on the seed and the epoch, so the epoch trained
+        again is the one a run started at the smaller micro-batch trains."""
         smaller = _smaller_micro_batch(self.config, self.train_loader.num_examples)
-        if self.start_state is None or self.scheduler.last_epoch != self.start_steps or smaller is None:
+        if self.start_state is None or smaller is None:
             raise CifarNetError(_out_of_memory_message(self.config, self.run, self.saved_epoch)) from None
         del self.step
         self.model.load_state_dict(self.start_state["model"])
         self.optimizer.load_state_dict(self.start_state["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.load_state_dict(self.start_state["scheduler"])
+        if self.scaler is not None and self.start_state["scaler"]:
+            self.scaler.load_state_dict(self.start_state["scaler"])
+        self.guard.start = None  # read again from the epoch's first step
         torch.cuda.empty_cache()
         old = self.config
         self.config = smaller
@@ -681,9 +695,25 @@ class _FitLoop:
         )
 
     def _evaluate_epoch(self) -> EvalStats | None:
+        """Validation; out of GPU memory in this invocation's first evaluation (beside the captured graph's
+        memory) halves the evaluation batch and evaluates again, which gives the same figures; later it
+        stops the run."""
         if self.eval_loader is None:
             return None
-        ev = evaluate(self.model, self.eval_loader, device=self.device, precision=self.precision)
+        while True:
+            try:
+                ev = evaluate(self.model, self.eval_loader, device=self.device, precision=self.precision)
+                break
+            except torch.cuda.OutOfMemoryError:
+                batch = self.eval_loader.batch_size
+                if self.evaluated or batch < 2:
+                    raise
+                torch.cuda.empty_cache()
+                self.eval_loader.set_batch_size(batch // 2)
+                self._notice(
+                    f"Out of GPU memory evaluating {batch} images at a time: evaluating {batch // 2} at a time."
+                )
+        self.evaluated = True
         if not math.isfinite(ev.loss):
             raise self._diverged(ev.loss, "validation")
         return ev

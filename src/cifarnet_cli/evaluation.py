@@ -373,6 +373,7 @@ def evaluate_model(
     else:
         assert loaded is not None
         logits, labels = _checkpoint_logits(loaded, data, device, batch_size, tta, precision)
+    _check_finite(logits, model_path)
     names = [model_classes[i] for i in class_ids]
     accuracy, per_class, per_class_n, cm = metrics_from_logits(logits, labels, class_ids, names)
     subset = len(class_ids) < len(model_classes)
@@ -448,8 +449,10 @@ def _save_report(report: EvalReport, run: Any, *, subset: bool, on_event: Callab
     target = run.dir / f"eval-{suffix}.json"
     picture = run.dir / f"confusion-{suffix}.png"
     try:  # atomically, and a failure worded like every other file error
-        fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode())
-        drawn = plot_confusion(report.confusion, report.classes, picture, title=confusion_title(run.name, report))
+        # within: a run that `runs rm` deleted meanwhile stays deleted (no half-run brought back)
+        fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode(), within=run.dir)
+        title = confusion_title(run.name, report)
+        drawn = plot_confusion(report.confusion, report.classes, picture, title=title, within=run.dir)
     except CifarNetError as exc:
         on_event(Notice(f"{exc} The results are not saved in the run folder."))
     except OSError as exc:
@@ -474,6 +477,16 @@ def confusion_title(run_name: str, report: EvalReport) -> str:
         lines.append(f"{len(report.classes)} classes: {', '.join(report.classes)}")
     lines.append(f"accuracy {100 * report.accuracy:.2f}% of {report.n:,} images")
     return "\n".join(lines)
+
+
+def _check_finite(logits: np.ndarray, model_path: Path) -> None:
+    """An accuracy is only a figure when every output is a number: argmax over NaN picks class 0."""
+    bad = int((~np.isfinite(np.asarray(logits))).any(axis=1).sum())
+    if bad:
+        raise CifarNetError(
+            f"{display(model_path)} gave outputs that are not numbers (NaN or infinite) for {bad} of {len(logits)} "
+            "image(s), so no accuracy is reported (a checkpoint run in half precision may do better with --precision fp32)."
+        )
 
 
 def _checkpoint_logits(

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarnet_cli import choices, runtime
+from cifarnet_cli import choices, fileio, runtime
 from cifarnet_cli.errors import CifarNetError, UsageError, first_line
-from cifarnet_cli.fileio import write_bytes
 from cifarnet_cli.inference import LoadedModel, load_model
+from cifarnet_cli.text import printable
 
 FORMATS = choices.EXPORT_FORMATS
 TARGETS = choices.EXPORT_TARGETS
@@ -43,6 +43,12 @@ OPSET_RANGE = (9, 23)
 #: some kernels); that figure is a bound chosen for safety, not one measured on a Jetson.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "engine-fp16": 1e-1}
 DEFAULT_BATCH_RANGE = (1, 32, 256)  # TensorRT optimization profile: min, opt, max images
+#: Largest fixed batch of a static export: the graph is traced on a batch of that size (the TorchScript
+#: exporters run it), so 1024 images of 3×32×32 float32 are 12 MB in, and ResNet-50's activations for them
+#: already a few GB.
+MAX_STATIC_BATCH = 1024
+#: Largest batch a dynamic export declares (the dynamo exporter's batch dimension, TensorRT's profile).
+MAX_DYNAMIC_BATCH = 65536
 EXPORT_EXTRA_HINT = "pip install 'cifarnet[export]'"
 INPUT, OUTPUT = "images", "logits"
 JETSON_INPUT, JETSON_OUTPUT = "input_0", "output_0"  # the blob names jetson-inference's docs use
@@ -263,9 +269,10 @@ def parse_batch_range(spec: str) -> tuple[int, int, int]:
         values *= 3
     elif len(values) == 2:
         values = [values[0], values[1], values[1]]
-    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2] <= MAX_DYNAMIC_BATCH:
         raise UsageError(
-            f"--batch-range {spec!r}: give MIN:OPT:MAX (or MIN:MAX, or N) with 1 <= MIN <= OPT <= MAX, e.g. 1:32:256."
+            f"--batch-range {spec!r}: give MIN:OPT:MAX (or MIN:MAX, or N) with 1 <= MIN <= OPT <= MAX <= "
+            f"{MAX_DYNAMIC_BATCH}, e.g. 1:32:256."
         )
     return values[0], values[1], values[2]
 
@@ -302,6 +309,28 @@ def _torchscript_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
         return module(x)
 
 
+def _check_output_name(output: Path, fmt: str) -> None:
+    """An ONNX file or engine named like a checkpoint would be taken for one (and `cifarnet predict` would
+    be told to load it as one)."""
+    if fmt != "torchscript" and output.suffix.lower() in (".pt", ".pth"):
+        suffix = {"onnx": ".onnx", "engine": ".engine"}[fmt]
+        raise UsageError(
+            f"--output {fileio.display(output)}: .pt and .pth name checkpoints; name the {fmt} file *{suffix}."
+        )
+
+
+def _check_line_names(classes: tuple[str, ...]) -> None:
+    """labels.txt holds one class name per line: a name with a line break (or another control character)
+    would shift every name after it to the wrong output."""
+    bad = [c for c in classes if printable(c) != c or not c.strip()]
+    if bad:
+        raise CifarNetError(
+            f"Class name '{printable(bad[0])}' cannot be written to labels.txt (one name per line): it holds a line "
+            "break or another control character, or is blank. Export without --for jetson-inference, or rename "
+            "the class folder and train again."
+        )
+
+
 def export_model(
     ref: str | None,
     *,
@@ -331,8 +360,8 @@ def export_model(
             f"--opset {opset}: choose an ONNX opset between {OPSET_RANGE[0]} and {OPSET_RANGE[1]} "
             f"(default {DEFAULT_OPSET}; {JETSON_OPSET} for older TensorRT)."
         )
-    if batch is not None and batch < 1:
-        raise UsageError(f"--batch {batch}: give a batch size of at least 1.")
+    if batch is not None and not 1 <= batch <= MAX_STATIC_BATCH:
+        raise UsageError(f"--batch {batch}: give a batch size from 1 to {MAX_STATIC_BATCH}.")
     if fmt == "torchscript" and fp16:
         raise UsageError("--fp16 is for ONNX and TensorRT; TorchScript exports are fp32.")
     if fmt == "torchscript" and (opset is not None or batch_range is not None):
@@ -355,17 +384,29 @@ def export_model(
     opset = opset if opset is not None else (JETSON_OPSET if jetson or fmt == "engine" else DEFAULT_OPSET)
     half = bool(fp16) if fp16 is not None else fmt == "engine"
 
+    if output is not None:
+        _check_output_name(output, fmt)
     device = torch.device("cpu")  # export on the CPU: the file is device-independent
     loaded = load_model(ref, device)
+    within = None  # a default output goes into the run folder, which must still exist then (runs rm)
     if output is None:
-        folder = loaded.run.dir if loaded.run is not None else loaded.path.parent
+        within = loaded.run.dir if loaded.run is not None else loaded.path.parent
         name = {"onnx": "model.onnx", "torchscript": "model.ts", "engine": "model.engine"}[fmt]
-        output = folder / "jetson-inference" / name if jetson else folder / name
+        output = within / "jetson-inference" / name if jetson else within / name
     output = output.expanduser()
+    outputs = [output] + ([output.with_name("labels.txt")] if jetson else [])
+    outputs += [runtime.engine_metadata_path(output)] if fmt == "engine" else []
+    for path in outputs:
+        fileio.check_output(path, [loaded.path], option="--output")
+    if jetson:
+        _check_line_names(loaded.classes)
     size = loaded.input_size
     example = torch.rand(fixed_batch if static else 2, 3, size, size)
     meta = metadata(loaded, half, jetson=jetson)
     labels: Path | None = None
+
+    def write_bytes(path: Path, data: bytes) -> None:
+        fileio.write_bytes(path, data, within=within)
 
     if fmt == "torchscript":
         write_bytes(output, _torchscript_bytes(_Deployable(loaded.model, half=False).eval(), example, meta))

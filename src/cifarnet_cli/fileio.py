@@ -17,13 +17,21 @@ import errno
 import io
 import os
 import secrets
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.errors import CifarNetError, UsageError
+
+try:  # POSIX: a writer holds a lock on its temporary file, so a cleanup can tell a dead writer's leftover
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: leftovers go by age instead
+    fcntl = None  # type: ignore[assignment]
 
 PARTIAL_SUFFIX = ".partial"
+#: Without file locks (Windows), a temporary file is taken for a killed writer's once it is this old.
+_STALE_PARTIAL_S = 3600.0
 
 _PROBLEMS = {
     errno.ENOSPC: "no space left on the device; free some space",
@@ -103,12 +111,25 @@ def os_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: s
     return CifarNetError(os_error_message(exc, path, action))
 
 
-def check_target(path: Path) -> Path:
+def check_target(path: Path, *, within: Path | None = None) -> Path:
     """Fail early, in words, when ``path`` cannot become a file: it is a folder, or its folder cannot be
-    created (a command that measures for a minute checks its ``--output`` before it starts)."""
+    created (a command that measures for a minute checks its ``--output`` before it starts). With
+    ``within``, that folder must exist and is not created (see :func:`atomic_writer`)."""
     if path.is_dir():
         raise CifarNetError(f"Cannot write {display(path)}: it is a folder; give the path of a file.")
-    ensure_dir(path.parent)
+    if within is None:
+        ensure_dir(path.parent)
+        return path
+    if not within.is_dir():
+        raise CifarNetError(f"Cannot write {display(path)}: {display(within)} is gone (deleted while this ran).")
+    below = path.parent.relative_to(within)
+    folder = within
+    for part in below.parts:
+        folder = folder / part
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, folder, "create the folder") from exc
     return path
 
 
@@ -171,21 +192,100 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def open_regular(path: Path) -> Any:
+    """``open(path, "rb")`` for a file cifarnet only reads, refusing what is not a regular file before a
+    read can block on it: a FIFO named config.json would hang a listing forever (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Temporary files: one name, one pattern
+
+
+def partial_path(target: Path) -> Path:
+    """The temporary file :func:`atomic_writer` writes ``target`` through: ``.<name>.<random>.partial`` in
+    the same folder (hidden, and never mistaken for the file itself)."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def is_partial(name: str, target: str | None = None) -> bool:
+    """Whether the file name ``name`` is one of :func:`partial_path`'s (of the file named ``target``, or of
+    any file)."""
+    if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+        return False
+    return target is None or (name.startswith(f".{target}.") and len(name) > len(target) + 2 + len(PARTIAL_SUFFIX))
+
+
+def _writer_is_gone(path: str) -> bool:
+    """Whether no process is writing the temporary file ``path`` any more (its writer was killed): the
+    writer holds a lock on it for as long as it writes."""
+    if fcntl is None:  # pragma: no cover - Windows
+        import time
+
+        return time.time() - os.stat(path).st_mtime > _STALE_PARTIAL_S
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_partials(folder: Path, target: str | None = None, *, legacy: bool = False) -> list[Path]:
+    """Delete the temporary files in ``folder`` (of the file named ``target``, or of any file) whose
+    writers are gone (``kill -9`` skips every cleanup); those still being written stay. ``legacy`` also
+    takes ``<name>.partial`` (the name older versions wrote run records through)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not (is_partial(entry.name, target) or (legacy and entry.name.endswith(PARTIAL_SUFFIX))):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_symlink() or (entry.is_file(follow_symlinks=False) and _writer_is_gone(entry.path)):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[Any]:
+def atomic_writer(path: Path, *, within: Path | None = None) -> Iterator[Any]:
     """Yield a binary file object; on a clean exit its bytes replace ``path`` atomically.
 
     Failures of the file itself (no space, read-only, no permission, size limit) become a
     :class:`CifarNetError` naming ``path``; anything else the writer raises (Ctrl-C, a network error)
-    propagates unchanged. Either way the temporary file is gone and ``path`` is as it was."""
-    check_target(path)
-    folder = ensure_dir(path.parent)
-    tmp = folder / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    propagates unchanged. Either way the temporary file is gone and ``path`` is as it was.
+
+    ``within`` (a folder above ``path``) must exist already: folders below it are created, it never is. A
+    report written into a run folder that `runs rm` deleted meanwhile then fails instead of bringing the
+    folder back. Temporary files of ``path`` left by a killed writer are removed first."""
+    check_target(path, within=within)
+    folder = path.parent
+    remove_partials(folder, path.name)
+    tmp = partial_path(path)
     try:
         # 0o666 & ~umask, the mode open() gives; O_EXCL: never write through a planted file or link.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
         raise os_error(exc, path, "write") from exc
+    if fcntl is not None:  # tells a cleanup that this writer lives (a new file: the lock is free)
+        with contextlib.suppress(OSError):  # a file system without locks: its leftovers stay until removed
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fh = os.fdopen(fd, "wb")
     sink = _Sink(fh)
     stage = "body"
@@ -209,27 +309,33 @@ def atomic_writer(path: Path) -> Iterator[Any]:
     _fsync_dir(folder)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``."""
-    with atomic_writer(path) as fh:
+def write_bytes(path: Path, data: bytes, *, within: Path | None = None) -> None:
+    """Atomically replace ``path`` with ``data`` (``within``: see :func:`atomic_writer`)."""
+    with atomic_writer(path, within=within) as fh:
         fh.write(data)
 
 
-def remove_stale_partials(folder: Path, older_than_s: float = 3600.0) -> int:
-    """Delete temporary files a killed process left in ``folder`` (``kill -9`` skips every cleanup).
-    Only files older than ``older_than_s`` go: a younger one may belong to a writer still at work."""
-    import time
-
-    removed = 0
-    now = time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX):
+def check_output(target: Path, inputs: Iterable[str | os.PathLike[str]] = (), *, option: str = "--output") -> Path:
+    """Refuse an output file that would destroy what the command reads or what a run keeps: one of
+    ``inputs`` (by path or as the same file through a link), or a run's checkpoint or record (best.pt,
+    last.pt, epoch-NNN.pt, config.json, metrics.*), or a folder. Call it before the work that produces the
+    output."""
+    target = Path(os.path.expanduser(target))
+    check_target(target)
+    where = os.path.realpath(target)
+    for source in inputs:
+        same = os.path.realpath(source) == where
+        if not same and target.exists():
             with contextlib.suppress(OSError):
-                if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
+                same = os.path.samefile(source, target)
+        if same:
+            raise UsageError(
+                f"{option} {display(target)} is also an input of this command ({display(source)}); writing it would "
+                "destroy it. Give another file name."
+            )
+    from cifarnet_cli.runs import run_file  # runs imports this module
+
+    owner = run_file(Path(where))
+    if owner is not None:
+        raise UsageError(f"{option} {display(target)} is {owner}; give another file name.")
+    return target

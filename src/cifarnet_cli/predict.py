@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from cifarnet_cli.data.images import ImageDecodeError, decode_workers, is_image_file, load_image
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli import fileio
+from cifarnet_cli.data.images import ImageDecodeError, decode_workers, load_image
+from cifarnet_cli.data.walk import ImageWalk
+from cifarnet_cli.errors import UsageError
 from cifarnet_cli.runtime import ImageClassifier, is_exported, open_exported, softmax
+
+NOT_A_NUMBER = "the model's output is not a number (NaN or infinite) for this image"
 
 
 @dataclass(frozen=True)
@@ -61,40 +66,60 @@ class PredictResult:
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
-    """Expand files, folders (recursively, image extensions only) and globs, in the order given; an input
-    that names nothing becomes an error in its place. A file named twice is predicted once."""
+    """Expand files, folders (recursively, image extensions only) and globs, in the order given, with the
+    training walk's rules (:class:`~cifarnet_cli.data.walk.ImageWalk`): each real file once, however many
+    names or links lead to it; symbolic-link loops ended; FIFOs, sockets and devices never opened. An input
+    that names nothing, a file that is not a regular file and a folder that cannot be read become an error
+    in their place."""
+    walk = ImageWalk()
     items: list[Path | Prediction] = []
-    seen: set[Path] = set()
-
-    def add(files: Sequence[Path]) -> None:
-        for f in files:
-            if f not in seen:
-                seen.add(f)
-                items.append(f)
-
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(
-                Path(d) / f
-                for d, _dirs, names in os.walk(path)
-                for f in names
-                if is_image_file(f) and not f.startswith(".")
-            )
-            if not found:
-                items.append(Prediction(item, error="no image files in this folder"))
-            add(found)
-        elif path.is_file():
-            add([path])
+            if not walk.visited(path):  # a folder named twice (or inside one named before) adds nothing
+                items.extend(_folder_items(walk, path, item))
+        elif os.path.lexists(path):
+            items.extend(_file_items(walk, [path]))
         elif glob.has_magic(item):
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True))
-            matched_files = [m for m in matches if m.is_file()]
-            if not matched_files:
+            before = len(walk.unreadable)
+            matches = walk.glob(item)
+            found = _problems(walk, before) + _file_items(walk, matches, skip_folders=True)
+            if not found and all(m.is_dir() for m in matches):  # files already named elsewhere add no row
                 items.append(Prediction(item, error="no files match this pattern"))
-            add(matched_files)
+            items.extend(found)
         else:
             items.append(Prediction(item, error="no such file or folder"))
     return items
+
+
+def _file_items(walk: ImageWalk, paths: Sequence[Path], *, skip_folders: bool = False) -> list[Path | Prediction]:
+    out: list[Path | Prediction] = []
+    for path in paths:
+        if skip_folders and path.is_dir():  # a pattern that also matches folders: their files are not asked for
+            continue
+        got = walk.file(path)
+        if isinstance(got, str):
+            out.append(Prediction(str(path), error=got))
+        elif got is not None:  # None: the same file, already taken under another name
+            out.append(path)
+    return out
+
+
+def _problems(walk: ImageWalk, since: int) -> list[Path | Prediction]:
+    return [Prediction(str(where), error=why) for where, why in walk.unreadable[since:]]
+
+
+def _folder_items(walk: ImageWalk, folder: Path, item: str) -> list[Path | Prediction]:
+    """The images under ``folder`` and, in path order among them, the entries that cannot be read (a
+    folder without permission, a FIFO named like an image)."""
+    before = len(walk.unreadable)
+    files = walk.files(folder)
+    problems = walk.unreadable[before:]
+    if not files and not problems:
+        return [Prediction(item, error="no image files in this folder")]
+    rows: list[tuple[Path, Path | Prediction]] = [(f, f) for f in files]
+    rows += [(where, Prediction(str(where), error=why)) for where, why in problems]
+    return [entry for _key, entry in sorted(rows, key=lambda r: r[0])]
 
 
 def _decoded(files: Sequence[Path], batch_size: int, size: int) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
@@ -126,6 +151,9 @@ def predict_files(
             probs = softmax(model.logits(np.stack([px for _p, px in good])))  # N×H×W×3 uint8 in
             best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             for (p, _px), row, idx in zip(good, probs, best, strict=True):
+                if not np.isfinite(row).all():  # a model (or a precision) that overflows: no answer, not a guess
+                    results[p] = Prediction(str(p), error=NOT_A_NUMBER)
+                    continue
                 results[p] = Prediction(str(p), top=[(model.classes[i], float(row[i])) for i in idx.tolist()])
         out.extend(results[p] for p, _ in batch)
     return out
@@ -168,31 +196,34 @@ def predict(
     device_spec: str = "auto",
     precision: str | None = None,
     batch_size: int | None = None,
+    save_csv: Path | None = None,
 ) -> PredictResult:
     """Classify ``inputs`` (files, folders, globs) with the run or checkpoint ``ref`` (None: the most
-    recent run) or the model file ``model_file``."""
+    recent run) or the model file ``model_file``. ``save_csv``, where :func:`write_csv` will write the
+    answers, is checked before any work: it may not be one of the inputs or the model."""
     check_options(top_k, batch_size)
     if not inputs:
         raise UsageError("Give at least one image file, folder or glob.")
     model = open_model(ref, model_file, device_spec, precision)
     items = collect_inputs(inputs)
     files = [i for i in items if isinstance(i, Path)]
+    if save_csv is not None:
+        fileio.check_output(save_csv, [*files, model.path], option="--save-csv")
     by_file = dict(zip(files, predict_files(model, files, top_k=top_k, batch_size=batch_size), strict=True))
     predictions = [by_file[i] if isinstance(i, Path) else i for i in items]
     return PredictResult(predictions, str(model.path), model.arch, model.runtime, model.notice)
 
 
 def write_csv(predictions: Sequence[Prediction], target: Path) -> None:
-    """``path,class,probability,error``: one row per input, in input order (errors have no class)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "class", "probability", "error"])
-            for p in predictions:
-                if p.top:
-                    writer.writerow([p.path, p.top[0][0], f"{p.top[0][1]:.6f}", ""])
-                else:
-                    writer.writerow([p.path, "", "", p.error or ""])
-    except OSError as exc:
-        raise CifarNetError(f"Could not write {target} ({exc.strerror or exc}).") from None
+    """``path,class,probability,error``: one row per input, in input order (errors have no class). Fields
+    holding a comma, a quote or a line break are quoted (RFC 4180), so every file name reads back whole.
+    Written atomically: a failure leaves the previous file."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "class", "probability", "error"])
+    for p in predictions:
+        if p.top:
+            writer.writerow([p.path, p.top[0][0], f"{p.top[0][1]:.6f}", ""])
+        else:
+            writer.writerow([p.path, "", "", p.error or ""])
+    fileio.write_bytes(target.expanduser(), buffer.getvalue().encode("utf-8", errors="surrogateescape"))

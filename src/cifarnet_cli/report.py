@@ -19,6 +19,7 @@ from typing import Any
 from cifarnet_cli import fileio
 from cifarnet_cli.events import EpochEnded, EpochStarted
 from cifarnet_cli.runs import Run
+from cifarnet_cli.text import printable
 
 PLOT_HINT = "Install matplotlib to get curves.png in the run folder: pip install 'cifarnet[plot]'."
 
@@ -43,17 +44,19 @@ def _figure(width: float, height: float, columns: int) -> tuple[Any, Any] | None
     return fig, fig.subplots(1, columns, squeeze=False)[0]
 
 
-def _save(fig: Any, target: Path) -> Path:
-    """Render in memory, then replace ``target`` atomically (fileio: the user's umask, errors naming it)."""
+def _save(fig: Any, target: Path, within: Path | None = None) -> Path:
+    """Render in memory, then replace ``target`` atomically (fileio: the user's umask, errors naming it;
+    ``within``: a folder that must still exist, see fileio.atomic_writer)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
-    fileio.write_bytes(target, buffer.getvalue())
+    fileio.write_bytes(target, buffer.getvalue(), within=within)
     return target
 
 
-def _literal(text: str) -> str:
-    """Text from data (class and folder names) drawn as written: matplotlib would read "$...$" as maths."""
-    return text.replace("$", r"\$")
+def _label(text: str) -> str:
+    """A class or run name as a plot label: printable (cifarnet_cli.text), and a "$" is a dollar sign, not
+    the start of matplotlib's math markup (an unbalanced one fails the whole drawing)."""
+    return printable(text).replace("$", r"\$")
 
 
 def _integer_epochs(ax: Any) -> None:
@@ -302,10 +305,11 @@ class CurvesWriter:
 
 
 def plot_confusion(
-    confusion: Sequence[Sequence[int]], classes: Sequence[str], target: Path, *, title: str
+    confusion: Sequence[Sequence[int]], classes: Sequence[str], target: Path, *, title: str, within: Path | None = None
 ) -> Path | None:
     """Counts and row-normalised confusion matrices side by side (rows: true class)."""
     n = len(classes)
+    classes = [_label(c) for c in classes]
     # Room for the rotated class names under each matrix and for every line of the title; a gap between the
     # panels so the first colour bar's label stays clear of the second matrix's class names.
     extra = 0.25 * title.count("\n")
@@ -327,8 +331,8 @@ def plot_confusion(
 
             bar.locator = MaxNLocator(integer=True)
             bar.update_ticks()
-        ax.set_xticks(range(n), [_literal(c) for c in classes], rotation=45, ha="right")
-        ax.set_yticks(range(n), [_literal(c) for c in classes])
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         if n <= 20:
@@ -347,8 +351,8 @@ def plot_confusion(
                     )
     counts_ax.set_title("counts")
     norm_ax.set_title("row-normalised")
-    fig.suptitle(_literal(title))
-    return _save(fig, target)
+    fig.suptitle("\n".join(_label(line) for line in title.split("\n")))  # each line made printable
+    return _save(fig, target, within)
 
 
 def plot_compare(
@@ -363,7 +367,7 @@ def plot_compare(
     splits = splits or {}
     for name, rows in curves.items():
         x = [r["epoch"] for r in rows]
-        label = name if splits.get(name, "val") == "val" else f"{name} ({splits[name]} split)"
+        label = _label(name) if splits.get(name, "val") == "val" else f"{_label(name)} ({splits[name]} split)"
         acc_ax.plot(
             x,
             [100 * r["val_accuracy"] if r.get("val_accuracy") is not None else math.nan for r in rows],

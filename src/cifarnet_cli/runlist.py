@@ -6,18 +6,21 @@ opened and torch is never imported, so listing a hundred runs (or completing a r
 from __future__ import annotations
 
 import json
+import os
+import reprlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarnet_cli import paths, report, runs
+from cifarnet_cli import fileio, paths, report, runs
 from cifarnet_cli.config import TrainConfig
-from cifarnet_cli.errors import CifarNetError, UsageError
+from cifarnet_cli.errors import CifarNetError, UsageError, first_line
 
-#: Machine-readable states (``--json``); the table shows :attr:`RunSummary.status`.
-STATES = ("running", "finished", "stopped-early", "stopped", "untrained")
+#: Machine-readable states (``--json``); the table shows :attr:`RunSummary.status`. ``damaged``: a file of
+#: the run cannot be read or holds values of the wrong type (the status says which and why).
+STATES = ("running", "finished", "stopped-early", "stopped", "untrained", "damaged")
 
 #: Recipe options left out of ``runs compare``: they never change the result.
 _NOT_RECIPE = {"device", "precision", "save_every", "save_minutes"}
@@ -59,11 +62,70 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else ""
 
 
+def _record(run: runs.Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str | None]:
+    """config.json's whole record, its ``config`` and ``meta``, and what is wrong with them: a listing shows
+    such a run as damaged instead of failing for every run."""
+    record, problem = run.read_config_checked()
+    config, meta = record.get("config", {}), record.get("meta", {})
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        return record, {}, {}, problem or "config.json: config and meta must be JSON objects"
+    expected: list[tuple[str, Any, tuple[type, ...]]] = [
+        ("config.epochs", config.get("epochs"), (int,)),
+        ("config.patience", config.get("patience"), (int,)),
+        ("config.task", config.get("task"), (str,)),
+        ("config.arch", config.get("arch"), (str,)),
+        ("meta.arch", meta.get("arch"), (str,)),
+        ("meta.eval_split", meta.get("eval_split"), (str,)),
+        ("device", record.get("device"), (str,)),
+        ("created", record.get("created"), (str,)),
+    ]
+    for key, value, types in expected:
+        wrong = not isinstance(value, types) or isinstance(value, bool) or (isinstance(value, int) and value < 0)
+        if value is not None and wrong:
+            return record, config, meta, problem or f"config.json: {key} is {reprlib.repr(value)}"
+    return record, config, meta, problem
+
+
 def summarize(run: runs.Run) -> RunSummary:
-    record = run.read_config()
-    config = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
-    meta = record.get("meta", {}) if isinstance(record.get("meta"), dict) else {}
-    rows = run.read_metrics()
+    """One run's row. A run whose files are damaged (wrong types, unreadable, oversized lines) is still
+    summarized, with state ``damaged`` and the reason as its status."""
+    try:
+        return _summarize(run)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, MemoryError) as exc:
+        return _damaged(run, f"{type(exc).__name__}: {first_line(exc, 120)}")
+
+
+def _damaged(run: runs.Run, why: str) -> RunSummary:
+    return RunSummary(
+        name=run.name,
+        path=str(run.dir),
+        task="train",
+        arch="?",
+        epochs_done=0,
+        epochs_planned=0,
+        best_accuracy=None,
+        best_epoch=None,
+        final_accuracy=None,
+        split="val",
+        images_per_second=None,
+        device="",
+        created="",
+        updated=_iso(run.last_activity()),
+        state="damaged",
+        status=f"damaged: {why}",
+        patience=0,
+        stopped_early=None,
+    )
+
+
+def _summarize(run: runs.Run) -> RunSummary:
+    record, config, meta, problem = _record(run)
+    rows, metrics_problem = run.read_metrics_checked()
+    problem = problem or metrics_problem
+    if problem is None and not run.dir.is_dir():  # listed because it could not be looked into
+        problem = "the folder cannot be read"
+    if problem is not None:
+        return _damaged(run, problem)
     done = max((r["epoch"] for r in rows), default=0)
     planned = int(config.get("epochs") or 0)
     best = report.best_epoch(rows)
@@ -172,53 +234,78 @@ def _shown(value: Any) -> str:
     return json.dumps(value)
 
 
+def _evaluation(path: Path) -> dict[str, Any] | None:
+    """One eval-*.json's summary; None for a file that is not one (damaged, edited, oversized)."""
+    try:
+        with fileio.open_regular(path) as fh:
+            raw = fh.read(runs.MAX_CONFIG_BYTES + 1)
+        data = json.loads(raw.decode("utf-8", errors="replace")) if len(raw) <= runs.MAX_CONFIG_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    accuracy, n, split = data.get("accuracy"), data.get("n"), data.get("split")
+    if not isinstance(accuracy, int | float) or isinstance(accuracy, bool) or not isinstance(n, int):
+        return None
+    classes = data.get("classes") if "unrestricted_accuracy" in data else None  # a class subset
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) else None
+
+    return {
+        "file": path.name,
+        "split": str(split),
+        "accuracy": accuracy,
+        "n": n,
+        "data": text("data"),  # "<location> (<kind>)"; older reports have it too
+        "data_fingerprint": text("data_fingerprint"),
+        # None in reports written before it was recorded
+        "runs_own_data": data["runs_own_data"] if isinstance(data.get("runs_own_data"), bool) else None,
+        "tta": data.get("tta") is True,
+        "classes": [str(c) for c in classes] if isinstance(classes, list) else None,
+    }
+
+
 def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted(run.dir.glob("eval-*.json")):
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            classes = data.get("classes") if "unrestricted_accuracy" in data else None
-            out.append(
-                {
-                    "file": path.name,
-                    "split": data.get("split"),
-                    "accuracy": data.get("accuracy"),
-                    "n": data.get("n"),
-                    "data": data.get("data"),  # "<location> (<kind>)"; older reports have it too
-                    "runs_own_data": data.get("runs_own_data"),  # None in reports written before it was recorded
-                    "data_fingerprint": data.get("data_fingerprint"),
-                    "tta": bool(data.get("tta")),
-                    "classes": [str(c) for c in classes] if isinstance(classes, list) else None,  # a subset
-                }
-            )
-    return out
+    try:
+        found = sorted(run.dir.glob("eval-*.json"))
+    except OSError:
+        return []
+    return [e for e in map(_evaluation, found) if e is not None]
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:
+    """The run's files and their sizes; its lock and the temporary files of writes in progress (or of
+    killed ones) are not the run's."""
     out = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != runs.LOCK_NAME:
-            try:
+    try:
+        found = sorted(folder.rglob("*"))
+    except OSError:
+        return []
+    for path in found:
+        if path.name == runs.LOCK_NAME or fileio.is_partial(path.name):
+            continue
+        try:
+            if path.is_file():
                 out.append((str(path.relative_to(folder)), path.stat().st_size))
-            except OSError:
-                continue
+        except OSError:
+            continue
     return out
 
 
 def detail(ref: str) -> RunDetail:
+    """One run in full; a damaged run shows what can still be read, with the reason in its summary."""
     run = runs.resolve_run(ref)
-    record = run.read_config()
     summary = summarize(run)
+    _record_all, config, meta, _problem = _record(run)
     resume = None
     if summary.state in ("stopped", "untrained") and run.last.is_file():
         resume = f"cifarnet {summary.command} --resume {run.name}"
     return RunDetail(
         summary=summary,
-        config=record.get("config", {}) if isinstance(record.get("config"), dict) else {},
-        meta=record.get("meta", {}) if isinstance(record.get("meta"), dict) else {},
+        config=config,
+        meta=meta,
         metrics=run.read_metrics(),
         evaluations=_evaluations(run),
         files=_files(run.dir),
@@ -263,6 +350,8 @@ def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:
     chosen = [runs.resolve_run(ref) for ref in refs]
     if len({r.dir.resolve() for r in chosen}) < len(chosen):
         raise UsageError("Name each run once.")
+    if plot is not None:
+        plot = fileio.check_output(plot, option="--plot")
     configs = [_recipe(r) for r in chosen]
     keys = sorted({k for c in configs for k in c} - _NOT_RECIPE)
     differences = {k: [c.get(k) for c in configs] for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1}
@@ -282,10 +371,18 @@ def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:
 
 
 def removable(ref: str) -> runs.Run:
-    """A run folder inside the runs folder, by name (or 'last'): `runs rm` deletes nothing else."""
-    run = runs.resolve_run(ref)
-    if run.dir.resolve().parent != paths.runs_dir().resolve():
+    """A run folder directly inside the runs folder, by name (or 'last', or its path): `runs rm` deletes
+    nothing else. An empty name, "." and ".." are refused whatever folder they would mean (an unset shell
+    variable must not delete the run the shell stands in)."""
+    name = ref.strip()
+    if os.path.basename(name.rstrip("/" + os.sep)) in ("", ".", ".."):
+        raise UsageError(f"{ref!r} is not a run name; `runs rm` takes run names (see `cifarnet runs`).")
+    run = runs.resolve_run(name)
+    root = paths.runs_dir().resolve()
+    folder = run.dir.parent.resolve() / run.dir.name  # the run's own entry, not where a link points
+    if folder.parent != root or folder == root or run.dir.name.startswith("."):
         raise UsageError(f"{ref!r} is not a run in {paths.runs_dir()}; `runs rm` takes run names.")
+    run = runs.Run(run.dir.name, folder)
     holder = runs.holder_of(run)
     if holder is not None:  # refused before the question, so that nothing is deleted (remove() checks again)
         raise CifarNetError(
@@ -296,15 +393,28 @@ def removable(ref: str) -> runs.Run:
 
 
 def remove(run: runs.Run) -> None:
-    """Delete the run's folder; refused while another process trains it."""
+    """Delete the run's folder (a link: the link only); refused while another process trains it. The
+    folder is renamed away first (runs.trash), so a delete killed half-way leaves no half-run behind."""
+    runs.empty_trash()
+    if run.dir.is_symlink():
+        trashed = runs.trash(run)
+        trashed.unlink()
+        return
     lock = run.lock()
     try:
-        lock.acquire(attempts=3)
+        lock.acquire(attempts=3, writing=False)
     except runs.RunBusy as exc:
         raise CifarNetError(f"Not deleting {run.name!r}: {exc}") from None
     try:
-        shutil.rmtree(run.dir)
+        trashed = runs.trash(run)
     except OSError as exc:
-        raise CifarNetError(f"Could not delete {run.dir} ({exc.strerror or exc}).") from None
-    finally:
         lock.release()
+        raise CifarNetError(f"Could not delete {run.dir} ({exc.strerror or exc}); nothing was deleted.") from None
+    lock.release(remove_file=False)  # its file went with the folder
+    try:
+        shutil.rmtree(trashed)
+    except OSError as exc:
+        raise CifarNetError(
+            f"{run.name!r} is deleted from the runs, but its files could not all be removed ({exc.strerror or exc}); "
+            f"they are in {trashed}."
+        ) from None

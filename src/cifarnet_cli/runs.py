@@ -10,8 +10,12 @@ import io
 import json
 import os
 import re
+import reprlib
+import secrets
+import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,23 +46,48 @@ METRIC_COLUMNS = (
 )
 
 LOCK_NAME = ".lock"
-#: Temporary files the training writer leaves only when it is killed mid-write (checkpoint.save_atomic,
-#: Run.write_*, report's atomic PNG): safe to delete once this process holds the run's lock.
-_PARTIAL_PATTERNS = (
-    ".last.pt.*.partial",
-    ".best.pt.*.partial",
-    ".epoch-*.pt.*.partial",
-    "*.json.partial",
-    "*.jsonl.partial",
-    "*.csv.partial",
-    ".curves.png.partial",
-)
+#: A run being deleted is first renamed to ``.deleting-<name>-<random>`` in the runs folder (one atomic
+#: step), then removed: a delete killed half-way leaves this hidden folder, which listings skip and the next
+#: `runs rm` removes, never a run with half of its files.
+TRASH_PREFIX = ".deleting-"
+#: The files a run's training writes, which no other command's output may replace.
+RECORD_NAMES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "metrics.csv")
+_EPOCH_CHECKPOINT = re.compile(r"epoch-\d+\.pt")
+#: Longest metrics.jsonl line read (a row is about 250 bytes): a damaged file with a line of hundreds of
+#: megabytes is reported instead of read into memory.
+MAX_METRICS_LINE = 64 * 1024
+#: Largest config.json read (cifarnet writes about 2 KB).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Through fileio's temporary file, into the run folder only while it exists (never re-created)."""
+    fileio.write_bytes(path, text.encode("utf-8"), within=path.parent)
+
+
+def run_file(path: Path) -> str | None:
+    """What ``path`` is to a run, when it is a checkpoint or record of one (words for a refusal), else None."""
+    name = path.name
+    if name not in RECORD_NAMES and not _EPOCH_CHECKPOINT.fullmatch(name):
+        return None
+    folder = path.parent
+    try:
+        is_run = any((folder / f).is_file() for f in ("config.json", "last.pt", "best.pt"))
+    except OSError:
+        is_run = False
+    return f"the {name} of run {fileio.display(folder.name)!r}" if is_run else None
+
+
+def _metric_problem(row: dict[str, Any]) -> str | None:
+    """Why a metrics row cannot be used (a value of the wrong type), or None."""
+    epoch = row.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        return f"epoch is {reprlib.repr(epoch)}, not a whole number of at least 1"
+    for key in METRIC_COLUMNS[1:]:
+        value = row.get(key)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            return f"{key} is {reprlib.repr(value)}, not a number"
+    return None
 
 
 @dataclass(frozen=True)
@@ -105,18 +134,33 @@ class Run:
 
     def read_config(self) -> dict[str, Any]:
         """config.json as a dict; {} when it is missing or unreadable (a listing must not fail)."""
+        return self.read_config_checked()[0]
+
+    def read_config_checked(self) -> tuple[dict[str, Any], str | None]:
+        """config.json as a dict ({} when missing), and what is wrong with the file when it cannot be read."""
         try:
-            data = json.loads(self.config_file.read_bytes().decode("utf-8", errors="replace"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+            with fileio.open_regular(self.config_file) as fh:
+                raw = fh.read(MAX_CONFIG_BYTES + 1)
+        except FileNotFoundError:
+            return {}, None
+        except OSError as exc:
+            return {}, f"config.json cannot be read ({fileio.problem(exc, self.config_file)})"
+        if len(raw) > MAX_CONFIG_BYTES:
+            return {}, f"config.json is larger than {MAX_CONFIG_BYTES // 1024 // 1024} MB"
+        try:
+            data = json.loads(raw.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            return {}, "config.json is not valid JSON"
+        if not isinstance(data, dict):
+            return {}, "config.json does not hold a JSON object"
+        return data, None
 
     # ---------------------------------------------------------------------------------------------
     # metrics.jsonl (+ metrics.csv, the same rows for spreadsheets)
 
     def update_config(self, config: dict[str, Any]) -> None:
         """Replace the recorded training config (the micro-batch can change after running out of memory)."""
-        data = json.loads(self.config_file.read_text()) if self.config_file.is_file() else {}
+        data = self.read_config()
         data["config"] = config
         self.write_config(data)
 
@@ -140,23 +184,37 @@ class Run:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; lines that are not JSON objects (cut short by a crash, damaged,
-        not UTF-8) are skipped rather than failing a resume or a listing."""
+        not UTF-8) or hold values of the wrong type are skipped rather than failing a resume or a listing."""
+        return self.read_metrics_checked()[0]
+
+    def read_metrics_checked(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The usable rows of metrics.jsonl, and the first sign of damage: a row with a value of the wrong
+        type, a line longer than :data:`MAX_METRICS_LINE` (not read), an unreadable file. A line that is not
+        JSON is what a crash in the middle of a write leaves: skipped, not damage."""
+        rows: list[dict[str, Any]] = []
+        problem: str | None = None
         try:
-            raw = self.metrics_file.read_bytes()
-        except OSError:
-            return []
-        rows = []
-        for line in raw.decode("utf-8", errors="replace").splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-                rows.append(row)
-        return rows
+            with fileio.open_regular(self.metrics_file) as fh:
+                for number, line in enumerate(_lines(fh), start=1):
+                    if line is None:
+                        problem = problem or f"metrics.jsonl line {number} is longer than {MAX_METRICS_LINE // 1024} KB"
+                        continue
+                    try:
+                        row = json.loads(line.decode("utf-8", errors="replace"))
+                    except (ValueError, RecursionError):
+                        continue
+                    if not isinstance(row, dict):
+                        continue
+                    why = _metric_problem(row)
+                    if why is None:
+                        rows.append(row)
+                    else:
+                        problem = problem or f"metrics.jsonl line {number}: {why}"
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problem = f"metrics.jsonl cannot be read ({fileio.problem(exc, self.metrics_file)})"
+        return rows, problem
 
     def truncate_metrics(self, epochs: int) -> None:
         """Keep rows 1..``epochs`` (checkpoints written before the rows were stored in last.pt)."""
@@ -173,23 +231,49 @@ class Run:
         return self.best.is_file() or self.completed_epochs() > 0
 
     def last_activity(self) -> float:
-        times = [p.stat().st_mtime for p in (self.last, self.best, self.metrics_file, self.config_file) if p.exists()]
+        times = []
+        for path in (self.last, self.best, self.metrics_file, self.config_file):
+            try:
+                times.append(path.stat().st_mtime)
+            except OSError:  # missing, or a folder that cannot be read
+                continue
         return max(times, default=0.0)
 
     def clean_partials(self) -> list[Path]:
-        """Delete temporary files a killed writer left behind; call with the run's lock held."""
-        removed = []
-        for pattern in _PARTIAL_PATTERNS:
-            for path in self.dir.glob(pattern):
-                try:
-                    path.unlink()
-                    removed.append(path)
-                except OSError:
-                    pass
-        return removed
+        """Delete temporary files killed writers left behind (those still being written stay)."""
+        return fileio.remove_partials(self.dir, legacy=True)
+
+    def check_writable(self) -> None:
+        """Refuse a run folder that is a symbolic link (training would write wherever it points, outside
+        the runs folder), or whose record files are folders (training would fail an epoch in)."""
+        if self.dir.is_symlink():
+            raise CifarNetError(
+                f"{fileio.display(self.dir)} is a symbolic link (to {fileio.display(os.readlink(self.dir))}), not a "
+                "run folder; cifarnet writes runs only into real folders. Remove the link, or train under another name."
+            )
+        for path in (self.last, self.best, self.config_file, self.metrics_file, self.csv_file, self.curves_file):
+            if path.is_dir():
+                raise CifarNetError(
+                    f"Cannot write {fileio.display(path)}: it is a folder; move it out of the run folder first."
+                )
 
     def lock(self) -> RunLock:
         return RunLock(self)
+
+
+def _lines(fh: Any) -> Iterator[bytes | None]:
+    """The lines of a binary file, each read with at most :data:`MAX_METRICS_LINE` bytes in memory; None
+    for a line longer than that (skipped to its end)."""
+    while True:
+        line = fh.readline(MAX_METRICS_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_METRICS_LINE and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = fh.readline(MAX_METRICS_LINE + 1)
+            yield None
+            continue
+        yield line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +307,11 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, *, attempts: int = 10) -> None:
+    def acquire(self, *, attempts: int = 10, writing: bool = True) -> None:
+        """Take the lock (``attempts`` tries, 50 ms apart); ``writing``: the holder will write into the run,
+        so the folder is checked first (:meth:`Run.check_writable`)."""
+        if writing:
+            self.run.check_writable()
         path = self.run.lock_file
         for attempt in range(attempts):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -252,13 +340,16 @@ class RunLock:
             return
         raise RunBusy(f"Could not lock run {self.run.name!r} at {path}; try again.")
 
-    def release(self) -> None:
+    def release(self, *, remove_file: bool = True) -> None:
+        """Drop the lock. ``remove_file=False`` after the folder was renamed away (runs.trash): the path
+        may by then name another process's new lock file."""
         if self._fd is None:
             return
-        try:
-            self.run.lock_file.unlink(missing_ok=True)  # while still holding it (see acquire's inode check)
-        except OSError:
-            pass
+        if remove_file:
+            try:
+                self.run.lock_file.unlink(missing_ok=True)  # while still holding it (see acquire's inode check)
+            except OSError:
+                pass
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
@@ -292,7 +383,7 @@ def describe_holder(holder: dict[str, Any], *, since: bool = True) -> str:
 def holder_of(run: Run) -> dict[str, Any] | None:
     """Who trains ``run`` right now ({} if unknown), or None when nobody holds its lock."""
     try:
-        fd = os.open(run.lock_file, os.O_RDONLY)
+        fd = os.open(run.lock_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
     except OSError:
         return None
     try:
@@ -347,6 +438,7 @@ def check_new_run(name: str) -> None:
     """Fail early (before loading data) when ``name`` is invalid or taken; :func:`create_run` decides."""
     check_name(name)
     run = Run(name, paths.runs_dir() / name)
+    run.check_writable()
     if run.last.exists() or run.best.exists():
         raise CifarNetError(_exists_message(run))
 
@@ -359,6 +451,7 @@ def create_run(name: str, *, unique: bool = False) -> tuple[Run, RunLock]:
     for i in range(1, 1000):
         candidate = name if i == 1 else f"{name}-{i}"
         run = Run(candidate, paths.runs_dir() / candidate)
+        run.check_writable()  # before mkdir: a link would be followed
         run.dir.mkdir(parents=True, exist_ok=True)
         lock = run.lock()
         try:
@@ -381,16 +474,49 @@ def _is_run_dir(d: Path) -> bool:
     return d.is_dir() and any((d / f).exists() for f in ("last.pt", "best.pt", "config.json"))
 
 
+def _listed(d: Path) -> bool:
+    """A folder of the runs folder that the listing shows: a run, or one it cannot look into (shown as
+    damaged, with the reason). Hidden names (a run being deleted) are not runs."""
+    if d.name.startswith("."):
+        return False
+    try:
+        return _is_run_dir(d)
+    except OSError:  # e.g. no permission to look inside: a run, damaged, rather than a failed listing
+        return d.is_dir()
+
+
 def list_runs() -> list[Run]:
     """Run folders (with a checkpoint or a config.json), most recently active first."""
     root = paths.runs_dir()
     try:
-        dirs = [d for d in root.iterdir() if _is_run_dir(d)]
+        dirs = [d for d in root.iterdir() if _listed(d)]
     except FileNotFoundError:
         return []  # nothing trained yet
     except OSError as exc:  # CIFARNET_HOME is a file, or unreadable: say so (training would fail there too)
         raise fileio.os_error(exc, root, "read") from exc
     return sorted((Run(d.name, d) for d in dirs), key=Run.last_activity, reverse=True)
+
+
+def trash(run: Run) -> Path:
+    """Rename ``run``'s folder (or link) to a hidden name in its folder, in one atomic step: from here on it
+    is no run (listings, resolving and writers skip it), and a process killed while deleting it leaves this
+    folder for :func:`empty_trash`, not half a run."""
+    target = run.dir.parent / f"{TRASH_PREFIX}{run.name}-{secrets.token_hex(4)}"
+    os.rename(run.dir, target)
+    return target
+
+
+def empty_trash() -> None:
+    """Remove what deletes killed half-way left (see :func:`trash`)."""
+    try:
+        leftovers = [d for d in paths.runs_dir().iterdir() if d.name.startswith(TRASH_PREFIX)]
+    except OSError:
+        return
+    for folder in leftovers:
+        if folder.is_symlink():
+            folder.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def latest_run(*, trained_only: bool = False) -> Run:
@@ -419,7 +545,7 @@ def resolve_run(ref: str | None, *, trained_only: bool = False) -> Run:
     if _is_run_dir(path):
         return Run(path.name, path)
     run = Run(ref, paths.runs_dir() / ref)
-    if "/" not in ref and _is_run_dir(run.dir):
+    if "/" not in ref and not ref.startswith(TRASH_PREFIX) and _is_run_dir(run.dir):
         return run
     if path.is_dir():
         raise CifarNetError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from cifarnet_cli import paths
+from cifarnet_cli.data.images import IMAGE_SIZE, MAX_INPUT_SIZE, MIN_INPUT_SIZE, valid_input_size
 from cifarnet_cli.errors import CifarNetError, UsageError, first_line
+from cifarnet_cli.fileio import display
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -93,21 +96,83 @@ class ExportInfo:
 
     @classmethod
     def from_props(cls, props: dict[str, str], path: Path) -> ExportInfo:
+        """The metadata, checked: a file whose metadata cannot describe a working model is refused here,
+        saying what is wrong, rather than giving wrong answers later."""
         if "cifarnet_classes" not in props:
             raise CifarNetError(
-                f"{path} has no cifarnet metadata (class names, input size); export it with `cifarnet export`."
+                f"{display(path)} has no cifarnet metadata (class names, input size); export it with `cifarnet export`."
             )
+
+        def damaged(what: str) -> CifarNetError:
+            return CifarNetError(f"{display(path)}: its cifarnet metadata is damaged ({what}); export it again.")
+
         try:
-            classes = tuple(str(c) for c in json.loads(props["cifarnet_classes"]))
-            size = int(props.get("cifarnet_input_size", "32"))
+            classes = json.loads(props["cifarnet_classes"])
         except (ValueError, TypeError) as exc:
-            raise CifarNetError(f"{path}: its cifarnet metadata is damaged ({exc}); export it again.") from None
-        return cls(
-            props.get("cifarnet_arch", "unknown"),
-            classes,
-            size,
-            props.get("cifarnet_input_normalization", "none"),
-            props.get("cifarnet_output", "logits"),
+            raise damaged(f"cifarnet_classes is not JSON: {exc}") from None
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise damaged("cifarnet_classes must be a non-empty list of distinct class names")
+        raw_size = props.get("cifarnet_input_size", str(IMAGE_SIZE))
+        size = int(raw_size) if isinstance(raw_size, str) and raw_size.strip().isdigit() else None
+        if not valid_input_size(size):
+            raise damaged(
+                f"cifarnet_input_size is {reprlib.repr(raw_size)}, not a whole number of pixels from {MIN_INPUT_SIZE} to "
+                f"{MAX_INPUT_SIZE}"
+            )
+        assert size is not None
+        normalization = props.get("cifarnet_input_normalization", "none")
+        output = props.get("cifarnet_output", "logits")
+        if normalization not in ("none", "imagenet") or output not in ("logits", "probabilities"):
+            raise damaged(f"unknown input normalization {reprlib.repr(normalization)} or output {reprlib.repr(output)}")
+        return cls(str(props.get("cifarnet_arch", "unknown")), tuple(classes), size, normalization, output)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of an exported graph, as its runtime describes it: ``dtype`` in numpy's words
+    (float32, float16, int64, ...), dimensions as ints, with None for a dynamic one."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+def _dims(shape: tuple[int | None, ...]) -> str:
+    return "×".join("N" if d is None else str(d) for d in shape) or "a scalar"
+
+
+def check_signature(path: Path, info: ExportInfo, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Refuse a graph that does not take N×3×S×S float32 pixels (S the metadata's input size) and return
+    N×C scores (C the number of class names): a mismatch gives tracebacks or, worse, confident answers from
+    the wrong class names."""
+    where = display(path)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise CifarNetError(
+            f"{where} has {len(inputs)} input(s) and {len(outputs)} output(s); a cifarnet model has one of each."
+        )
+    (inp,), (out,) = inputs, outputs
+    size, n_classes = info.input_size, len(info.classes)
+    wanted = (None, 3, size, size)
+    if inp.dtype != "float32":
+        raise CifarNetError(f"{where}: its input is {inp.dtype}, not float32 (cifarnet feeds float32 pixels).")
+    if len(inp.shape) != 4 or any(
+        d is not None and w is not None and d != w for d, w in zip(inp.shape, wanted, strict=True)
+    ):
+        raise CifarNetError(
+            f"{where}: its input is {_dims(inp.shape)}, not N×3×{size}×{size} (channels first, at the input size "
+            "its metadata states)."
+        )
+    if out.dtype != "float32":
+        raise CifarNetError(f"{where}: its output is {out.dtype}, not float32 scores, one per class.")
+    if len(out.shape) != 2 or out.shape[1] not in (None, n_classes):
+        raise CifarNetError(
+            f"{where}: its output is {_dims(out.shape)}, not N×{n_classes} (one score for each of the "
+            f"{n_classes} class names in its metadata)."
         )
 
 
@@ -147,8 +212,19 @@ class ExportedModel:
         self.batch_range = batch_range  # what the file accepts; logits() splits and pads to fit
         self.default_batch = inference_batch(info.arch)
 
+    def _checked(self, x: np.ndarray) -> np.ndarray:
+        """Run one chunk; outputs of another shape than the signature promised (a dynamic class dimension)
+        are refused, never read as scores."""
+        out = np.asarray(self._run(x))
+        if out.shape != (len(x), len(self.classes)) or out.dtype.kind != "f":
+            raise CifarNetError(
+                f"{display(self.path)} returned {out.dtype} outputs of shape {out.shape} for {len(x)} images; a "
+                f"cifarnet model returns {len(x)}×{len(self.classes)} scores (one per class name)."
+            )
+        return out
+
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        out = _batched(self._run, to_input(pixels, self.info.normalization), *self.batch_range)
+        out = _batched(self._checked, to_input(pixels, self.info.normalization), *self.batch_range)
         if self.info.output == "probabilities":  # log p: its softmax is p again, and argmax/TTA averages agree
             return np.log(np.maximum(out, np.finfo(np.float32).tiny))
         return out
@@ -190,6 +266,18 @@ def onnx_providers(device: str, available: list[str]) -> list[Any]:
     return [*gpu, "CPUExecutionProvider"]
 
 
+def _onnx_specs(args: list[Any]) -> list[TensorSpec]:
+    """onnxruntime's NodeArgs (type 'tensor(float)', shape [int | str | None]) as :class:`TensorSpec`."""
+    specs = []
+    for arg in args:
+        kind = str(arg.type)
+        dtype = kind[len("tensor(") : -1] if kind.startswith("tensor(") else kind
+        dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
+        shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
+        specs.append(TensorSpec(str(arg.name), dtype, shape))
+    return specs
+
+
 def open_onnx(path: Path, device: str = "auto") -> ExportedModel:
     if importlib.util.find_spec("onnxruntime") is None:
         raise CifarNetError(f"Running {path.name} needs onnxruntime: {RUNTIME_HINT} (onnxruntime-gpu for CUDA).")
@@ -208,6 +296,7 @@ def open_onnx(path: Path, device: str = "auto") -> ExportedModel:
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (unexported) exception types
         raise CifarNetError(f"{path} is not an ONNX model onnxruntime can run ({first_line(exc)}).") from None
     info = ExportInfo.from_props(dict(session.get_modelmeta().custom_metadata_map), path)
+    check_signature(path, info, _onnx_specs(session.get_inputs()), _onnx_specs(session.get_outputs()))
     (inp,) = session.get_inputs()
     batch = inp.shape[0]
     batch_range: tuple[int, int | None] = (batch, batch) if isinstance(batch, int) and batch > 0 else (1, None)
@@ -284,8 +373,14 @@ def open_engine(path: Path, device: str = "auto") -> ExportedModel:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise CifarNetError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; expected one of each.")
+
+    def spec(name: str) -> TensorSpec:
+        dtype = str(engine.get_tensor_dtype(name)).rsplit(".", 1)[-1].lower()  # DataType.FLOAT → float
+        dtype = {"float": "float32", "half": "float16", "int32": "int32", "int64": "int64"}.get(dtype, dtype)
+        shape = tuple(int(d) if int(d) >= 0 else None for d in engine.get_tensor_shape(name))
+        return TensorSpec(name, dtype, shape)
+
+    check_signature(path, info, [spec(n) for n in inputs], [spec(n) for n in outputs])
     inp, out = inputs[0], outputs[0]
     fixed = int(engine.get_tensor_shape(inp)[0])
     if fixed > 0:

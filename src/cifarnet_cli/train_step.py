@@ -20,6 +20,7 @@ buffers, so no image is dropped or padded.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -119,7 +120,7 @@ class TrainStep:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "eager" and (scaler is not None or not isinstance(optimizer, SGD)):
             raise ValueError("static and graph modes need cifarnet's SGD and no gradient scaler")
-        if mode == "graph" and device.type != "cuda":
+        if mode == "graph" and not capturable(device):
             raise ValueError("graph mode needs a CUDA device")
         self.model = model
         self.optimizer = optimizer
@@ -223,33 +224,63 @@ class TrainStep:
         """Warm up on a side stream, capture the micro-batch and the update, then put back every tensor
         the warm-up changed, so capturing leaves the training exactly where it was. A capture that fails
         (an operation CUDA graphs do not allow, an old driver) is reported in one line and the step runs
-        eagerly; running out of memory is left to the caller, which retries with smaller micro-batches."""
+        eagerly; running out of memory is left to the caller, which retries with smaller micro-batches.
+
+        Everything happens under the step's device and on one stream of it: torch.cuda.graph's own capture
+        stream is made on the *current* device, so a step on ``--device cuda:1`` would record an empty graph
+        while its kernels ran eagerly on cuda:1 (pytorch#87794)."""
         assert isinstance(self.optimizer, SGD)
         state = _mutable_state(self.model, self.optimizer) + [self.loss_sum, self.correct]
         saved = [t.detach().clone() for t in state]
-        try:
+        with torch.cuda.device(self.device):
             side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self._static_micro()
-                    self.optimizer.update_static()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            micro, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(micro):
-                self._static_micro()
-            with torch.cuda.graph(update, pool=micro.pool()):
-                self.optimizer.update_static()
-            graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = (micro, update)
-        except torch.cuda.OutOfMemoryError:
+            try:
+                graphs = self._warm_up_and_record(side)
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
+                side.synchronize()  # warm-up kernels still queued there must not overwrite what is restored
+                _restore(state, saved)
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.notice(f"Could not capture the training step as a CUDA graph ({first[:160]}); training eagerly.")
+                return None
             _restore(state, saved)
-            raise
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.notice(f"Could not capture the training step as a CUDA graph ({first[:160]}); training eagerly.")
-            graphs = None
-        _restore(state, saved)
         return graphs
+
+    def _warm_up_and_record(self, side: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+        """Eager steps on ``side`` (cuDNN autotuning, lazy initialisation: torch's CUDA-graph notes), then the
+        micro-batch and the update captured on it, the update into the micro-batch's memory pool."""
+        assert isinstance(self.optimizer, SGD)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._static_micro()
+                self.optimizer.update_static()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # as torch.cuda.graph does: the warm-up's cached blocks become the graph's to use
+        micro, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        _capture_into(micro, side, self._static_micro)
+        _capture_into(update, side, self.optimizer.update_static, pool=micro.pool())
+        return micro, update
+
+
+def _capture_into(
+    graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, fn: Callable[[], None], **kwargs: Any
+) -> None:
+    """Record ``fn`` into ``graph`` on ``stream`` (``kwargs``: ``pool``). torch.cuda.graph does this too, but on
+    failure it leaves the capture stream current when ``capture_end`` raises, and when ``fn`` fails it raises
+    capture_end's consequent error ("operation failed due to a previous error during capture") in place of
+    the cause. Here the previous stream is current again whatever fails, and the first error is the one raised."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin(**kwargs)
+        try:
+            fn()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):
+                graph.capture_end()  # ends the capture mode; its error is a consequence of the one raised
+            raise
+        graph.capture_end()
 
 
 def _restore(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -271,13 +302,19 @@ def _mutable_state(model: nn.Module, optimizer: SGD) -> list[torch.Tensor]:
     return tensors
 
 
+def capturable(device: torch.device) -> bool:
+    """Whether a step on ``device`` can be captured as CUDA graphs (tests replace this to emulate capture on
+    the CPU)."""
+    return device.type == "cuda"
+
+
 def choose_mode(capture: str, *, device: torch.device, precision: Precision, notice: Callable[[str], None]) -> str:
     """The mode ``--capture auto|on|off`` gives on this device. ``auto`` captures on CUDA where it can;
     ``on`` says why when it cannot (one line) and trains eagerly."""
     if capture == "off":
         return "eager"
     why = None
-    if device.type != "cuda":
+    if not capturable(device):
         why = f"CUDA graphs need a CUDA device; training eagerly on {device.type}"
     elif precision.needs_grad_scaler:
         why = "fp16's gradient scaler checks for overflow on the host every step; training eagerly"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cifarnet_cli import __version__, checkpoint, interrupts, paths, pretrained, report, runs, tensorboard_log
-from cifarnet_cli.autobatch import fit_micro_batch
+from cifarnet_cli.autobatch import data_bytes_on_device, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
@@ -386,8 +386,8 @@ def _train(
     _warn_if_slow(config, device, on_event)
     config, data = _prepare_data(config, ckpt, resumed, on_event)
     model = _prepare_model(config, data, ckpt, resumed, init, device, on_event)
-    config = _fit_micro_batch(config, model, device, precision, on_event)
     step_mode = choose_mode(config.capture, device=device, precision=precision, notice=lambda m: on_event(Notice(m)))
+    config = _fit_micro_batch(config, model, device, precision, on_event, step_mode=step_mode, data=data)
     start_epoch = int(ckpt["fit_state"]["epoch"]) if ckpt is not None else 0
     if config.freeze_backbone:  # so the banner counts the parameters that train in the next epoch
         set_backbone_trainable(model, not backbone_frozen(config, start_epoch + 1))
@@ -438,9 +438,17 @@ def _train(
 
 
 def _fit_micro_batch(
-    config: TrainConfig, model: Classifier, device: torch.device, precision: Precision, on_event: EventCallback
+    config: TrainConfig,
+    model: Classifier,
+    device: torch.device,
+    precision: Precision,
+    on_event: EventCallback,
+    *,
+    step_mode: str = "eager",
+    data: _Data | None = None,
 ) -> TrainConfig:
-    """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch.
+    """--batch-size auto: the largest micro-batch that fits, the accumulation making up the effective batch; the
+    budget holds a captured step's graph (``step_mode``) and ``data``'s share of the device's memory.
 
     It is the default on a GPU that shares the system's memory (a Jetson), where running out of memory is
     often the kernel killing the process rather than a CUDA error a run could recover from. The run
@@ -450,8 +458,15 @@ def _fit_micro_batch(
         config = config.replace(batch_size_auto=device.type == "cuda" and is_integrated(device))
     if not config.batch_size_auto or device.type != "cuda":
         return config
+    sets = [s.images.nbytes for s in (data.train_set, data.eval_set) if s is not None] if data is not None else []
     fitted = fit_micro_batch(
-        model, device=device, precision=precision, effective_batch=config.effective_batch, cap=config.batch_size
+        model,
+        device=device,
+        precision=precision,
+        effective_batch=config.effective_batch,
+        cap=config.batch_size,
+        captured=step_mode == "graph",
+        data_bytes=data_bytes_on_device(sets, device),
     )
     why = " (--batch-size auto: the default on a GPU that shares the system's memory)" if defaulted else ""
     on_event(Notice(f"Fitted to this GPU's memory: {fitted.describe()}{why}."))

@@ -14,7 +14,6 @@ from typing import Any
 from rich import box
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions
-from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
@@ -42,9 +41,16 @@ from cifarnet_cli.events import (
     StepProgress,
     TrainResult,
 )
+from cifarnet_cli.text import printable, safe
 
 
 class _Console(Console):
+    """Every console cifarnet prints through: no emoji codes (``:smile:`` in a file name stays as typed), no
+    highlighting; text from data goes through :func:`cifarnet_cli.text.safe`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(emoji=False, highlight=False, **kwargs)
+
     def on_broken_pipe(self) -> None:
         try:
             super().on_broken_pipe()  # quiet from now on, stdout pointed at /dev/null
@@ -52,8 +58,8 @@ class _Console(Console):
             raise SystemExit(EXIT_BROKEN_PIPE) from None  # not 1: the output's reader left, nothing failed
 
 
-err_console = _Console(stderr=True, highlight=False)
-out_console = _Console(highlight=False)
+err_console = _Console(stderr=True)
+out_console = _Console()
 
 
 def _line(text: str) -> None:
@@ -62,19 +68,19 @@ def _line(text: str) -> None:
 
 
 def error(message: str) -> None:
-    _line(f"[bold red]Error:[/] {escape(message)}")
+    _line(f"[bold red]Error:[/] {safe(message)}")
 
 
 def warn(message: str) -> None:
-    _line(f"[yellow]{escape(message)}[/]")
+    _line(f"[yellow]{safe(message)}[/]")
 
 
 def info(message: str) -> None:
-    _line(escape(message))
+    _line(safe(message))
 
 
 def success(message: str) -> None:
-    _line(f"[green]✓[/] {escape(message)}")
+    _line(f"[green]✓[/] {safe(message)}")
 
 
 def _pct(x: float | None) -> str:
@@ -220,7 +226,7 @@ class TrainView:
             return
         if isinstance(event, Notice):
             if not self.quiet:
-                self._print(f"[yellow]{escape(event.message)}[/]")
+                self._print(f"[yellow]{safe(event.message)}[/]")
         elif isinstance(event, RunStarted):
             self.started = event
             if not self.quiet:
@@ -236,7 +242,7 @@ class TrainView:
         elif isinstance(event, BoardStatus):
             self._board = event
         elif isinstance(event, CheckpointSaved):
-            self._print(f"[dim]Saved step {event.step}/{event.steps} of epoch {event.epoch} to {escape(event.path)}[/]")
+            self._print(f"[dim]Saved step {event.step}/{event.steps} of epoch {event.epoch} to {safe(event.path)}[/]")
 
     def _decoding(self, e: DecodeProgress) -> None:
         """A folder's first read: a bar in a terminal (it can take a minute), a line every 10,240 images
@@ -271,12 +277,12 @@ class TrainView:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
         if e.start_step:
             verb = f"Resuming run {e.run} at step {e.start_step} of epoch {e.start_epoch + 1}"
-        self._print(f"[bold]{escape(verb)}[/] → {escape(e.run_dir)}")
-        why = f" ({escape(e.precision_reason)})" if e.precision_reason and e.precision_reason != "asked for" else ""
+        self._print(f"[bold]{safe(verb)}[/] → {safe(e.run_dir)}")
+        why = f" ({safe(e.precision_reason)})" if e.precision_reason and e.precision_reason != "asked for" else ""
         step = ", step captured as CUDA graphs" if e.step_mode == "graph" else ""
-        self._print(f"Device: {escape(e.device)}, precision {e.precision}{why}{step}")
+        self._print(f"Device: {safe(e.device)}, precision {e.precision}{why}{step}")
         self._print(
-            f"Data: {escape(e.data)}: {e.train_images:,} training images, {e.eval_images:,} for {e.eval_split}"
+            f"Data: {safe(e.data)}: {e.train_images:,} training images, {e.eval_images:,} for {e.eval_split}"
             + ("" if e.on_device_data else " (kept in pinned host memory)")
         )
         accum = f" × accum {e.accum}" if e.accum > 1 else ""
@@ -288,7 +294,7 @@ class TrainView:
         )
         if self.batch_size_auto and not e.device.startswith("cuda"):
             self._print(
-                f"--batch-size auto fits the micro-batch to a GPU's free memory; on {escape(e.device.split(' (')[0])} "
+                f"--batch-size auto fits the micro-batch to a GPU's free memory; on {safe(e.device.split(' (')[0])} "
                 f"it is the recipe's: {e.batch_size} × accum {e.accum} = effective batch {e.effective_batch}."
             )
         self._epochs = e.epochs
@@ -356,7 +362,7 @@ def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
     table.add_column("", no_wrap=True)
     table.add_column("")
     label = f" ({eval_split})" if eval_split else ""
-    table.add_row("run", result.run)
+    table.add_row("run", safe(result.run))
     table.add_row("epochs", str(result.epochs))
     table.add_row(f"best accuracy{label}", _pct(result.best_accuracy))
     table.add_row(f"final accuracy{label}", _pct(result.final_accuracy))
@@ -387,7 +393,7 @@ class DownloadView:
         # Warnings about verification are printed even with --quiet.
         if not self.quiet or message.startswith("WARNING"):
             console = self._progress.console if self._progress else err_console
-            console.print(f"[yellow]{escape(message)}[/]", soft_wrap=True)
+            console.print(f"[yellow]{safe(message)}[/]", soft_wrap=True)
 
     def progress(self, done: int, total: int | None) -> None:
         if self.quiet or not err_console.is_terminal:
@@ -415,8 +421,8 @@ class PathCell:
     a space, not in the middle of a name; a single name longer than the column is folded. Plain text: no
     markup is read from it."""
 
-    def __init__(self, path: str, style: str = "") -> None:
-        self.path = path
+    def __init__(self, path: object, style: str = "") -> None:
+        self.path = printable(path)  # the one rule for text from data (cifarnet_cli.text), without markup
         self.style = style
 
     def _pieces(self) -> list[str]:
@@ -455,8 +461,12 @@ def _print_table(console: Console, table: Table) -> None:
     console.print(table)
 
 
+#: Wider than any table: printed through a console this wide, a table takes its natural width.
+_UNLIMITED = 10_000
+
+
 def _natural_width(console: Console, renderable: Any) -> int:
-    return console.measure(renderable, options=console.options.update(width=10_000)).maximum
+    return console.measure(renderable, options=console.options.update(width=_UNLIMITED)).maximum
 
 
 def print_fitted(
@@ -480,16 +490,17 @@ def print_fitted(
 
 
 def _print_wide(console: Console, table: Table) -> None:
-    """Print ``table`` at its natural width, wider than the console if need be."""
-    width = _natural_width(console, table)
+    """Print ``table`` at its natural width, wider than the console if need be. Redirected output is not
+    measured first: a measurement is a whole pass over the cells (a quarter of the time of printing
+    100,000 predictions), and a table never grows wider than its natural width anyway."""
+    width = _natural_width(console, table) if console.is_terminal else _UNLIMITED
     if width > console.width:
         # Console.print clamps its width argument to the console's: print through a wider twin instead.
         console = _Console(
             file=console.file,
             width=width,
             force_terminal=console.is_terminal,
-            color_system=console.color_system,  # type: ignore[arg-type]
-            highlight=False,
+            color_system=console.color_system,
         )
     _print_table(console, table)
 
@@ -513,7 +524,7 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
     """Overall and per-class accuracy, then the confusion matrix (rows: true class). Class names are never
     cut: the matrix's columns use short unique abbreviations, explained in a legend."""
     console = console or out_console
-    head = f"Accuracy on {report.split}: [bold]{_pct(report.accuracy)}[/] of {report.n:,} images"
+    head = f"Accuracy on {safe(report.split)}: [bold]{_pct(report.accuracy)}[/] of {report.n:,} images"
     if report.unrestricted_accuracy is not None:
         head += (
             f" (over {len(report.classes)} classes; {_pct(report.unrestricted_accuracy)} choosing among all classes)"
@@ -521,7 +532,7 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
     if report.tta:
         head += ", flip TTA"
     console.print(head, soft_wrap=True)
-    console.print(f"[dim]{escape(report.checkpoint)} on {escape(report.data)}[/]", soft_wrap=True)
+    console.print(f"[dim]{safe(report.checkpoint)} on {safe(report.data)}[/]", soft_wrap=True)
 
     def per_class(_dropped: set[str]) -> Table:
         per = Table(title="Per-class accuracy")
@@ -529,7 +540,7 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
         per.add_column("accuracy", justify="right", no_wrap=True)
         per.add_column("images", justify="right", no_wrap=True)
         for name in report.classes:
-            per.add_row(escape(name), _pct(report.per_class[name]), f"{report.per_class_n[name]:,}")
+            per.add_row(safe(name), _pct(report.per_class[name]), f"{report.per_class_n[name]:,}")
         return per
 
     print_fitted(console, per_class)
@@ -543,21 +554,21 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
         cm = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1)) if compact else Table(title=title)
         cm.add_column("", no_wrap=True)
         for s in short:
-            cm.add_column(escape(s), justify="right", no_wrap=True)
+            cm.add_column(safe(s), justify="right", no_wrap=True)
         for i, row in enumerate(report.confusion):
             cm.add_row(
-                escape(short[i] if compact else report.classes[i]),
+                safe(short[i] if compact else report.classes[i]),
                 *[f"[bold]{v}[/]" if i == j else (str(v) if v else "[dim]·[/]") for j, v in enumerate(row)],
             )
         return cm
 
     print_fitted(console, matrix, droppable=["full row names"])
     if short != list(report.classes):
-        legend = "  ".join(f"{escape(a)}={escape(c)}" for a, c in zip(short, report.classes, strict=True))
+        legend = "  ".join(f"{safe(a)}={safe(c)}" for a, c in zip(short, report.classes, strict=True))
         console.print(legend, soft_wrap=not console.is_terminal)  # a file gets it on one line, never cut at 80
     if getattr(report, "files", None):
         err_console.print(
-            f"Wrote {', '.join(escape(Path(f).name) for f in report.files)} to {escape(str(Path(report.files[0]).parent))}",
+            f"Wrote {', '.join(safe(Path(f).name) for f in report.files)} to {safe(str(Path(report.files[0]).parent))}",
             soft_wrap=True,
         )
 
@@ -571,7 +582,7 @@ def prediction_table(predictions: list[Any], top_k: int, console: Console | None
     table = Table()
     table.add_column("file")  # PathCell: a narrow terminal breaks a path after a "/", not inside a name
     # The answer is never cut: a narrow terminal folds the file, next and error columns instead.
-    longest = max((len(p.top[0][0]) for p in predictions if p.error is None and p.top), default=5)
+    longest = max((len(safe(p.top[0][0])) for p in predictions if p.error is None and p.top), default=5)
     table.add_column("class", no_wrap=True, min_width=max(5, longest))
     header = "probability" if console.width >= 100 or not console.is_terminal else "prob"
     table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
@@ -582,12 +593,12 @@ def prediction_table(predictions: list[Any], top_k: int, console: Console | None
     for p in predictions:
         row: list[Any]
         if p.error is not None:
-            row = [PathCell(p.path), "[red]—[/]", ""] + ([""] if show_next else []) + [f"[red]{escape(p.error)}[/]"]
+            row = [PathCell(p.path), "[red]—[/]", ""] + ([""] if show_next else []) + [f"[red]{safe(p.error)}[/]"]
         else:
             (cls, prob), rest = p.top[0], p.top[1:]
-            row = [PathCell(p.path), cls, f"{100 * prob:.1f}%"]
+            row = [PathCell(p.path), safe(cls), f"{100 * prob:.1f}%"]
             if show_next:
-                row.append("  ".join(f"{c} {100 * q:.1f}%" for c, q in rest))
+                row.append("  ".join(f"{safe(c)} {100 * q:.1f}%" for c, q in rest))
             if show_error:
                 row.append("")
         table.add_row(*row)
@@ -607,9 +618,9 @@ class BenchView:
         if self.quiet:
             return
         if isinstance(event, BenchProgress):
-            err_console.print(f"[dim][{event.index}/{event.total}][/] {escape(event.what)}", soft_wrap=True)
+            err_console.print(f"[dim][{event.index}/{event.total}][/] {safe(event.what)}", soft_wrap=True)
         elif isinstance(event, Notice):
-            err_console.print(f"[yellow]{escape(event.message)}[/]", soft_wrap=True)
+            err_console.print(f"[yellow]{safe(event.message)}[/]", soft_wrap=True)
 
 
 def _rate(x: float | None) -> str:
@@ -622,7 +633,7 @@ def bench_tables(result: dict[str, Any]) -> None:
         f" (compute capability {env['compute_capability']})" if "gpu" in env else ""
     )
     out_console.print(
-        f"[bold]cifarnet bench[/] on {escape(where)}, torch {env['torch']}"
+        f"[bold]cifarnet bench[/] on {safe(where)}, torch {safe(env['torch'])}"
         + (" (--quick)" if result["quick"] else "")
         + f", {result['seconds']:.0f} s"
     )
@@ -671,7 +682,7 @@ def info_tables(data: dict[str, Any]) -> None:
     t.add_column()
     t.add_column()
     for key in ("cifarnet", "python", "platform", "torch", "torchvision"):
-        t.add_row(key, str(data[key]))
+        t.add_row(key, safe(data[key]))
     t.add_row("CUDA build", f"yes (CUDA {data['cuda_version']})" if data["cuda_build"] else "no (CPU-only torch)")
     gpus = sum(1 for dev in data["devices"] if dev["type"] == "cuda")
     why = data.get("cuda_unavailable_reason")
@@ -679,9 +690,9 @@ def info_tables(data: dict[str, Any]) -> None:
         "CUDA", f"available ({gpus} GPU{'s' if gpus != 1 else ''})" if gpus else f"not available ({why or 'no GPU'})"
     )
     if data["jetson"]:
-        t.add_row("Jetson", data["jetson"])
-    t.add_row("default device", data["default_device"])
-    t.add_row("precisions", "; ".join(f"{k}: {', '.join(v)}" for k, v in data["precisions"].items()))
+        t.add_row("Jetson", safe(data["jetson"]))
+    t.add_row("default device", safe(data["default_device"]))
+    t.add_row("precisions", safe("; ".join(f"{k}: {', '.join(v)}" for k, v in data["precisions"].items())))
     print_fitted(out_console, lambda _d: t, wrap=True)
     d = Table(title="Devices")
     for col in ("device", "name", "memory", "compute capability", "--precision auto"):
@@ -696,9 +707,9 @@ def info_tables(data: dict[str, Any]) -> None:
                 mem += f" (unified; {gib(dev['available_memory_bytes'])} available)"
             elif dev.get("free_memory_bytes") is not None:
                 mem += f" ({gib(dev['free_memory_bytes'])} free)"
-            d.add_row(f"cuda:{dev['index']}", dev["name"], mem, dev["compute_capability"], escape(auto))
+            d.add_row(f"cuda:{dev['index']}", safe(dev["name"]), mem, safe(dev["compute_capability"]), safe(auto))
         else:
-            d.add_row(dev["type"], str(dev.get("name", "")), "", "", escape(auto))
+            d.add_row(safe(dev["type"]), safe(dev.get("name", "")), "", "", safe(auto))
     print_fitted(out_console, lambda _d: d, wrap=True)
     p = Table(title="Files", show_header=False)
     p.add_column(no_wrap=True)
@@ -725,8 +736,8 @@ def doctor_table(report: Any, console: Console | None = None) -> None:
         if c.area != area and area is not None:
             table.add_section()
         area = c.area
-        row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", escape(c.name), escape(c.detail)]
-        table.add_row(*row, *([escape(c.fix)] if fixes else []))
+        row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", safe(c.name), safe(c.detail)]
+        table.add_row(*row, *([safe(c.fix)] if fixes else []))
     _print_table(console, table)  # the title on a line of its own, like every other table's
     counts = f"{report.problems} problem{'s' * (report.problems != 1)}, {report.warnings} warning{'s' * (report.warnings != 1)}"
     (error if report.problems else warn if report.warnings else success)(
@@ -737,7 +748,13 @@ def doctor_table(report: Any, console: Console | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 # cifarnet runs
 
-_STATE_STYLE = {"running": "bold blue", "finished": "green", "stopped-early": "green", "stopped": "yellow"}
+_STATE_STYLE = {
+    "running": "bold blue",
+    "finished": "green",
+    "stopped-early": "green",
+    "stopped": "yellow",
+    "damaged": "red",
+}
 
 
 def _acc(x: float | None) -> str:
@@ -752,21 +769,21 @@ def runs_table(summaries: list[Any], console: Console | None = None) -> None:
         err_console.print("No runs yet; train one with `cifarnet train`.")
         return
     columns: list[tuple[str, Callable[[Any], str], str]] = [
-        ("run", lambda s: escape(s.name), "left"),
+        ("run", lambda s: safe(s.name), "left"),
         ("task", lambda s: s.command, "left"),
-        ("arch", lambda s: s.arch, "left"),
+        ("arch", lambda s: safe(s.arch), "left"),
         ("epochs", lambda s: f"{s.epochs_done}/{s.epochs_planned}", "right"),
         ("best", lambda s: _acc(s.best_accuracy) + (f" @{s.best_epoch}" if s.best_epoch else ""), "right"),
         ("final", lambda s: _acc(s.final_accuracy), "right"),
-        ("on", lambda s: s.split, "left"),
+        ("on", lambda s: safe(s.split), "left"),
         ("img/s", lambda s: f"{s.images_per_second:,.0f}" if s.images_per_second else "—", "right"),
-        ("device", lambda s: escape(s.device.split(" (")[0]), "left"),
-        ("updated", lambda s: s.updated.replace("T", " ")[:16], "left"),
-        ("state", lambda s: f"[{_STATE_STYLE.get(s.state, 'dim')}]{escape(s.status)}[/]", "left"),
+        ("device", lambda s: safe(s.device.split(" (")[0]), "left"),
+        ("updated", lambda s: safe(s.updated.replace("T", " ")[:16]), "left"),
+        ("state", lambda s: f"[{_STATE_STYLE.get(s.state, 'dim')}]{safe(s.status)}[/]", "left"),
     ]
 
     def build(dropped: set[str]) -> Table:
-        table = Table(title=f"Runs in {escape(str(Path(summaries[0].path).parent))}", title_justify="left")
+        table = Table(title=f"Runs in {safe(str(Path(summaries[0].path).parent))}", title_justify="left")
         shown = [c for c in columns if c[0] not in dropped]
         for header, _get, justify in shown:
             wraps = header == "state"  # the one column that may take several lines in a narrow terminal
@@ -787,13 +804,13 @@ def run_detail(d: Any, console: Console | None = None) -> None:
     console = console or out_console
     s = d.summary
     wrap_lines = not console.is_terminal  # a file gets each line whole; a terminal wraps them between words
-    console.print(f"[bold]{escape(s.name)}[/] → {escape(s.path)}", soft_wrap=wrap_lines)
+    console.print(f"[bold]{safe(s.name)}[/] → {safe(s.path)}", soft_wrap=wrap_lines)
     console.print(
-        f"{s.command} {s.arch}, {s.epochs_done}/{s.epochs_planned} epochs, "
-        f"[{_STATE_STYLE.get(s.state, 'dim')}]{escape(s.status)}[/]; best {_acc(s.best_accuracy)}"
+        f"{s.command} {safe(s.arch)}, {s.epochs_done}/{s.epochs_planned} epochs, "
+        f"[{_STATE_STYLE.get(s.state, 'dim')}]{safe(s.status)}[/]; best {_acc(s.best_accuracy)}"
         + (f" (epoch {s.best_epoch})" if s.best_epoch else "")
-        + f", final {_acc(s.final_accuracy)} on {s.split}"
-        + (f"; {escape(s.device)}" if s.device else ""),
+        + f", final {_acc(s.final_accuracy)} on {safe(s.split)}"
+        + (f"; {safe(s.device)}" if s.device else ""),
         soft_wrap=wrap_lines,
     )
 
@@ -802,7 +819,7 @@ def run_detail(d: Any, console: Console | None = None) -> None:
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
         for key, value in d.recipe_rows():
-            table.add_row(key, escape(value))
+            table.add_row(safe(key), safe(value))
         return table
 
     print_fitted(console, recipe, wrap=True)
@@ -840,7 +857,7 @@ def run_detail(d: Any, console: Console | None = None) -> None:
         files.add_row(PathCell(name), _size(size))
     print_fitted(console, lambda _d: files, wrap=True)
     if d.resume:
-        console.print(f"Continue it with: [bold]{escape(d.resume)}[/]", soft_wrap=True)
+        console.print(f"Continue it with: [bold]{safe(d.resume)}[/]", soft_wrap=True)
 
 
 def _evaluations_table(evaluations: list[dict[str, Any]], dropped: set[str]) -> Table:
@@ -868,7 +885,7 @@ def _evaluations_table(evaluations: list[dict[str, Any]], dropped: set[str]) -> 
             data += f", data {str(e['data_fingerprint'])[:8]}"
         n = e.get("n")
         cells: list[Any] = [
-            escape(what),
+            safe(what),
             PathCell(data),
             _acc(e.get("accuracy")),
             f"{n:,}" if isinstance(n, int) else "—",
@@ -886,11 +903,11 @@ def compare_table(c: Any, console: Console | None = None) -> None:
         table = Table(title="Runs compared (recipe options that differ, then results)", title_justify="left")
         table.add_column("", no_wrap=True)
         for s in c.summaries:
-            table.add_column(escape(s.name), justify="right", overflow="fold")  # narrow: values wrap, keys stay
+            table.add_column(safe(s.name), justify="right", overflow="fold")  # narrow: values wrap, keys stay
         for key, values in c.differences.items():
             table.add_row(
-                key.replace("_", "-"),
-                *["—" if v is None else escape(v if isinstance(v, str) else json.dumps(v)) for v in values],
+                safe(key.replace("_", "-")),
+                *["—" if v is None else safe(v if isinstance(v, str) else json.dumps(v)) for v in values],
             )
         if not c.differences:
             table.add_row("[dim](same recipe)[/]", *["" for _ in c.summaries])
@@ -900,14 +917,14 @@ def compare_table(c: Any, console: Console | None = None) -> None:
             "best", *[_acc(s.best_accuracy) + (f" @{s.best_epoch}" if s.best_epoch else "") for s in c.summaries]
         )
         table.add_row("final", *[_acc(s.final_accuracy) for s in c.summaries])
-        table.add_row("on", *[s.split for s in c.summaries])
+        table.add_row("on", *[safe(s.split) for s in c.summaries])
         table.add_row("img/s", *[f"{s.images_per_second:,.0f}" if s.images_per_second else "—" for s in c.summaries])
-        table.add_row("state", *[escape(s.status) for s in c.summaries])
+        table.add_row("state", *[safe(s.status) for s in c.summaries])
         return table
 
     print_fitted(console, build, wrap=True)
     if c.plot:
-        err_console.print(f"Validation curves: {escape(c.plot)}", soft_wrap=True)
+        err_console.print(f"Validation curves: {safe(c.plot)}", soft_wrap=True)
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:

@@ -131,7 +131,7 @@ def write(path: Path, entry: CacheEntry) -> None:
 def _tidy(where: Path) -> None:
     """Drop what the cache no longer needs: leftovers of killed writers, version-1 entries, and the least
     recently used entries beyond MAX_ENTRIES."""
-    fileio.remove_stale_partials(where)
+    fileio.remove_partials(where)
     for legacy in LEGACY_FOLDERS:
         shutil.rmtree(where.parent / legacy, ignore_errors=True)
     try:

@@ -19,6 +19,11 @@ from PIL import Image, ImageOps
 from cifarnet_cli.fileio import display
 
 IMAGE_SIZE = 32
+#: Input sizes a model may declare (a checkpoint's ``input_size``, an export's ``cifarnet_input_size``).
+#: cifarnet writes 32 (ResNet-50 resizes inside its graph); below 8 pixels nothing is left after the CIFAR
+#: ResNets' two stride-2 stages, and above 256 one batch of 500 images (predict's default) would already
+#: take 390 MB as float32, so a larger figure in a file is damage, not a model.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 256
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 
 #: Largest image decoded, in pixels (width × height as the file's header states them, read before any
@@ -27,6 +32,13 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", 
 #: claim 20000×20000 = 400 MP (1.2 GB). A PNG cannot be decoded at a reduced size, so the header is the
 #: only safe place to stop it.
 MAX_IMAGE_PIXELS = 64_000_000
+#: Largest ratio of an image's long side to its short side. Every image is resized on its shorter side and
+#: center-cropped, so the resized copy is ``ratio`` times larger than the crop and the crop keeps 1/ratio of
+#: the picture: a 1×200,000 PNG of 857 bytes becomes 32×6.4 million pixels (1.27 GB) to keep 32×32 of them.
+#: 64:1 is well beyond the widest photographs (phone panoramas reach about 10:1, a full 360° strip about
+#: 12:1), and at 64:1 the crop already shows under 2% of the image; the resized copy then stays under 64
+#: times the crop (12 MB at the largest input size a model may declare, 256).
+MAX_ASPECT_RATIO = 64
 #: Images above this many pixels are decoded one at a time, so that the decoding threads cannot hold
 #: several large images in memory at once (8 × 64 MP would be over 1.5 GB; a Jetson shares ~7.4 GB).
 _LARGE_PIXELS = 16_000_000
@@ -63,6 +75,11 @@ def unreadable_reason(exc: BaseException) -> str:
     if "cannot identify image file" in low:
         return "not an image file Pillow can read"
     return f"not a readable image ({text})"
+
+
+def valid_input_size(value: object) -> bool:
+    """Whether ``value`` is an input size a model may declare (a whole number of pixels in range)."""
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE
 
 
 def decode_workers() -> int:
@@ -123,17 +140,34 @@ def load_image(path: str | os.PathLike[str], size: int = IMAGE_SIZE) -> np.ndarr
     try:
         with Image.open(path) as img:  # reads the header only
             width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageDecodeError(
-                    path,
-                    f"{width}×{height} = {width * height / 1e6:.0f} megapixels, above the "
-                    f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale first)",
-                )
+            _check_size(path, width, height)
             if width * height > _LARGE_PIXELS:
                 with _large_image:
                     return _decode(img, size)
             return _decode(img, size)
     except ImageDecodeError:
         raise
+    except MemoryError:  # one image must never end a command that reads thousands
+        raise ImageDecodeError(path, "not enough memory to decode it") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(path, unreadable_reason(exc)) from exc
+
+
+def _check_size(path: str | os.PathLike[str], width: int, height: int) -> None:
+    """Refuse, from the header alone, an image whose decoding (the input) or resizing (the output) would
+    take far more memory than a photo: above :data:`MAX_IMAGE_PIXELS`, or beyond :data:`MAX_ASPECT_RATIO`."""
+    if width < 1 or height < 1:
+        raise ImageDecodeError(path, f"{width}×{height}: an image without pixels")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            path,
+            f"{width}×{height} = {width * height / 1e6:.0f} megapixels, above the "
+            f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale first)",
+        )
+    long, short = max(width, height), min(width, height)
+    if long > MAX_ASPECT_RATIO * short:
+        raise ImageDecodeError(
+            path,
+            f"{width}×{height}: a {long // short}:1 strip, beyond the {MAX_ASPECT_RATIO}:1 limit (the center "
+            "crop would keep almost none of it); crop it to the part to classify first",
+        )

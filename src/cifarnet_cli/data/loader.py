@@ -22,14 +22,20 @@ from cifarnet_cli.devices import free_memory_bytes
 PAD = 4  # pad-4 random crop, He et al. 2015 §4.2
 
 
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether a uint8 set of ``nbytes`` lives on ``device`` by default: when it takes at most a quarter of the
+    free memory."""
+    free = free_memory_bytes(device)
+    return free is None or nbytes <= free // 4
+
+
 def _place(images: torch.Tensor, device: torch.device, on_device: bool | None) -> tuple[torch.Tensor, bool]:
-    """Put the uint8 set on ``device`` if it takes at most a quarter of the free memory (or when asked),
-    else keep it in pinned host memory and copy batch by batch. Returns (tensor, on_device)."""
+    """Put the uint8 set on ``device`` if it :func:`fits <fits_on_device>` (or when asked), else keep it in
+    pinned host memory and copy batch by batch. Returns (tensor, on_device)."""
     if device.type == "cpu":
         return images, True
     if on_device is None:
-        free = free_memory_bytes(device)
-        on_device = free is None or images.numel() <= free // 4
+        on_device = fits_on_device(images.numel(), device)
     if on_device:
         return images.to(device), True
     return images.pin_memory(), False

@@ -11,6 +11,7 @@ UTF-8 stay as Python keeps them (surrogate escapes) and are printed with :func:`
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from collections.abc import Iterable
@@ -25,6 +26,35 @@ _FileKey = tuple[int, int]
 
 def _key(st: os.stat_result) -> _FileKey:
     return (st.st_dev, st.st_ino)
+
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def not_a_file(st: os.stat_result) -> str | None:
+    """Why an entry that is not a regular file cannot be read as an image (opening a FIFO or a terminal
+    would block the reader forever); None for a regular file."""
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = next((what for test, what in _SPECIAL if test(st.st_mode)), "a special file")
+    return f"{kind}, not a regular file: not opened"
+
+
+def _has_magic(part: str) -> bool:
+    return any(c in part for c in "*?[")
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # through a link, as os.walk(followlinks=True) enters it
+    except OSError:
+        return False
 
 
 @dataclass
@@ -95,8 +125,11 @@ class ImageWalk:
                 except OSError as exc:  # a dangling link, no permission
                     self.unreadable.append((path, problem(exc, path)))
                     continue
-                if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.png would block the decoder
-                    self.unreadable.append((path, "not a regular file"))
+                special = not_a_file(st)
+                if special is not None:  # a FIFO or device named *.png would block the decoder
+                    if _key(st) not in self._files:  # said once, like every file
+                        self._files.add(_key(st))
+                        self.unreadable.append((path, special))
                     continue
                 found.append((path, st))
         out = []
@@ -108,6 +141,82 @@ class ImageWalk:
             self._files.add(key)
             out.append((path, st))
         return out
+
+    def visited(self, folder: Path) -> bool:
+        """Whether the walk has already entered ``folder`` (named twice, or inside a folder named before)."""
+        try:
+            return _key(os.stat(folder)) in self._dirs
+        except OSError:
+            return False
+
+    def file(self, path: Path) -> os.stat_result | str | None:
+        """A file named on its own (not found by walking): its ``os.stat`` when it is a regular file not seen
+        before; the reason (recorded as unreadable) when it cannot be read; None for a file already taken."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            why = problem(exc, path)
+            self.unreadable.append((path, why))
+            return why
+        if _key(st) in self._files:
+            self.duplicates.append(path)
+            return None
+        self._files.add(_key(st))
+        special = not_a_file(st)
+        if special is not None:
+            self.unreadable.append((path, special))
+            return special
+        return st
+
+    def glob(self, pattern: str) -> list[Path]:
+        """The paths matching the shell pattern ``pattern`` (``*``, ``?``, ``[...]``; ``**`` for any number of
+        folders), sorted, with the walk's rules: names starting with "." are matched only by a pattern that
+        starts with "."; under ``**`` each real folder is entered once, so symbolic-link loops end instead of
+        repeating (glob.glob follows them ~40 levels deep, once per loop: two loops never finish). Folders
+        that cannot be listed are recorded as unreadable. The paths are not checked to be files: pass them
+        to :meth:`file`."""
+        path = Path(os.path.expanduser(pattern))
+        root, parts = (Path(path.anchor), path.parts[1:]) if path.is_absolute() else (Path(), path.parts)
+        found: set[Path] = set()
+        entered: set[tuple[int, int, int]] = set()  # (device, inode, pattern index): each state once
+        stack = [(root, 0)]
+        while stack:
+            base, i = stack.pop()
+            if i == len(parts):
+                found.add(base)
+                continue
+            part = parts[i]
+            if not _has_magic(part):
+                stack.append((base / part, i + 1))
+                continue
+            if part == "**":
+                try:
+                    key = _key(os.stat(base))
+                except OSError:
+                    continue
+                if (*key, i) in entered:  # a loop, or a folder reached again through a link
+                    continue
+                entered.add((*key, i))
+                stack.append((base, i + 1))  # no folder at all
+            for entry in self._listing(base):
+                if entry.name.startswith(".") and not part.startswith("."):
+                    continue
+                if part == "**":
+                    if _is_dir(entry):
+                        stack.append((base / entry.name, i))  # one more folder
+                elif fnmatch.fnmatch(entry.name, part) and (i + 1 == len(parts) or _is_dir(entry)):
+                    stack.append((base / entry.name, i + 1))
+        return sorted(found)
+
+    def _listing(self, folder: Path) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(folder) as it:
+                return list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            self.unreadable.append((folder, problem(exc, folder)))
+            return []
 
     def warnings(self, root: Path | None = None) -> list[str]:
         """One sentence per kind of skipped entry, naming a few of them (relative to ``root``)."""

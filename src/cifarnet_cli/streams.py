@@ -1,0 +1,94 @@
+"""The standard streams as a command finds them: closed (``>&-``, ``<&-``), or in an encoding that cannot
+show every character (``PYTHONIOENCODING=ascii``, a C locale).
+
+:func:`prepare` runs once, before any command:
+
+- A closed descriptor 0, 1 or 2 is re-opened on the null device, so that no file cifarnet opens later (a
+  checkpoint, a download) gets that number and receives what a library prints to "stdout".
+- A closed stdout is not a broken pipe (nobody read and left; there never was a reader): a command that has
+  something to print there (a table, ``--json``) fails with one line on stderr and exit code 1, instead of
+  succeeding silently or ending in an AttributeError. Commands that print nothing on stdout run as usual.
+- A closed stdin reads as empty: a question (``runs rm`` without ``--yes``) is answered "no".
+- Characters the output encoding cannot represent are written as backslash escapes instead of raising
+  UnicodeEncodeError.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from typing import Any
+
+from cifarnet_cli.errors import CifarNetError
+
+CLOSED_STDOUT = (
+    "Cannot print the output: standard output is closed (the command ran with >&-); redirect it to a file, or "
+    "to /dev/null to discard it."
+)
+
+
+class StdoutClosed(CifarNetError):
+    """Something was to be printed on a standard output that was closed when the command started."""
+
+    def __init__(self) -> None:
+        super().__init__(CLOSED_STDOUT)
+
+
+class _ClosedOutput(io.TextIOBase):
+    """Stands for a closed stdout: writing text raises :class:`StdoutClosed` (once; later writes, such as
+    the interpreter's final flush, are ignored)."""
+
+    encoding = "utf-8"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: Any) -> int:
+        if text and not self.failed:
+            self.failed = True
+            raise StdoutClosed()
+        return len(text)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _occupy(fd: int) -> None:
+    """Put the null device on descriptor ``fd`` (closed), so that it is not handed to the next open()."""
+    null = os.open(os.devnull, os.O_RDWR)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def prepare() -> None:
+    """Make the standard streams safe to use (see the module's docstring). Call once, at start-up."""
+    closed = [fd for fd in (0, 1, 2) if not _is_open(fd)]
+    for fd in closed:
+        _occupy(fd)
+    if 0 in closed or sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")
+    if 2 in closed or sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+    if 1 in closed or sys.stdout is None:
+        sys.stdout = _ClosedOutput()
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (OSError, ValueError):  # pragma: no cover - a stream that cannot change its error handler
+                pass

@@ -1,0 +1,382 @@
+"""Hostile and odd conditions around run folders and outputs: deletes that are killed or raced, outputs
+named like inputs, damaged run records, leftovers of killed writers, closed or ASCII-only standard
+streams, and links where a run folder belongs. Each fault is made inside the test (kill -9 of a child,
+a monkeypatched listing, files written by hand)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cifarnet_cli import evaluation, fileio, paths, runlist, runs
+from cifarnet_cli.cli import app
+from cifarnet_cli.config import TrainConfig
+from cifarnet_cli.data.classes import CIFAR10_CLASSES
+from cifarnet_cli.errors import CifarNetError
+from cifarnet_cli.models import get_model
+
+from .conftest import synthetic_images
+
+runner = CliRunner()
+
+
+def _no_traceback(result: Any) -> None:
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def _run(name: str, *, rows: int = 1, epochs: int = 2, checkpoint: bool = False, data: Path | None = None) -> runs.Run:
+    """A run folder as training leaves it: config.json, metrics.jsonl and best.pt (a real model with
+    ``checkpoint``, else placeholder bytes)."""
+    run = runs.Run(name, paths.runs_dir() / name)
+    run.dir.mkdir(parents=True)
+    meta = {"arch": "resnet20", "model_kwargs": {"num_classes": 10}, "classes": list(CIFAR10_CLASSES)}
+    if data is not None:
+        meta.update(data_location=str(data), data_kind="image-folder")
+    config = TrainConfig(epochs=epochs).to_dict()
+    run.write_config({"config": config, "meta": meta, "device": "cpu"})
+    run.write_metrics([{"epoch": i + 1, "val_accuracy": 0.5, "val_loss": 1.0} for i in range(rows)])
+    if checkpoint:
+        model = get_model("resnet20", num_classes=10)
+        torch.save({"model": model.state_dict(), "meta": meta, "config": config, "epoch": rows}, run.best)
+    else:
+        run.best.write_bytes(b"placeholder checkpoint")
+    return run
+
+
+def _listed() -> dict[str, dict[str, Any]]:
+    result = runner.invoke(app, ["runs", "--json"])
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    return {r["name"]: r for r in json.loads(result.stdout)["runs"]}
+
+
+def _cli(*args: str, shell_tail: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m cifarnet_cli ARGS` through the shell, so that ``shell_tail`` can close streams (>&-)."""
+    command = " ".join([f"'{sys.executable}'", "-m", "cifarnet_cli", *(f"'{a}'" for a in args), shell_tail])
+    return subprocess.run(  # a hang fails the test (TimeoutExpired) instead of stopping the suite
+        ["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env or dict(os.environ)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. deleting what should stay
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "./", " ", "keep/..", "../keep/."])
+def test_rm_refuses_empty_and_dot_names_from_inside_a_run(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _run("keep")
+    before = sorted(p.name for p in run.dir.iterdir())
+    monkeypatch.chdir(run.dir)  # `cifarnet runs rm "$UNSET"` typed inside the run folder
+    result = runner.invoke(app, ["runs", "rm", name, "--yes"])
+    _no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert sorted(p.name for p in run.dir.iterdir()) == before
+
+
+def test_a_delete_killed_half_way_leaves_no_half_run() -> None:
+    _run("big", rows=3)
+    _run("other")
+    code = (
+        "import os, shutil, sys, time\n"
+        "from cifarnet_cli import runlist\n"
+        "def slow(path, *a, **k):\n"  # deletes one file, then is killed
+        "    os.unlink(os.path.join(path, 'metrics.jsonl'))\n"
+        "    print('deleting', flush=True)\n"
+        "    time.sleep(60)\n"
+        "shutil.rmtree = slow\n"
+        "runlist.remove(runlist.removable('big'))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "deleting"
+    finally:
+        proc.kill()  # kill -9: no cleanup runs
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert list(_listed()) == ["other"]  # "big" is gone whole, not listed as never trained
+    assert runner.invoke(app, ["runs", "show", "big"]).exit_code == 1
+    result = runner.invoke(app, ["runs", "rm", "other", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert list(paths.runs_dir().iterdir()) == []  # the leftover of the killed delete went too
+
+
+def test_evaluate_racing_a_delete_does_not_bring_the_run_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    for i, name in enumerate(CIFAR10_CLASSES):
+        (data / name).mkdir(parents=True)
+        Image.fromarray(synthetic_images(np.full(1, i))[0]).save(data / name / "0.png")
+    run = _run("raced", checkpoint=True, data=data)
+    real = evaluation.metrics_from_logits
+
+    def deleted_meanwhile(*args: Any) -> Any:  # `runs rm raced` in another terminal, mid-evaluation
+        runlist.remove(runlist.removable("raced"))
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "metrics_from_logits", deleted_meanwhile)
+    result = runner.invoke(app, ["evaluate", "raced", "--data-dir", str(data), "--split", "all"])
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert "not saved in the run folder" in result.output.replace("\n", " ")
+    assert not run.dir.exists() and list(paths.runs_dir().iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. outputs never replace inputs
+
+
+def test_export_never_writes_over_a_checkpoint(tmp_path: Path) -> None:
+    run = _run("src", checkpoint=True)
+    other = _run("other")
+    kept = {p: p.read_bytes() for p in (run.best, other.best)}
+    for args in (
+        ["export", "src", "-o", str(run.best)],  # ONNX bytes into the checkpoint it reads
+        ["export", "src", "--format", "torchscript", "-o", str(run.best)],
+        ["export", "src", "--format", "torchscript", "-o", str(other.best)],  # another run's checkpoint
+        ["export", "src", "-o", str(tmp_path / "model.pt")],  # an ONNX file named like a checkpoint
+        ["export", "src", "--for", "jetson-inference", "-o", str(other.dir / "config.json")],
+    ):
+        result = runner.invoke(app, args)
+        _no_traceback(result)
+        assert result.exit_code == 2, (args, result.output)
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_predict_csv_compare_plot_and_bench_output_never_replace_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _run("a", checkpoint=True)
+    _run("b")
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    (tmp_path / "alias.csv").symlink_to(image)
+    kept = {p: p.read_bytes() for p in (image, run.best)}
+    from cifarnet_cli import benchmark
+
+    monkeypatch.setattr(benchmark, "run_bench", lambda *a, **k: pytest.fail("measured before checking --output"))
+    for args in (
+        ["predict", str(image), "--run", "a", "--save-csv", str(image)],
+        ["predict", str(image), "--run", "a", "--save-csv", str(tmp_path / "alias.csv")],  # the same file
+        ["predict", str(image), "--run", "a", "--save-csv", str(run.best)],
+        ["runs", "compare", "a", "b", "--plot", str(run.best)],
+        ["bench", "--output", str(run.best)],
+    ):
+        result = runner.invoke(app, args)
+        _no_traceback(result)
+        assert result.exit_code == 2, (args, result.output)
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. one damaged run never hides the others
+
+
+def _unreadable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``folder``'s contents unreadable: chmod for a user; for root (which reads anything), the
+    file operations refuse paths inside it as the kernel would."""
+    if os.geteuid() != 0:
+        folder.chmod(0o000)
+        return
+    inside = str(folder) + os.sep
+
+    def guard(real: Any, *, itself: bool) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, str | os.PathLike) and (os.fspath(path) + os.sep).startswith(inside):
+                if not (itself and os.fspath(path) == str(folder)):
+                    raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", guard(os.stat, itself=True))  # the folder itself can be looked at
+    monkeypatch.setattr(os, "scandir", guard(os.scandir, itself=False))
+    monkeypatch.setattr(io, "open", guard(io.open, itself=False))
+    monkeypatch.setattr(os, "open", guard(os.open, itself=False))
+
+
+def test_one_damaged_run_never_hides_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    _run("healthy", rows=2)
+    many = _run("many")
+    many.config_file.write_text(json.dumps({"config": {"epochs": "many"}, "meta": {}}))
+    high = _run("high")
+    with high.metrics_file.open("a") as fh:
+        fh.write(json.dumps({"epoch": 2, "val_accuracy": "high"}) + "\n")
+    huge = _run("huge")
+    with huge.metrics_file.open("a") as fh:
+        fh.write('{"epoch": 2, "note": "' + "x" * 200_000 + '"}\n')
+    _run("notobj").config_file.write_text("[1, 2]")
+    _run("typed").config_file.write_text(json.dumps({"config": {}, "meta": {"arch": ["resnet20"]}, "device": 3}))
+    locked = _run("locked")
+    _unreadable(locked.dir, monkeypatch)
+    try:
+        listed = _listed()
+        table = runner.invoke(app, ["runs"])
+        shown = runner.invoke(app, ["runs", "show", "many"])
+        compared = runner.invoke(app, ["runs", "compare", "healthy", "many", "high"])
+    finally:
+        locked.dir.chmod(0o755)
+    assert listed["healthy"]["state"] == "finished"
+    reasons = {name: r["status"] for name, r in listed.items() if r["state"] == "damaged"}
+    assert set(reasons) == {"many", "high", "huge", "notobj", "typed", "locked"}, listed
+    assert "config.epochs is 'many'" in reasons["many"]
+    assert "line 2: val_accuracy is 'high', not a number" in reasons["high"]
+    assert "line 2 is longer than 64 KB" in reasons["huge"]
+    assert "does not hold a JSON object" in reasons["notobj"]
+    assert "permission denied" in reasons["locked"]
+    for result in (table, shown, compared):
+        _no_traceback(result)
+        assert result.exit_code == 0, result.output
+    assert "healthy" in table.output and "damaged: config.json" in shown.output.replace("\n", " ")
+
+
+def test_a_fifo_in_a_run_folder_never_hangs_the_listing() -> None:
+    _run("healthy")
+    for name, record in (("cfg", "config.json"), ("rows", "metrics.jsonl"), ("lock", ".lock")):
+        run = _run(name)
+        (run.dir / record).unlink(missing_ok=True)
+        os.mkfifo(run.dir / record)  # opening it for reading waits for a writer that never comes
+    proc = _cli("runs", "--json")
+    assert proc.returncode == 0, proc.stderr
+    states = {r["name"]: r["status"] for r in json.loads(proc.stdout)["runs"]}
+    assert states["healthy"] == "stopped after epoch 1" and states["lock"] == "stopped after epoch 1"
+    assert states["cfg"] == "damaged: config.json cannot be read (not a regular file)"
+    assert states["rows"] == "damaged: metrics.jsonl cannot be read (not a regular file)"
+
+
+def test_a_huge_metrics_line_is_not_read_into_memory() -> None:
+    run = _run("huge")
+    with run.metrics_file.open("a") as fh:
+        fh.write('{"epoch": 2, "note": "' + "x" * 8_000_000 + '"}\n')
+        fh.write(json.dumps({"epoch": 3, "val_accuracy": 0.7}) + "\n")
+    tracemalloc.start()
+    try:
+        rows = run.read_metrics()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["epoch"] for r in rows] == [1, 3]
+    assert peak < 1_000_000, peak  # the 8 MB line is skipped in 64 KB pieces
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. leftovers and odd streams
+
+
+def test_a_killed_writers_temporary_file_is_removed_and_never_listed() -> None:
+    run = _run("r")
+    target = run.dir / "model.onnx"  # export's default output, in the run folder
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom cifarnet_cli import fileio\n"
+        f"with fileio.atomic_writer(Path({str(target)!r})) as fh:\n"
+        "    fh.write(b'half an export')\n    fh.flush()\n    print('writing', flush=True)\n    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+        (partial,) = [p for p in run.dir.iterdir() if p.name.endswith(".partial")]
+        assert run.clean_partials() == [] and partial.exists()  # its writer is alive: kept
+    finally:
+        proc.kill()  # kill -9 mid-write
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    files = json.loads(runner.invoke(app, ["runs", "show", "r", "--json"]).stdout)["files"]
+    assert [f["name"] for f in files if "partial" in f["name"]] == []
+    assert run.clean_partials() == [partial] and not partial.exists()
+    # and the next write of the same file removes its own leftovers, wherever it is
+    elsewhere = paths.home_dir() / "downloads"
+    elsewhere.mkdir()
+    leftover = fileio.partial_path(elsewhere / "cifar-10-python.tar.gz")
+    leftover.write_bytes(b"killed download")
+    fileio.write_bytes(elsewhere / "cifar-10-python.tar.gz", b"verified")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["cifar-10-python.tar.gz"]
+
+
+def test_a_closed_stdout_is_one_line_and_never_a_silent_success() -> None:
+    _run("r")
+    for args in (["runs", "--json"], ["runs"], ["runs", "show", "r"]):
+        proc = _cli(*args, shell_tail=">&-")
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert proc.stderr.strip() == (
+            "Error: Cannot print the output: standard output is closed (the command ran with >&-); redirect it to "
+            "a file, or to /dev/null to discard it."
+        ), proc.stderr
+    proc = _cli("runs", "rm", "r", "--yes", shell_tail=">&-")  # prints nothing on stdout: works
+    assert proc.returncode == 0 and "Deleted r" in proc.stderr, proc.stderr
+    assert not (paths.runs_dir() / "r").exists()
+
+
+def test_a_closed_stdin_answers_no() -> None:
+    run = _run("r")
+    proc = _cli("runs", "rm", "r", shell_tail="<&-")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "No answer, so nothing was deleted" in proc.stderr
+    assert run.best.exists()
+
+
+def test_an_ascii_only_output_shows_other_characters_as_escapes(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONIOENCODING="ascii", CIFARNET_HOME=str(tmp_path / "héllo"))
+    run = runs.Run("r", tmp_path / "héllo" / "runs" / "r")
+    run.dir.mkdir(parents=True)
+    run.write_config({"config": TrainConfig(epochs=1).to_dict(), "meta": {"arch": "resnet20"}, "device": "cpu"})
+    for args in (["runs"], ["runs", "show", "r"]):
+        proc = _cli(*args, env=env)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert "h\\xe9llo" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--batch", "10000000000000", "--batch 10000000000000: give a batch size from 1 to 1024"),
+        ("--batch-range", "1:8:1000000000", "MAX <= 65536"),
+    ],
+)
+def test_an_absurd_export_batch_is_a_usage_error(option: str, value: str, message: str) -> None:
+    _run("r", checkpoint=True)
+    result = runner.invoke(
+        app, ["export", "r", "--format", "torchscript" if option == "--batch" else "onnx", option, value]
+    )
+    _no_traceback(result)
+    assert result.exit_code == 2 and message in result.output.replace("\n", " "), result.output
+
+
+def test_a_run_folder_that_is_a_link_is_never_written_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    paths.runs_dir().mkdir(parents=True)
+    (paths.runs_dir() / "linked").symlink_to(outside)
+    with pytest.raises(CifarNetError, match="is a symbolic link"):
+        runs.create_run("linked")
+    (outside / "config.json").write_text(json.dumps({"config": {}, "meta": {}}))
+    with pytest.raises(CifarNetError, match="is a symbolic link"):  # a resume locks the run first
+        runs.resolve_run("linked").lock().acquire()
+    assert sorted(p.name for p in outside.iterdir()) == ["config.json"]
+    result = runner.invoke(app, ["runs", "rm", "linked", "--yes"])  # the link goes, not what it points to
+    assert result.exit_code == 0, result.output
+    assert not (paths.runs_dir() / "linked").exists() and (outside / "config.json").exists()
+
+
+def test_a_resume_whose_best_checkpoint_is_a_folder_fails_before_training() -> None:
+    run = _run("r")
+    run.best.unlink()
+    run.best.mkdir()
+    run.last.write_bytes(b"never read: the folder is refused first")
+    result = runner.invoke(app, ["train", "--resume", "r"])
+    _no_traceback(result)
+    assert result.exit_code == 1, result.output
+    assert "best.pt: it is a folder" in result.output.replace("\n", " "), result.output
