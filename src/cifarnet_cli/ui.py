@@ -455,7 +455,8 @@ def _print_table(console: Console, table: Table) -> None:
     (trailing spaces in a file)."""
     title, table.title = table.title, None
     if title:
-        text = Text.from_markup(title) if isinstance(title, str) else Text(str(title))
+        # emoji=False as on every console of ours: ":smile:" in a run folder's name stays as typed
+        text = Text.from_markup(title, emoji=False) if isinstance(title, str) else Text(printable(title))
         text.stylize("table.title")
         console.print(text, soft_wrap=True)
     console.print(table)
