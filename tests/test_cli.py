@@ -95,6 +95,15 @@ def test_train_shows_effective_batch_and_device(image_folder: Callable[..., Path
         (["--schedule", "linear"], 2, "Unknown --schedule"),
         (["--schedule", "cosin"], 2, "Did you mean cosine?"),
         (["--milestones", "a,b"], 2, "--milestones"),
+        (["--schedule", "multistep", "--milestones", "5,2"], 2, "--milestones 5,2: 5 comes before 2"),
+        (["--schedule", "multistep", "--milestones", "2,2"], 2, "give each epoch once, in increasing order (2)"),
+        (["--epochs", "4", "--milestones", "2,5"], 2, "--milestones 2,5: 5 is not an epoch of this run"),
+        # a run name: the message states the rule the name breaks
+        (["--run", "-x"], 2, "starting with a letter or a digit; it starts with '-'"),
+        (["--run", "ünï"], 2, "ASCII letters (a-z, A-Z), digits, '.', '_' and '-'"),
+        (["--run", "ünï"], 2, "it contains 'ï', 'ü'"),
+        (["--run", "a" * 101], 2, "1 to 100 characters"),
+        (["--run", "a", "--name", "b"], 2, "--run and --name are the same option"),
     ],
 )
 def test_bad_options_end_in_one_line(
@@ -118,6 +127,7 @@ def test_no_data_and_no_network_fails_fast_with_instructions() -> None:
     result = runner.invoke(app, ["train"])  # default location is empty; CIFARNET_OFFLINE=1 in the tests
     assert result.exit_code == 1
     assert "--from-file" in result.output and "Traceback" not in result.output
+    assert "point --data-dir (or CIFARNET_DATA) at them" in result.output.replace("\n", " ")  # data on disk
     assert time.monotonic() - start < 10
 
 
@@ -200,10 +210,10 @@ def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) ->
     assert epochs == list(range(1, len(epochs) + 1))  # continued, not restarted
 
 
-@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["train", "--help"], ["--help"]])
 def test_a_closed_pipe_is_not_reported_as_an_error(args: list[str]) -> None:
     """`cifarnet info | head -1`: the reader goes away; exit 141 (as ls or cat report it), not 1 (an error),
-    for tables and for JSON alike."""
+    for tables and for JSON alike, and for --help, which Typer's own console prints."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cifarnet_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -213,6 +223,15 @@ def test_a_closed_pipe_is_not_reported_as_an_error(args: list[str]) -> None:
     said = proc.stderr.read()
     assert b"Traceback" not in said and b"Error" not in said
     proc.stderr.close()
+
+
+def test_help_names_options_as_typed() -> None:
+    """--run is shown alone (Typer printed "--run,--name"), and --name still works; finetune's --init-from
+    speaks of fine-tuning, not of train."""
+    shown = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--run " in shown and "--run,--name" not in shown and "--name works too" in shown
+    finetune = runner.invoke(app, ["finetune-resnet50", "--help"], env={"COLUMNS": "200"}).output
+    assert "another ResNet-50 run's weights" in finetune and "train takes" not in finetune
 
 
 def test_flags_show_no_value_type_in_help() -> None:

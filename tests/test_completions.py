@@ -34,7 +34,6 @@ def _complete(words: str, cword: int) -> list[str]:
     "words,cword,expected",
     [
         ("cifarnet train --arch resnet1", 3, ["resnet110"]),
-        ("cifarnet train --device c", 3, ["cpu", "cuda", "cuda:0", "cuda:1"]),
         ("cifarnet export --format t", 3, ["torchscript"]),
         ("cifarnet download res", 2, ["resnet50-v1", "resnet50-v2"]),
         ("cifarnet tr", 1, ["train"]),
@@ -42,6 +41,26 @@ def _complete(words: str, cword: int) -> list[str]:
 )
 def test_option_values_complete(words: str, cword: int, expected: list[str]) -> None:
     assert _complete(words, cword) == expected
+
+
+def test_device_completion_offers_what_exists(tmp_path: Path) -> None:
+    """--device completes the devices of this machine, not a fixed list (cuda:1 on a one-GPU box, mps on
+    Linux), without importing torch."""
+    from cifarnet_cli.choices import devices_here
+
+    gpus = tmp_path / "gpus"
+    for bus in ("0000:17:00.0", "0000:65:00.0"):
+        (gpus / bus).mkdir(parents=True)
+    nothing = tmp_path / "absent"
+    linux = {"tegra_release": nothing, "system": "Linux"}
+    assert devices_here(nvidia_gpus=gpus, **linux) == ("auto", "cpu", "cuda", "cuda:0", "cuda:1")
+    (tmp_path / "nv_tegra_release").write_text("# R36 (release)\n")
+    jetson = devices_here(nvidia_gpus=nothing, tegra_release=tmp_path / "nv_tegra_release", system="Linux")
+    assert jetson == ("auto", "cpu", "cuda", "cuda:0")
+    assert devices_here(nvidia_gpus=nothing, tegra_release=nothing, system="Darwin")[-1] == "mps"
+    assert "mps" not in devices_here(nvidia_gpus=nothing, tegra_release=nothing, system="Linux")
+    here = _complete("cifarnet train --device c", 3)
+    assert here[0] == "cpu" and set(here) <= set(devices_here())
 
 
 def test_run_names_complete(tmp_path: Path) -> None:
@@ -63,9 +82,17 @@ def test_info_json_names_the_device() -> None:
     assert data["assets"]["cifar10"] is None
 
 
-def test_info_table() -> None:
+def test_info_table(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0 and "Devices" in result.output and "cifarnet download cifar10" in result.output
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "not available (this torch is a CPU-only build)" in runner.invoke(app, ["info"]).output
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "not available (CUDA_VISIBLE_DEVICES hides every GPU)" in runner.invoke(app, ["info"]).output
 
 
 def test_show_completion_prints_the_shipped_script() -> None:

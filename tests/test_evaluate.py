@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -74,7 +75,11 @@ def test_voc_style_folder_with_class_subset(
     trained_run: tuple[Path, dict[str, object]], image_folder: Callable[..., Path]
 ) -> None:
     voc = image_folder(
-        "voc", per_class=5, classes=("aeroplane", "car", "bird", "cat", "dog", "frog", "motorbike"), splits=("",)
+        "voc",
+        per_class=5,
+        classes=("aeroplane", "car", "bird", "cat", "dog", "frog", "motorbike"),
+        splits=("",),
+        seed=500,  # other images than the run's (the same seed draws the same pixels)
     )
     result = runner.invoke(
         app, ["evaluate", "ev", "--data-dir", str(voc), "--classes", "aeroplane,car,bird,cat,dog,frog", "--json"]
@@ -169,6 +174,8 @@ def test_class_names_are_never_cut(
     for name in ("airplane", "automobile", "deer", "dog"):
         assert name in result.stdout
     assert "aut=automobile" in result.stdout and "dee=deer" in result.stdout  # the matrix's legend
+    if not terminal:  # redirected: the legend is one line, never wrapped at 80 columns
+        assert any("air=airplane" in line and "tru=truck" in line for line in result.stdout.splitlines())
     if terminal:  # and the tables fit the terminal
         plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
         assert max(len(line) for line in plain.splitlines() if "best.pt" not in line) <= width
@@ -183,3 +190,150 @@ def test_a_report_that_cannot_be_written_is_one_worded_line(trained_run: tuple[P
     assert "Accuracy on val" in result.stdout
     assert f"Cannot write {run_dir / 'eval-val.json'}" in result.output and "Errno" not in result.output
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".partial")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Changed data: the validation split is kept by image identity, reports are kept per data
+
+
+def test_a_split_record_sorts_images_by_what_the_run_did_with_them() -> None:
+    from cifarnet_cli.data.split import SplitRecord, identify, image_ids
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    record = SplitRecord.of(images[:6], np.concatenate([images[6:9], images[:1]]))  # image 0 also trained on
+    assert record.trained.size == 6 and record.held_out.size == 3  # a training image is never held out
+    restored = SplitRecord.from_meta({"split_ids": record.to_meta()})
+    assert restored is not None and np.array_equal(restored.held_out, record.held_out)
+    assert SplitRecord.from_meta({}) is None and SplitRecord.from_meta({"split_ids": {"trained": [1]}}) is None
+    changed = np.concatenate([images[1:], rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)])  # 0 gone, 2 new
+    found = identify(image_ids(changed), record)
+    assert found.held_out.tolist() == [5, 6, 7] and found.trained.tolist() == [0, 1, 2, 3, 4]
+    assert (found.new, found.held_out_missing, found.trained_missing) == (3, 0, 1)  # image 9 was never seen
+
+
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One run (resnet20, 1 epoch) on a folder of class folders, 80 images, 30 held out: trained once for
+    the tests below, each of which copies it."""
+    from tests.conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("once")
+    data = write_image_folder(root / "data", per_class=8, splits=("",))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARNET_HOME", str(root / "home"))
+        mp.setenv("CIFARNET_CACHE", str(root / "cache"))
+        mp.setenv("CIFARNET_OFFLINE", "1")
+        args = ["train", "--data-dir", str(data), "--run", "idr", "--epochs", "1", "--batch-size", "16"]
+        result = runner.invoke(app, [*args, "--val-split", "30", "--warmup-epochs", "0", "--quiet"])
+        assert result.exit_code == 0, result.output
+    return data, root / "home" / "runs" / "idr"
+
+
+@pytest.fixture
+def id_run(_trained_once: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the run in this test's home, and of its data (which the test may change)."""
+    from cifarnet_cli import paths
+
+    data, run_dir = _trained_once
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    shutil.copytree(run_dir, paths.runs_dir() / "idr")
+    return copy, paths.runs_dir() / "idr"
+
+
+def _add_images(folder: Path, n: int, seed: int) -> None:
+    from PIL import Image
+
+    from tests.conftest import synthetic_images
+
+    for k, img in enumerate(synthetic_images(np.zeros(n, dtype=np.int64), seed)):
+        Image.fromarray(img).save(folder / f"new-{seed}-{k}.png")
+
+
+def _scored(run: str, data: Path, split: str | None) -> tuple[np.ndarray, list[str]]:
+    """The identities of the images `evaluate` scores, and what it says."""
+    from cifarnet_cli.data.split import image_ids
+    from cifarnet_cli.evaluation import _eval_set
+    from cifarnet_cli.inference import load_model
+
+    said: list[str] = []
+    chosen = _eval_set(load_model(run, torch.device("cpu")), data, split, lambda e: said.append(str(e)))
+    return image_ids(chosen.images.images), said
+
+
+def test_val_on_changed_data_scores_only_the_images_the_run_held_out(id_run: tuple[Path, Path]) -> None:
+    """Adding images to one class folder reshuffles a recomputed split: the held-out images are found by
+    identity instead, and none of the run's training images is ever scored as 'val'."""
+    from cifarnet_cli.checkpoint import read_model
+    from cifarnet_cli.data.split import SplitRecord
+
+    data, run_dir = id_run
+    record = SplitRecord.from_meta(read_model(run_dir / "best.pt").meta)
+    assert record is not None and (record.trained.size, record.held_out.size) == (50, 30)
+    assert "split_ids" not in json.loads((run_dir / "config.json").read_text())["meta"]  # config.json stays small
+    _add_images(data / "airplane", 10, seed=7)
+    (data / "cat" / "0000.png").unlink()  # one image less: held out or trained on
+    for split in ("val", None):  # --split val, and the default on a folder without a test split
+        ids, said = _scored("idr", data, split)
+        assert set(ids.tolist()) <= set(record.held_out.tolist())
+        assert not set(ids.tolist()) & set(record.trained.tolist())
+        assert len(ids) >= 29 and "still in it" in " ".join(said)
+    out = json.loads(
+        runner.invoke(app, ["evaluate", "idr", "--data-dir", str(data), "--split", "val", "--json"]).stdout
+    )
+    found = out["identities"]
+    assert found["recorded"] == 30 and found["found"] + found["missing"] == 30 and found["new_left_out"] == 10
+    assert out["n"] == found["found"] and out["runs_own_data"] is False
+
+
+def test_train_and_all_on_changed_data_say_which_images_were_trained_on(id_run: tuple[Path, Path]) -> None:
+    data, run_dir = id_run
+    _add_images(data / "airplane", 4, seed=8)
+    result = runner.invoke(app, ["evaluate", "idr", "--data-dir", str(data), "--split", "all", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == 84 and out["identities"] == {"trained_included": 50}
+    assert "50 of these 84 images (all) are images the run trained on" in result.stderr
+    train = json.loads(
+        runner.invoke(app, ["evaluate", "idr", "--data-dir", str(data), "--split", "train", "--json"]).stdout
+    )
+    assert train["n"] == 50
+
+
+def _strip_record(run_dir: Path) -> None:
+    """Make the run look like one trained before runs recorded image identities."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run_dir / name, weights_only=True)
+        del ckpt["meta"]["split_ids"]
+        torch.save(ckpt, run_dir / name)
+
+
+def test_an_older_run_on_changed_data_refuses_val_and_warns_of_all(id_run: tuple[Path, Path]) -> None:
+    data, run_dir = id_run
+    _strip_record(run_dir)
+    assert json.loads(runner.invoke(app, ["evaluate", "idr", "--split", "val", "--json"]).stdout)["n"] == 30
+    _add_images(data / "airplane", 3, seed=9)
+    refused = runner.invoke(app, ["evaluate", "idr", "--data-dir", str(data), "--split", "val"])
+    assert refused.exit_code == 1 and "cannot be found in it" in refused.output.replace("\n", " ")
+    default = runner.invoke(app, ["evaluate", "idr", "--data-dir", str(data), "--json"])
+    assert default.exit_code == 0 and json.loads(default.stdout)["split"] == "all"
+    assert "may be among them" in default.stderr.replace("\n", " ")  # never silently scores training images
+
+
+def test_results_on_other_data_never_replace_earlier_ones(id_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from cifarnet_cli.data.sources import load_source
+    from cifarnet_cli.runlist import detail
+
+    data, run_dir = id_run
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    _add_images(other / "airplane", 2, seed=10)
+    for args in ([], ["--data-dir", str(other)], ["--tta"], ["--data-dir", str(other), "--tta"]):
+        assert runner.invoke(app, ["evaluate", "idr", "--split", "all", *args]).exit_code == 0
+    reports = sorted(p.name for p in run_dir.glob("eval-all*.json"))
+    assert len(reports) == 4 and "eval-all.json" in reports and "eval-all-tta.json" in reports
+    fingerprint = load_source(other).fingerprint
+    assert f"eval-all-{fingerprint[:8]}.json" in reports and f"eval-all-tta-{fingerprint[:8]}.json" in reports
+    shown = detail("idr").evaluations
+    assert {(e["data"].startswith(str(other)), e["tta"]) for e in shown} == {(a, b) for a in (0, 1) for b in (0, 1)}

@@ -179,3 +179,27 @@ def test_ctrl_c_in_a_finetune_run_names_its_own_command(data: Path, monkeypatch:
     result = runner.invoke(app, args)
     assert result.exit_code == 130, result.output
     assert "Continue with: cifarnet finetune-resnet50 --resume ftc" in result.output
+
+
+def test_random_weights_get_a_recipe_of_their_own() -> None:
+    """--weights none trains a random body: another default learning rate (the pretrained one diverges),
+    the body at the head's rate, a longer warm-up, and residual blocks that start as the identity."""
+    from cifarnet_cli.config import FINETUNE_DEFAULTS, make_config
+    from cifarnet_cli.training import build_model
+
+    pretrained_recipe = make_config("finetune-resnet50", {})
+    scratch = make_config("finetune-resnet50", {"weights": "none"})
+    assert (pretrained_recipe.peak_lr, pretrained_recipe.backbone_lr_scale) == (
+        0.05,
+        FINETUNE_DEFAULTS["backbone_lr_scale"],
+    )
+    assert (scratch.peak_lr, scratch.backbone_lr_scale, scratch.warmup) == (0.01, 1.0, 1.0)
+    assert scratch.batch_size == pretrained_recipe.batch_size and scratch.epochs == pretrained_recipe.epochs
+    assert make_config("finetune-resnet50", {"weights": "none", "epochs": 1}).warmup == 0.2  # a fifth, as train's
+    chosen = make_config("finetune-resnet50", {"weights": "none", "lr": 0.03, "backbone_lr_scale": 0.5})
+    assert (chosen.peak_lr, chosen.backbone_lr_scale) == (0.03, 0.5)  # what the user gives still wins
+    model = build_model(scratch.replace(image_size=32), 10, load_weights=True, on_event=lambda _e: None)
+    last_norms = [block.bn3.weight for layer in ("layer1", "layer4") for block in getattr(model.body, layer)]
+    assert all(int(torch.count_nonzero(w.detach())) == 0 for w in last_norms)
+    help_text = runner.invoke(app, ["finetune-resnet50", "--help"], env={"COLUMNS": "200"}).output
+    assert "0.01 with --weights none" in help_text

@@ -32,7 +32,7 @@ def test_a_one_epoch_run_draws_points_and_the_schedule_per_step() -> None:
     step_line = lr_ax.lines[0]
     assert len(step_line.get_xdata()) == 10 and max(step_line.get_ydata()) == pytest.approx(0.4)
     assert list(step_line.get_ydata()[:5]) == pytest.approx([0.08, 0.16, 0.24, 0.32, 0.4])  # the warm-up ramp
-    best = [line for line in acc_ax.lines if line.get_label() == "best"]
+    best = [line for line in acc_ax.lines if line.get_label() == "best 40.00%"]  # the star, named in the legend
     assert len(best) == 1 and list(best[0].get_xdata()) == [1]
     assert all(float(t).is_integer() for t in acc_ax.get_xticks())
 
@@ -44,7 +44,7 @@ def test_curves_show_the_planned_rest_and_the_best_epoch() -> None:
     lr_ax, acc_ax = fig.axes[2], fig.axes[1]
     done, planned = lr_ax.lines[0], lr_ax.lines[1]
     assert len(done.get_xdata()) == 12 and planned.get_linestyle() == ":" and planned.get_xdata()[-1] == 6
-    assert [line for line in acc_ax.lines if line.get_label() == "best"][0].get_xdata()[0] == 2
+    assert [line for line in acc_ax.lines if line.get_label() == "best 60.00%"][0].get_xdata()[0] == 2
     assert report.best_epoch(rows) == 2 and report.best_epoch([]) is None
 
 
@@ -66,3 +66,36 @@ def test_curves_writer_draws_in_the_background_and_replaces_atomically(tmp_path:
 def test_compare_plot(tmp_path: Path) -> None:
     target = report.plot_compare({"a": [_row(1, 0.3), _row(2, 0.5)], "b": [_row(1, 0.4)]}, tmp_path / "c.png")
     assert target is not None and target.stat().st_size > 10_000
+
+
+def _legend(ax: Any) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_curves_name_the_test_split_the_best_epoch_and_an_early_stop() -> None:
+    rows = [_row(1, 0.3), _row(2, 0.6), _row(3, 0.5), _row(4, 0.55)]
+    fig = report.curves_figure(rows, title="r", epochs=10, eval_split="test", patience=2)
+    loss_ax, acc_ax, lr_ax = fig.axes[:3]
+    assert "test" in _legend(loss_ax) and "test" in _legend(acc_ax) and "validation" not in _legend(acc_ax)
+    for ax in (loss_ax, acc_ax, lr_ax):  # the dashed line of the best epoch and the stop are explained
+        assert "best epoch (2)" in _legend(ax) and "stopped early" in _legend(ax)
+    assert "best 60.00%" in _legend(acc_ax)
+    assert fig._suptitle.get_text() == "r: stopped early after epoch 4 of 10 (--patience 2)"
+    plain = report.curves_figure(rows, title="r", epochs=10)  # validation split, no patience: no stop drawn
+    assert "validation" in _legend(plain.axes[1]) and "stopped early" not in _legend(plain.axes[1])
+    assert plain._suptitle.get_text() == "r: epoch 4 of 10"
+
+
+def test_a_subset_confusion_picture_names_its_classes(tmp_path: Path) -> None:
+    from cifarnet_cli.evaluation import EvalReport, confusion_title
+
+    subset = EvalReport(0.75, 12, ["cat", "dog"], {}, {}, [[5, 1], [2, 4]], "val", "best.pt",
+                        "/data/pets (image-folder)", True, 0.6, data_fingerprint="3fa2b1c9aa", runs_own_data=False)  # fmt: skip
+    title = confusion_title("ref", subset)
+    assert title.splitlines() == [
+        "ref: val split of pets (image-folder, data 3fa2b1c9), flip TTA",
+        "2 classes: cat, dog",
+        "accuracy 75.00% of 12 images",
+    ]
+    fig_path = report.plot_confusion(subset.confusion, ["$cat$", "dog"], tmp_path / "c.png", title=title)
+    assert fig_path is not None and fig_path.stat().st_size > 10_000  # a "$" in a class name is not maths

@@ -141,7 +141,14 @@ def test_patience_stops_and_is_recorded(image_folder: Callable[..., Path], monke
     assert torch.load(paths.runs_dir() / "pat" / "last.pt", weights_only=True)["fit_state"]["stopped_early"] == 3
     again = runner.invoke(app, ["train", "--resume", "pat"])
     assert again.exit_code == 0 and "stopped early after epoch 3" in again.output
-    assert len(_rows("pat")) == 3
+    assert "resume with --patience 3 or more" in again.output.replace("\n", " ")
+    same = runner.invoke(app, ["train", "--resume", "pat", "--patience", "2"])  # would have stopped it again
+    assert same.exit_code == 0 and "nothing to do" in same.output and len(_rows("pat")) == 3
+    # a --patience that would not have stopped it continues the run (the README lists it as changeable)
+    more = runner.invoke(app, ["train", "--resume", "pat", "--patience", "3", "--json", "--quiet"])
+    assert more.exit_code == 0, more.output
+    assert json.loads(more.stdout)["epochs"] == 5 and len(_rows("pat")) == 5
+    assert runlist.summarize(runs.resolve_run("pat")).state == "finished"
 
 
 def test_metrics_record_the_rates_the_epoch_trained_with(image_folder: Callable[..., Path]) -> None:
@@ -188,6 +195,36 @@ def test_tensorboard_without_the_package_is_one_line(
     assert result.exit_code == 0, result.output
     assert result.output.count("pip install 'cifarnet[tensorboard]'") == 1
     assert not (paths.runs_dir() / "notb" / "tensorboard").exists()
+
+
+def test_resume_continues_on_the_same_images_only(image_folder: Callable[..., Path], tmp_path: Path) -> None:
+    """Other data would draw the recorded --val-split again from other images: refused before anything is
+    written, naming --init-from. The same images in another folder (moved, copied) continue."""
+    import shutil
+
+    from cifarnet_cli.events import TrainingInterrupted
+
+    data = image_folder(per_class=4)
+
+    def stop_in_epoch_2(event: object) -> None:
+        if isinstance(event, EpochStarted) and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(epochs=2, batch_size=16, val_split=20, data_dir=str(data), warmup_epochs=0)
+    with pytest.raises(TrainingInterrupted):
+        training.train(config, run_name="same", on_event=stop_in_epoch_2)
+    recorded = (paths.runs_dir() / "same" / "config.json").read_bytes()
+    other = image_folder("other", per_class=5)
+    refused = runner.invoke(app, ["train", "--resume", "same", "--data-dir", str(other)])
+    assert refused.exit_code == 2
+    assert f"cifarnet train --init-from same --data-dir {other}" in refused.output.replace("\n", " ")
+    assert (paths.runs_dir() / "same" / "config.json").read_bytes() == recorded  # nothing written
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    resumed = runner.invoke(app, ["train", "--resume", "same", "--data-dir", str(moved), "--quiet", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["epochs"] == 2
+    assert json.loads((paths.runs_dir() / "same" / "config.json").read_text())["config"]["data_dir"] == str(moved)
 
 
 def test_batch_size_auto_is_the_default_on_a_gpu_that_shares_the_systems_memory(

@@ -56,8 +56,9 @@ def test_bars_and_counts_survive_narrow_terminals(width: int, monkeypatch: pytes
     text = _render(width, monkeypatch)
     last = [line for line in text.splitlines() if "epoch 1/4" in line][-1]
     assert "━" in last and "5/10" in last and "eta" in last
-    assert ("acc 12.34%" in last) == (width >= 110)  # metrics go first as the terminal narrows
-    assert ("loss 2.200" in last) == (width >= 80)
+    assert ("lr 0.05" in last) == (width >= 90)  # the metrics shrink as the terminal narrows
+    assert "loss 2.2" in last and "acc 12.3" in last  # loss and accuracy stay, even at 60 columns
+    assert len(last) <= width
     run_row = [line for line in text.splitlines() if "run " in line and "0/4" in line][-1]
     assert "━" in run_row and "eta" in run_row
 
@@ -182,3 +183,91 @@ def test_runs_table_fits_a_60_column_terminal() -> None:
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert max(len(line) for line in out.splitlines()) <= 60
     assert "resnet20-20261128-101500" in out and "50.00% @2" in out and "2/60" in out and "…" not in out
+
+
+def test_a_run_validated_on_the_test_split_says_test(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    """--val-split 0: the epoch lines and `runs show`'s columns name the test split, not "val"."""
+    import dataclasses
+    import json
+
+    from cifarnet_cli import paths, runlist
+
+    console = Console(file=io.StringIO(), width=200, force_terminal=False, color_system=None)
+    monkeypatch.setattr(ui, "err_console", console)
+    row = {"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.2, "val_loss": 1.9, "val_accuracy": 0.3, "lr": 0.1,
+           "lr_first": 0.1, "images_per_second": 100.0, "epoch_seconds": 1.0}  # fmt: skip
+    with ui.TrainView(live=False) as view:
+        view(dataclasses.replace(STARTED, eval_split="test"))
+        view(EpochEnded(row, True))
+    line = [x for x in console.file.getvalue().splitlines() if x.startswith("epoch")][-1]  # type: ignore[attr-defined]
+    assert "test loss 1.9000 acc 30.00%" in line and "val" not in line
+    run_dir = paths.runs_dir() / "t0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": {"epochs": 1}, "meta": {"eval_split": "test"}}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    out = Console(file=io.StringIO(), width=200, color_system=None)
+    ui.run_detail(runlist.detail("t0"), out)
+    shown = out.file.getvalue()  # type: ignore[attr-defined]
+    assert "test loss" in shown and "test acc" in shown and "val loss" not in shown
+
+
+def test_batch_size_auto_off_cuda_says_what_it_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    console = Console(file=io.StringIO(), width=200, force_terminal=False, color_system=None)
+    monkeypatch.setattr(ui, "err_console", console)
+    with ui.TrainView(live=False, batch_size_auto=True) as view:
+        view(dataclasses.replace(STARTED, device="cpu (2 threads)", batch_size=512, accum=1, effective_batch=512))
+    said = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "--batch-size auto fits the micro-batch to a GPU's free memory; on cpu it is the recipe's: 512" in said
+    console.file.truncate(0)  # type: ignore[attr-defined]
+    with ui.TrainView(live=False, batch_size_auto=True) as view:
+        view(dataclasses.replace(STARTED, device="cuda:0 (NVIDIA H200, 139.8 GiB)"))
+    assert "--batch-size auto" not in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def _run_with_reports(name: str) -> None:
+    """A run folder (no checkpoint needed) with two reports: on its own data, and with TTA on other data."""
+    import json
+
+    from cifarnet_cli import paths
+
+    run_dir = paths.runs_dir() / name
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": {"epochs": 2}, "meta": {"eval_split": "val"}}))
+    (run_dir / "tensorboard" / "events.out.tfevents.1764581000.a-rather-long-host-name.example.org").write_bytes(b"")
+    own = {"split": "all", "accuracy": 0.55, "n": 40, "data": "/home/someone/data/cifar10-jpeg-subset (image-folder)",
+           "tta": False, "runs_own_data": True}  # fmt: skip
+    other = dict(own, data="/mnt/shared/datasets/voc-crops-2012 (image-folder)", tta=True, runs_own_data=False)
+    (run_dir / "eval-all.json").write_text(json.dumps(own))
+    (run_dir / "eval-all-tta-3fa2b1c9.json").write_text(json.dumps(other))
+
+
+def test_run_detail_at_60_columns_keeps_its_boxes_and_breaks_paths_at_separators() -> None:
+    from cifarnet_cli import runlist
+
+    _run_with_reports("boxes")
+    console = Console(file=io.StringIO(), width=60, force_terminal=True, color_system=None)
+    ui.run_detail(runlist.detail("boxes"), console)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert max(len(line) for line in lines) <= 60
+    body = [line for line in lines if line[:1] in "│┃"]
+    assert body and all(line[-1] in "│┃" for line in body)  # every row closes its box on the same line
+    assert any("voc-crops-2012" in line for line in lines) and any("all, TTA" in line for line in lines)
+    assert any(line.startswith("│ tensorboard/") for line in lines)  # broken after the "/", not inside a name
+    assert "Evaluations" in lines and "Files" in lines  # titles on lines of their own
+
+
+def test_redirected_tables_have_no_trailing_spaces_and_titles_do_not_wrap() -> None:
+    from cifarnet_cli import runlist
+
+    _run_with_reports("wide")
+    redirected = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
+    ui.run_detail(runlist.detail("wide"), redirected)
+    lines = redirected.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert not [line for line in lines if line != line.rstrip()]
+    terminal = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None)
+    table = ui.Table(title="Confusion matrix (rows: true class, columns: predicted)")
+    table.add_column("a")
+    ui.print_fitted(terminal, lambda _d: table)
+    assert terminal.file.getvalue().splitlines()[0] == "Confusion matrix (rows: true class, columns: predicted)"  # type: ignore[attr-defined]

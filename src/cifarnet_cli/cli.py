@@ -15,8 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from cifarnet_cli import __version__, choices
-from cifarnet_cli.config import FINETUNE_DEFAULTS, TrainConfig
-from cifarnet_cli.errors import EXIT_BROKEN_PIPE, CifarNetError, UsageError, quiet_stdout_after_broken_pipe
+from cifarnet_cli.config import FINETUNE_DEFAULTS, FINETUNE_SCRATCH_DEFAULTS, TrainConfig
+from cifarnet_cli.errors import (
+    EXIT_BROKEN_PIPE,
+    CifarNetError,
+    StdoutWatch,
+    UsageError,
+    quiet_stdout_after_broken_pipe,
+)
 
 app = typer.Typer(
     name="cifarnet",
@@ -136,7 +142,7 @@ def _complete_arch(incomplete: str) -> list[str]:
 
 
 def _complete_device(incomplete: str) -> list[str]:
-    return [d for d in choices.DEVICES if d.startswith(incomplete)]
+    return [d for d in choices.devices_here() if d.startswith(incomplete)]
 
 
 def _complete_precision(incomplete: str) -> list[str]:
@@ -273,7 +279,9 @@ FinetuneAccum = Annotated[
 FinetuneLr = Annotated[
     float | None,
     _option(
-        float, help=f"Peak learning rate. \\[default: {_F.base_lr:g} per {_F.base_batch} images of effective batch]"
+        float,
+        help=f"Peak learning rate. \\[default: {_F.base_lr:g} per {_F.base_batch} images of effective batch; "
+        f"{FINETUNE_SCRATCH_DEFAULTS['base_lr']:g} with --weights none]",
     ),
 ]
 FinetuneWeightDecay = Annotated[
@@ -285,7 +293,13 @@ TrainWarmup = Annotated[
     _option(float, "--warmup-epochs", help="Linear warm-up epochs. \\[default: 2, at most a fifth of the epochs]"),
 ]
 FinetuneWarmup = Annotated[
-    float | None, _option(float, "--warmup-epochs", help=f"Linear warm-up epochs. \\[default: {_F.warmup_epochs:g}]")
+    float | None,
+    _option(
+        float,
+        "--warmup-epochs",
+        help=f"Linear warm-up epochs. \\[default: {_F.warmup_epochs:g}; with --weights none a fifth of the epochs, "
+        "at most 2]",
+    ),
 ]
 Momentum = Annotated[float | None, _option(float, help="SGD (Nesterov) momentum. \\[default: 0.9]")]
 Schedule = Annotated[
@@ -374,8 +388,15 @@ Capture = Annotated[
 ]
 RunName = Annotated[
     str | None,
-    _option(str, "--run", "--name", help="Run name (the folder under runs/). \\[default: <arch>-<date>-<time>]"),
+    _option(
+        str,
+        "--run",
+        help="Run name (the folder under runs/; --name works too): letters, digits, '.', '_', '-'. "
+        "\\[default: <arch>-<date>-<time>]",
+    ),
 ]
+# --name is --run by another name; kept out of the help, where Typer would print "--run,--name".
+RunNameAlias = Annotated[str | None, typer.Option("--name", hidden=True, show_default=False)]
 Resume = Annotated[
     str | None,
     _option(
@@ -391,6 +412,16 @@ InitFrom = Annotated[
         "--init-from",
         help="Start a new run from another run's weights (a run name, 'last', or a checkpoint file), with a fresh "
         "optimizer and schedule. The architecture must match (train takes the run's by default).",
+        show_default=False,
+        autocompletion=_complete_run,
+    ),
+]
+FinetuneInitFrom = Annotated[
+    str | None,
+    typer.Option(
+        "--init-from",
+        help="Start a new run from another ResNet-50 run's weights (a run name, 'last', or a checkpoint file) "
+        "instead of --weights, with a fresh optimizer and schedule.",
         show_default=False,
         autocompletion=_complete_run,
     ),
@@ -423,6 +454,13 @@ TensorBoard = Annotated[
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; errors only.")]
+
+
+def _run_name(run: str | None, name: str | None) -> str | None:
+    """--run, or --name (the same option by another name)."""
+    if run is not None and name is not None and run != name:
+        raise _usage("--run and --name are the same option; give one of them.")
+    return run if run is not None else name
 
 
 def _run_training(
@@ -463,7 +501,8 @@ def _run_training(
             assert ctx is not None
             _train_processes(ctx, task, options, plan, resume=resume, quiet=quiet, split_given=split_given)
         main = _launch().worker_rank() in (None, 0)  # under torchrun, rank 0 alone prints and draws
-        with _ui().TrainView(quiet=quiet or not main) as view:
+        asked_auto = bool(options.get("batch_size_auto")) and resume is None
+        with _ui().TrainView(quiet=quiet or not main, batch_size_auto=asked_auto) as view:
             kwargs: dict[str, Any] = {"tensorboard": tensorboard, "split_given": split_given, "on_event": view}
             if resume is not None:
                 result = train(None, resume=resume, overrides=options, **kwargs)
@@ -473,7 +512,12 @@ def _run_training(
             return
         if result.already_finished and not quiet:
             if result.stopped_early:
-                _ui().info(f"Run {result.run} stopped early after epoch {result.epochs} (--patience); nothing to do.")
+                waited = result.epochs - result.best_epoch
+                _ui().info(
+                    f"Run {result.run} stopped early after epoch {result.epochs}: validation accuracy had not improved "
+                    f"for {waited} epoch(s) (--patience); nothing to do. To continue it, resume with --patience "
+                    f"{waited + 1} or more (0 = off)."
+                )
             else:
                 _ui().info(f"Run {result.run} already finished its {result.epochs} epochs; nothing to do.")
         if not quiet:
@@ -565,6 +609,7 @@ def train(
     capture: Capture = None,
     sync_bn: SyncBn = False,
     run: RunName = None,
+    name: RunNameAlias = None,
     resume: Resume = None,
     seed: Seed = None,
     init_from: InitFrom = None,
@@ -609,6 +654,7 @@ def train(
         save_minutes=save_minutes,
         patience=patience,
     )
+    run = _run_name(run, name)
     _run_training(
         "train",
         options,
@@ -660,7 +706,7 @@ def finetune_resnet50(
         float | None,
         typer.Option(
             "--backbone-lr-scale",
-            help="Learning rate of the pretrained body relative to the head. \\[default: 0.2]",
+            help="Learning rate of the pretrained body relative to the head. \\[default: 0.2; 1 with --weights none]",
             show_default=False,
             parser=_number,
         ),
@@ -684,9 +730,10 @@ def finetune_resnet50(
     capture: Capture = None,
     sync_bn: SyncBn = False,
     run: RunName = None,
+    name: RunNameAlias = None,
     resume: Resume = None,
     seed: Seed = None,
-    init_from: InitFrom = None,
+    init_from: FinetuneInitFrom = None,
     save_every: SaveEvery = None,
     save_minutes: SaveMinutes = None,
     patience: Patience = None,
@@ -731,6 +778,7 @@ def finetune_resnet50(
         save_minutes=save_minutes,
         patience=patience,
     )
+    run = _run_name(run, name)
     _run_training(
         "finetune-resnet50",
         options,
@@ -1382,6 +1430,7 @@ def main() -> None:
     from cifarnet_cli import streams
 
     streams.prepare()  # closed or ASCII-only standard streams
+    watch = StdoutWatch()  # after prepare: a stdout closed from the start is no pipe whose reader left
     try:
         # A fixed program name: `python -m cifarnet_cli` then reads the same completion variable
         # (_CIFARNET_COMPLETE) and prints the same usage line as the `cifarnet` script.
@@ -1390,6 +1439,12 @@ def main() -> None:
     except streams.StdoutClosed as exc:  # printed outside a command (--version, --help)
         _ui().error(str(exc))
         sys.exit(exc.exit_code)
+    except SystemExit as exc:
+        # One rule for every command, --help included: the output's reader went away → 141, not 1.
+        if exc.code == 1 and watch.reader_left():
+            quiet_stdout_after_broken_pipe()
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -780,8 +780,9 @@ class _FitLoop:
 
     def _early_stop_message(self, epoch: int) -> str:
         state = self.state
+        evaluated = "validation" if self.meta.get("eval_split", "val") == "val" else "test"  # --val-split 0
         return (
-            f"Stopped early after epoch {epoch}: validation accuracy has not improved for "
+            f"Stopped early after epoch {epoch}: {evaluated} accuracy has not improved for "
             f"{epoch - state.best_epoch} epoch(s) (--patience {self.config.patience}); the best is epoch "
             f"{state.best_epoch} ({100 * state.best_accuracy:.2f}%)."
         )

@@ -28,6 +28,7 @@ from cifarnet_cli.runtime import ExportedModel, is_exported, open_exported
 if TYPE_CHECKING:
     import torch
 
+    from cifarnet_cli.data.split import SplitRecord
     from cifarnet_cli.inference import LoadedModel
 
 SPLITS = choices.SPLITS
@@ -53,7 +54,10 @@ class EvalReport:
     tta: bool
     unrestricted_accuracy: float | None = None  # with --classes: argmax over every class
     warnings: list[str] = field(default_factory=list)
-    files: tuple[str, ...] = ()  # eval-<split>.json and confusion-<split>.png, when written
+    files: tuple[str, ...] = ()  # eval-<suffix>.json and confusion-<suffix>.png, when written
+    data_fingerprint: str | None = None  # of the data's content
+    runs_own_data: bool | None = None  # the data the run trained on (None: an exported model, not known)
+    identities: dict[str, int] | None = None  # on changed data: the run's images found, missing, left out
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,6 +74,12 @@ class EvalReport:
         }
         if self.unrestricted_accuracy is not None:
             out["unrestricted_accuracy"] = self.unrestricted_accuracy
+        if self.data_fingerprint is not None:
+            out["data_fingerprint"] = self.data_fingerprint
+        if self.runs_own_data is not None:
+            out["runs_own_data"] = self.runs_own_data
+        if self.identities is not None:
+            out["identities"] = self.identities
         if self.files:
             out["files"] = list(self.files)
         return out
@@ -93,66 +103,168 @@ def metrics_from_logits(
     return accuracy, per_class, per_class_n, cm.tolist()
 
 
+@dataclass(frozen=True)
+class _EvalData:
+    """The images a model is scored on, and what they are."""
+
+    images: ImageSet
+    split: str
+    description: str  # "<location> (<kind>)"
+    fingerprint: str | None  # of the data's content (None: not known)
+    runs_own_data: bool  # the data the run trained on (its fingerprint)
+    identities: dict[str, int] | None = None  # how changed data relates to the run's images (see _by_identity)
+
+
 def _eval_set(
     loaded: LoadedModel, data_dir: Path | None, split: str | None, on_event: Callable[[object], None]
-) -> tuple[ImageSet, str, str]:
-    from cifarnet_cli.training import open_data, split_data  # torch: checkpoints only
+) -> _EvalData:
+    """The images a run's checkpoint is scored on. On the run's own data (the same fingerprint) val and train
+    are its split, recomputed from the recorded seed; on changed data they are found by identity (the run
+    records which images it trained on and held out), so a "val" figure never includes a training image."""
+    from cifarnet_cli.data.split import SplitRecord
+    from cifarnet_cli.training import open_data  # torch: checkpoints only
 
-    def notify(message: str) -> None:
-        on_event(Notice(message))
-
-    recorded = loaded.meta.get("data_location")
-    location: str | None = str(data_dir) if data_dir is not None else None
-    if data_dir is None and isinstance(recorded, str) and recorded:
-        if find_source(Path(recorded)) is not None:
-            location = recorded
-        elif Path(recorded) != paths.default_data_dir() and loaded.meta.get("data_kind") == "image-folder":
-            # Not CIFAR-10 from the default place, which would be downloaded: the run's own images are gone.
-            raise CifarNetError(
-                f"The data this run was trained on ({display(recorded)}) is not there any more; "
-                "evaluate on other data with --data-dir DIR."
-            )
-    source = open_data(
-        location,
-        classes=loaded.classes,
-        on_event=on_event,
-    )
+    source = open_data(_run_data_location(loaded, data_dir), classes=loaded.classes, on_event=on_event)
     desc = f"{display(source.location)} ({source.kind})"
     same_data = source.fingerprint == loaded.meta.get("data_fingerprint")
+    record = SplitRecord.from_meta(loaded.meta) if not same_data else None
     n_val = int(loaded.meta.get("val_split", 0) or 0)
     has_pool = "train" in source.splits or "images" in source.splits
     available = _splits_of(source)
     if has_pool and n_val:
         available.insert(available.index("train"), "val")
     if split is None:
-        if source.has_test:
-            split = "test"
-        elif same_data and n_val > 0:
-            split = "val"
-        else:
-            split = "all"
+        split = _default_split(source, same_data, n_val, record)
     if split not in available:
         if split == "val" and has_pool:
             raise CifarNetError("This run validated on the test split (--val-split 0); use --split test.")
         raise _no_such_split(source, split, available)
-    if split == "all":
-        if same_data:
-            notify(
-                "These are the run's own data: --split all includes the images it trained on, so the accuracy "
-                "overstates how the model does on new images."
+
+    def result(images: ImageSet, identities: dict[str, int] | None = None) -> _EvalData:
+        return _EvalData(images, split, desc, source.fingerprint, same_data, identities)
+
+    if split in ("all", "test"):
+        chosen = source.everything() if split == "all" else source.split("test")
+        return result(chosen, _warn_of_training_images(loaded, chosen, split, same_data, record, on_event))
+    if same_data:
+        from cifarnet_cli.training import split_data
+
+        if not n_val:
+            return result(source.train)
+        train_set, val_set, _ = split_data(source, n_val, int(loaded.meta.get("split_seed", 0)))
+        part = val_set if split == "val" else train_set
+        assert part is not None
+        return result(part)
+    images, identities = _by_identity(loaded, source, split, record, on_event)
+    return result(images, identities)
+
+
+def _run_data_location(loaded: LoadedModel, data_dir: Path | None) -> str | None:
+    """``--data-dir``, else the data the run recorded (None: the default CIFAR-10)."""
+    if data_dir is not None:
+        return str(data_dir)
+    recorded = loaded.meta.get("data_location")
+    if isinstance(recorded, str) and recorded:
+        if find_source(Path(recorded)) is not None:
+            return recorded
+        if Path(recorded) != paths.default_data_dir() and loaded.meta.get("data_kind") == "image-folder":
+            # Not CIFAR-10 from the default place, which would be downloaded: the run's own images are gone.
+            raise CifarNetError(
+                f"The data this run was trained on ({display(recorded)}) is not there any more; "
+                "evaluate on other data with --data-dir DIR."
             )
-        return source.everything(), "all", desc
-    if split == "test":
-        return source.split("test"), "test", desc
-    if not same_data:
-        notify("This data differs from the run's training data; the split is recomputed on it.")
+    return None
+
+
+def _default_split(source: DataSource, same_data: bool, n_val: int, record: SplitRecord | None) -> str:
+    """test where the data has one; else the run's validation images (on its own data, or those of them
+    still in changed data); else every image (said when it includes training images)."""
+    if source.has_test:
+        return "test"
+    if n_val > 0 and same_data:
+        return "val"
+    if n_val > 0 and record is not None and record.held_out.size:
+        from cifarnet_cli.data.split import image_ids
+
+        if np.isin(image_ids(source.train.images), record.held_out).any():
+            return "val"
+    return "all"
+
+
+def _by_identity(
+    loaded: LoadedModel, source: DataSource, split: str, record: SplitRecord | None, on_event: Callable[[object], None]
+) -> tuple[ImageSet, dict[str, int]]:
+    """The run's held-out (``val``) or training (``train``) images that are still in changed data."""
+    from cifarnet_cli.data.split import identify, image_ids
+
+    what = "held out for validation" if split == "val" else "trained on"
+    if record is None:
+        raise CifarNetError(
+            f"{display(source.location)} differs from the data this run trained on, and the run was trained before "
+            f"cifarnet recorded which images it {what}, so its {split} split cannot be found in it (drawing it "
+            "again would mix in training images). Evaluate it on its original data, or choose --split test or "
+            "--split all (which may include images it trained on)."
+        )
     pool = source.train
-    if not n_val:
-        return pool, split, desc
-    train_set, val_set, _ = split_data(source, n_val, int(loaded.meta.get("split_seed", 0)))
-    chosen = val_set if split == "val" else train_set
-    assert chosen is not None
-    return chosen, split, desc
+    found = identify(image_ids(pool.images), record)
+    index = found.held_out if split == "val" else found.trained
+    recorded = record.held_out.size if split == "val" else record.trained.size
+    missing = found.held_out_missing if split == "val" else found.trained_missing
+    others = len(pool) - index.size
+    if index.size == 0:
+        raise CifarNetError(
+            f"None of the {recorded:,} images this run {what} are in {display(source.location)} (images are matched "
+            "by their decoded pixels, which another Pillow version may also change); choose --split all (or test) "
+            "to score this data."
+        )
+    left_out = f"{found.trained.size:,} it trained on and {found.new:,} new" if split == "val" else f"{others:,} other"
+    on_event(
+        Notice(
+            f"This data differs from the run's training data: scoring the {index.size:,} of its {recorded:,} images "
+            f"{what} that are still in it ({missing:,} missing); the {left_out} image(s) are left out."
+        )
+    )
+    identities = {"recorded": int(recorded), "found": int(index.size), "missing": int(missing)}
+    if split == "val":
+        identities.update(trained_left_out=int(found.trained.size), new_left_out=int(found.new))
+    return pool.subset(index), identities
+
+
+def _warn_of_training_images(
+    loaded: LoadedModel,
+    chosen: ImageSet,
+    split: str,
+    same_data: bool,
+    record: SplitRecord | None,
+    on_event: Callable[[object], None],
+) -> dict[str, int] | None:
+    """Say when the images to score include images the run trained on (the accuracy then overstates how the
+    model does on new images); return the count when it is known."""
+    overstates = "so the accuracy overstates how the model does on new images."
+    if same_data:
+        if split == "all":
+            on_event(
+                Notice(f"These are the run's own data: --split all includes the images it trained on, {overstates}")
+            )
+        return None
+    if record is None:
+        if split == "all" and loaded.meta.get("data_fingerprint") is not None:
+            on_event(
+                Notice(
+                    "This data differs from the run's training data and the run does not record which images it "
+                    "trained on: some of these images may be among them, so the accuracy may overstate how the model "
+                    "does on new images."
+                )
+            )
+        return None
+    from cifarnet_cli.data.split import image_ids
+
+    trained = int(np.isin(image_ids(chosen.images), record.trained).sum())
+    if trained:
+        on_event(
+            Notice(f"{trained:,} of these {len(chosen):,} images ({split}) are images the run trained on, {overstates}")
+        )
+    return {"trained_included": trained}
 
 
 def _subset_suffix(names: list[str]) -> str:
@@ -178,7 +290,7 @@ def _no_such_split(source: DataSource, split: str, available: list[str]) -> Cifa
 
 def _exported_eval_set(
     model: ExportedModel, data_dir: Path | None, split: str | None, on_event: Callable[[object], None]
-) -> tuple[ImageSet, str, str]:
+) -> _EvalData:
     """The data an exported model is scored on: ``--data-dir`` (else the default CIFAR-10) and its own
     splits. A run's validation split is not available: recomputing it needs the run's record (and torch)."""
 
@@ -199,9 +311,8 @@ def _exported_eval_set(
         split = "test" if source.has_test else "all"
     if split not in available:
         raise _no_such_split(source, split, available)
-    if split == "all":
-        return source.everything(), "all", f"{display(source.location)} ({source.kind})"
-    return source.split(split), split, f"{display(source.location)} ({source.kind})"
+    images = source.everything() if split == "all" else source.split(split)
+    return _EvalData(images, split, f"{display(source.location)} ({source.kind})", source.fingerprint, False)
 
 
 def _exported_logits(model: ExportedModel, data: ImageSet, batch_size: int | None, tta: bool) -> np.ndarray:
@@ -244,7 +355,7 @@ def evaluate_model(
     loaded: LoadedModel | None = None
     if exported is not None:
         model_classes, model_path, run = exported.classes, exported.path, None
-        data, split_name, data_desc = _exported_eval_set(exported, data_dir, split, on_event)
+        chosen = _exported_eval_set(exported, data_dir, split, on_event)
     else:
         from cifarnet_cli.devices import resolve_device
         from cifarnet_cli.inference import load_model
@@ -254,33 +365,9 @@ def evaluate_model(
         if loaded.notice is not None:
             on_event(Notice(loaded.notice))
         model_classes, model_path, run = loaded.classes, loaded.path, loaded.run
-        data, split_name, data_desc = _eval_set(loaded, data_dir, split, on_event)
-
-    def notify(message: str) -> None:
-        on_event(Notice(message))
-
-    all_ids = list(range(len(model_classes)))
-    class_ids = all_ids
-    if classes is not None:
-        mapping, unknown = match_classes(classes, model_classes)
-        if unknown:
-            raise UsageError(
-                f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(model_classes)})."
-            )
-        class_ids = sorted(set(mapping.values()))
-        if len(class_ids) < 2:
-            raise UsageError(
-                "--classes needs at least two classes: the model chooses among them, so with one every image "
-                f"would count as right (the model's classes: {', '.join(model_classes)})."
-            )
-        keep = np.isin(data.labels, class_ids)
-        left_out = int((~keep).sum())
-        if left_out:
-            notify(f"Left out {left_out} image(s) of classes outside --classes.")
-        data = data.subset(np.flatnonzero(keep))
-    if len(data) == 0:
-        raise CifarNetError("No images to evaluate" + (" in the chosen classes." if classes else "."))
-
+        chosen = _eval_set(loaded, data_dir, split, on_event)
+    class_ids = _class_ids(classes, model_classes)
+    data = _restrict(chosen.images, class_ids, len(model_classes), on_event)
     if exported is not None:
         logits, labels = _exported_logits(exported, data, batch_size, tta), np.asarray(data.labels)
     else:
@@ -289,9 +376,7 @@ def evaluate_model(
     _check_finite(logits, model_path)
     names = [model_classes[i] for i in class_ids]
     accuracy, per_class, per_class_n, cm = metrics_from_logits(logits, labels, class_ids, names)
-    unrestricted = None
-    if class_ids != all_ids:
-        unrestricted = float((logits.argmax(1) == labels).mean())
+    subset = len(class_ids) < len(model_classes)
     report = EvalReport(
         accuracy,
         int(labels.shape[0]),
@@ -299,28 +384,99 @@ def evaluate_model(
         per_class,
         per_class_n,
         cm,
-        split_name,
+        chosen.split,
         str(model_path),
-        data_desc,
+        chosen.description,
         tta,
-        unrestricted,
+        float((logits.argmax(1) == labels).mean()) if subset else None,
+        data_fingerprint=chosen.fingerprint,
+        runs_own_data=chosen.runs_own_data if loaded is not None else None,
+        identities=chosen.identities,
     )
     if write_report and run is not None:
-        suffix = f"{split_name}" + ("-tta" if tta else "") + (_subset_suffix(names) if class_ids != all_ids else "")
-        target = run.dir / f"eval-{suffix}.json"
-        picture = run.dir / f"confusion-{suffix}.png"
-        try:  # atomically, and a failure worded like every other file error (the results are printed anyway)
-            # within: a run that `runs rm` deleted meanwhile stays deleted (no half-run brought back)
-            fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode(), within=run.dir)
-            title = f"{run.name}: {split_name}, accuracy {100 * accuracy:.2f}% of {report.n:,} images"
-            drawn = plot_confusion(cm, names, picture, title=title, within=run.dir)
-        except CifarNetError as exc:
-            notify(f"{exc} The results are not saved in the run folder.")
-        except OSError as exc:
-            notify(f"{fileio.os_error_message(exc, picture, 'write')} The results are not saved in the run folder.")
-        else:
-            report = dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
+        report = _save_report(report, run, subset=subset, on_event=on_event)
     return report
+
+
+def _class_ids(classes: list[str] | None, model_classes: tuple[str, ...]) -> list[int]:
+    """The model's outputs ``--classes`` names (every one without it), checked."""
+    if classes is None:
+        return list(range(len(model_classes)))
+    mapping, unknown = match_classes(classes, model_classes)
+    if unknown:
+        raise UsageError(f"--classes: {', '.join(unknown)} not among the model's classes ({', '.join(model_classes)}).")
+    class_ids = sorted(set(mapping.values()))
+    if len(class_ids) < 2:
+        raise UsageError(
+            "--classes needs at least two classes: the model chooses among them, so with one every image "
+            f"would count as right (the model's classes: {', '.join(model_classes)})."
+        )
+    return class_ids
+
+
+def _restrict(data: ImageSet, class_ids: list[int], num_classes: int, on_event: Callable[[object], None]) -> ImageSet:
+    """The images of the chosen classes (all of them without --classes); none at all is an error."""
+    if len(class_ids) < num_classes:
+        keep = np.isin(data.labels, class_ids)
+        left_out = int((~keep).sum())
+        if left_out:
+            on_event(Notice(f"Left out {left_out} image(s) of classes outside --classes."))
+        data = data.subset(np.flatnonzero(keep))
+    if len(data) == 0:
+        raise CifarNetError(
+            "No images to evaluate" + (" in the chosen classes." if len(class_ids) < num_classes else ".")
+        )
+    return data
+
+
+def report_suffix(split: str, classes: list[str] | None, tta: bool, data_id: str | None) -> str:
+    """``<split>[-<classes>][-tta][-<data id>]``: one report per data, split, class subset and TTA, so that an
+    evaluation never replaces another's. The data id (the first 8 hex digits of the data's content
+    fingerprint) is left out on the run's own data, whose reports keep their plain names (eval-val.json)."""
+    return (
+        split
+        + (_subset_suffix(classes) if classes else "")
+        + ("-tta" if tta else "")
+        + (f"-{data_id[:8]}" if data_id else "")
+    )
+
+
+def _save_report(report: EvalReport, run: Any, *, subset: bool, on_event: Callable[[object], None]) -> EvalReport:
+    """eval-<suffix>.json and confusion-<suffix>.png in the run folder; a failure to write is a notice (the
+    results are printed anyway)."""
+    data_id = None if report.runs_own_data or report.data_fingerprint is None else report.data_fingerprint
+    suffix = report_suffix(report.split, report.classes if subset else None, report.tta, data_id)
+    target = run.dir / f"eval-{suffix}.json"
+    picture = run.dir / f"confusion-{suffix}.png"
+    try:  # atomically, and a failure worded like every other file error
+        # within: a run that `runs rm` deleted meanwhile stays deleted (no half-run brought back)
+        fileio.write_bytes(target, (json.dumps(report.to_json(), indent=2) + "\n").encode(), within=run.dir)
+        title = confusion_title(run.name, report)
+        drawn = plot_confusion(report.confusion, report.classes, picture, title=title, within=run.dir)
+    except CifarNetError as exc:
+        on_event(Notice(f"{exc} The results are not saved in the run folder."))
+    except OSError as exc:
+        message = fileio.os_error_message(exc, picture, "write")
+        on_event(Notice(f"{message} The results are not saved in the run folder."))
+    else:
+        return dataclasses.replace(report, files=(str(target),) + ((str(drawn),) if drawn else ()))
+    return report
+
+
+def confusion_title(run_name: str, report: EvalReport) -> str:
+    """What a confusion picture shows: the run, the split and the data it was measured on (with TTA when
+    used), the classes when a subset, and the accuracy."""
+    where, _, kind = report.data.rpartition(" (")  # "<location> (<kind>)": the folder's name is enough here
+    data = f"{Path(where).name or where} ({kind}" if where else report.data
+    if report.runs_own_data:
+        data = data[:-1] + ", the run's own data)"
+    elif report.data_fingerprint:
+        data = data[:-1] + f", data {report.data_fingerprint[:8]})"
+    lines = [f"{run_name}: {report.split} split of {data}" + (", flip TTA" if report.tta else "")]
+    if report.unrestricted_accuracy is not None:
+        lines.append(f"{len(report.classes)} classes: {', '.join(report.classes)}")
+    lines.append(f"accuracy {100 * report.accuracy:.2f}% of {report.n:,} images")
+    return "\n".join(lines)
 
 
 def _check_finite(logits: np.ndarray, model_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +68,19 @@ def directory_problems() -> list[str]:
     ]
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why torch sees no CUDA device, as far as this machine tells (None when it sees one)."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU"
+    if _jetson_release() is None and not Path("/proc/driver/nvidia/version").exists():
+        return "no NVIDIA driver is loaded"
+    return "the driver found no usable GPU (or is older than this torch's CUDA)"
+
+
 def gather() -> dict[str, Any]:
     cuda = cuda_devices() if torch.cuda.is_available() else []
     devices: list[dict[str, Any]] = [{"type": "cuda", **d} for d in cuda]
@@ -105,6 +120,7 @@ def gather() -> dict[str, Any]:
         "cuda_build": torch.version.cuda is not None,
         "cuda_version": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
+        "cuda_unavailable_reason": cuda_unavailable_reason(),
         "jetson": _jetson_release(),
         "devices": devices,
         "default_device": "cuda" if cuda else ("mps" if mps_available() else "cpu"),

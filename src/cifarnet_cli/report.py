@@ -89,10 +89,29 @@ def plot_curves(
     epochs: int | None = None,
     step_lrs: Sequence[float] | None = None,
     steps_per_epoch: int | None = None,
+    eval_split: str = "val",
+    patience: int = 0,
 ) -> Path | None:
     """Write :func:`curves_figure` to ``target``; None when there is nothing to draw or no matplotlib."""
-    fig = curves_figure(rows, title=title, epochs=epochs, step_lrs=step_lrs, steps_per_epoch=steps_per_epoch)
+    fig = curves_figure(
+        rows,
+        title=title,
+        epochs=epochs,
+        step_lrs=step_lrs,
+        steps_per_epoch=steps_per_epoch,
+        eval_split=eval_split,
+        patience=patience,
+    )
     return _save(fig, target) if fig is not None else None
+
+
+def stopped_early(rows: Sequence[dict[str, Any]], planned: int, patience: int) -> int | None:
+    """The epoch after which ``--patience`` stopped the run (as the engine decides it), or None."""
+    done = max((r["epoch"] for r in rows), default=0)
+    best = best_epoch(rows)
+    if patience and best and done < planned and done - best >= patience:
+        return done
+    return None
 
 
 def curves_figure(
@@ -102,13 +121,17 @@ def curves_figure(
     epochs: int | None = None,
     step_lrs: Sequence[float] | None = None,
     steps_per_epoch: int | None = None,
+    eval_split: str = "val",
+    patience: int = 0,
 ) -> Any:
     """Loss, accuracy and learning rate of a run (a matplotlib Figure); None when there is nothing to draw
     or no matplotlib. Every epoch is a marked point, so a 1-epoch run shows points, not empty axes.
 
     ``step_lrs`` (the rate of every optimizer step of the planned run) draws the schedule per step, solid
     for the steps done and dotted for the rest, so the warm-up ramp and the cosine are visible; without
-    it the per-epoch rates of ``rows`` are drawn.
+    it the per-epoch rates of ``rows`` are drawn. ``eval_split`` names what the run evaluated on after each
+    epoch: its validation split, or the test split (``--val-split 0``). A run ``patience`` stopped early is
+    marked where it stopped.
     """
     if not rows:
         return None
@@ -120,29 +143,25 @@ def curves_figure(
     done = max(epoch_x)
     planned = max(epochs or done, done)
     point = {"marker": "o", "markersize": 4}
+    evaluated = "validation" if eval_split == "val" else eval_split
 
     def series(key: str, scale: float = 1.0) -> list[float]:
         return [scale * r[key] if isinstance(r.get(key), int | float) else math.nan for r in rows]
 
     loss_ax.plot(epoch_x, series("train_loss"), label="train", **point)
     if any(r.get("val_loss") is not None for r in rows):
-        loss_ax.plot(epoch_x, series("val_loss"), label="validation", **point)
+        loss_ax.plot(epoch_x, series("val_loss"), label=evaluated, **point)
     loss_ax.set_title("loss")
     acc_ax.plot(epoch_x, series("train_accuracy", 100), label="train", **point)
     if any(r.get("val_accuracy") is not None for r in rows):
-        acc_ax.plot(epoch_x, series("val_accuracy", 100), label="validation", **point)
+        acc_ax.plot(epoch_x, series("val_accuracy", 100), label=evaluated, **point)
     acc_ax.set_title("accuracy (%)")
     best = best_epoch(rows)
     if best is not None:
         acc = 100 * next(r["val_accuracy"] for r in rows if r["epoch"] == best)
-        acc_ax.plot([best], [acc], marker="*", markersize=14, color="tab:red", linestyle="none", label="best")
-        acc_ax.annotate(
-            f"best {acc:.2f}% (epoch {best})",
-            (best, acc),
-            textcoords="offset points",
-            xytext=(0, -16),
-            ha="right" if best > planned / 2 else "left",
-            fontsize=8,
+        # In the legend, not beside the star: a note there runs into the axes' edge near the last epoch.
+        acc_ax.plot(
+            [best], [acc], marker="*", markersize=14, color="tab:red", linestyle="none", label=f"best {acc:.2f}%"
         )
 
     if step_lrs and steps_per_epoch:
@@ -156,13 +175,21 @@ def curves_figure(
     else:
         lr_ax.plot(epoch_x, series("lr"), label="last step of the epoch", **point)
         lr_ax.set_title("learning rate")
+    stop = stopped_early(rows, planned, patience)
     for ax in (loss_ax, acc_ax, lr_ax):
         if best is not None:
-            ax.axvline(best, color="tab:red", alpha=0.3, linestyle="--", linewidth=1)
+            ax.axvline(best, color="tab:red", alpha=0.3, linestyle="--", linewidth=1, label=f"best epoch ({best})")
+        if stop is not None:
+            ax.axvline(stop, color="black", alpha=0.6, linestyle=":", linewidth=1.2, label="stopped early")
         _integer_epochs(ax)
         ax.set_xlim(0, planned * 1.03 + 0.1)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{title}: epoch {done} of {planned}")
+        # "best" asked for, not defaulted: matplotlib then places it clear of the curves without warning on
+        # stderr (in the middle of the epoch lines) when that takes long on a busy machine.
+        ax.legend(fontsize=8, loc="best")
+    if stop is not None:
+        fig.suptitle(f"{title}: stopped early after epoch {done} of {planned} (--patience {patience})")
+    else:
+        fig.suptitle(f"{title}: epoch {done} of {planned}")
     return fig
 
 
@@ -187,9 +214,13 @@ class CurvesWriter:
         epochs: int,
         lr_schedule: Callable[[int], list[float]] | None = None,
         background: bool = True,
+        eval_split: str = "val",
+        patience: int = 0,
     ) -> None:
         self.run = run
         self.epochs = epochs
+        self.eval_split = eval_split
+        self.patience = patience
         self.lr_schedule = lr_schedule
         self.background = background
         self.draw_seconds: list[float] = []
@@ -248,6 +279,8 @@ class CurvesWriter:
                 epochs=self.epochs,
                 step_lrs=self._lrs,
                 steps_per_epoch=self._steps,
+                eval_split=self.eval_split,
+                patience=self.patience,
             )
         except Exception as exc:  # noqa: BLE001 - a picture must never stop training
             self.error = f"{type(exc).__name__}: {exc}"
@@ -277,10 +310,14 @@ def plot_confusion(
     """Counts and row-normalised confusion matrices side by side (rows: true class)."""
     n = len(classes)
     classes = [_label(c) for c in classes]
-    made = _figure(min(6 + 1.0 * n, 22), min(3 + 0.45 * n, 11), 2)
+    # Room for the rotated class names under each matrix and for every line of the title; a gap between the
+    # panels so the first colour bar's label stays clear of the second matrix's class names.
+    extra = 0.25 * title.count("\n")
+    made = _figure(min(8 + 1.0 * n, 23), min(4.2 + 0.45 * n, 12) + extra, 2)
     if made is None:
         return None
     fig, (counts_ax, norm_ax) = made
+    fig.get_layout_engine().set(w_pad=0.15, wspace=0.12)
     totals = [sum(row) for row in confusion]
     normalised = [[v / t if t else 0.0 for v in row] for row, t in zip(confusion, totals, strict=True)]
     for ax, values, fmt, label in (
@@ -314,34 +351,40 @@ def plot_confusion(
                     )
     counts_ax.set_title("counts")
     norm_ax.set_title("row-normalised")
-    fig.suptitle(_label(title))
+    fig.suptitle("\n".join(_label(line) for line in title.split("\n")))  # each line made printable
     return _save(fig, target, within)
 
 
-def plot_compare(curves: Mapping[str, Sequence[dict[str, Any]]], target: Path) -> Path | None:
-    """Validation accuracy and loss of several runs, overlaid."""
+def plot_compare(
+    curves: Mapping[str, Sequence[dict[str, Any]]], target: Path, *, splits: Mapping[str, str] | None = None
+) -> Path | None:
+    """Validation accuracy and loss of several runs, overlaid; a run that evaluated on the test split
+    (``--val-split 0``, ``splits[name] == "test"``) says so in the legend."""
     made = _figure(11, 3.8, 2)
     if made is None:
         return None
     fig, (acc_ax, loss_ax) = made
+    splits = splits or {}
     for name, rows in curves.items():
         x = [r["epoch"] for r in rows]
+        label = _label(name) if splits.get(name, "val") == "val" else f"{_label(name)} ({splits[name]} split)"
         acc_ax.plot(
             x,
             [100 * r["val_accuracy"] if r.get("val_accuracy") is not None else math.nan for r in rows],
             marker="o",
             markersize=3,
-            label=_label(name),
+            label=label,
         )
         loss_ax.plot(
             x,
             [r["val_loss"] if r.get("val_loss") is not None else math.nan for r in rows],
             marker="o",
             markersize=3,
-            label=_label(name),
+            label=label,
         )
-    acc_ax.set_title("validation accuracy (%)")
-    loss_ax.set_title("validation loss")
+    evaluated = "validation" if all(v == "val" for v in splits.values()) else "validation (or test)"
+    acc_ax.set_title(f"{evaluated} accuracy (%)")
+    loss_ax.set_title(f"{evaluated} loss")
     for ax in (acc_ax, loss_ax):
         _integer_epochs(ax)
         ax.legend(fontsize=8)

@@ -136,7 +136,7 @@ def _summarize(run: runs.Run) -> RunSummary:
     seconds = sum(r["epoch_seconds"] for r in timed)
     speed = sum(r["images_per_second"] * r["epoch_seconds"] for r in timed) / seconds if seconds > 0 else None
     patience = int(config.get("patience") or 0)
-    stopped_early = done if patience and best and done < planned and done - best >= patience else None
+    stopped_early = report.stopped_early(rows, planned, patience)
 
     holder = runs.holder_of(run)
     if holder is not None:
@@ -192,7 +192,9 @@ class RunDetail:
     config: dict[str, Any]
     meta: dict[str, Any]
     metrics: list[dict[str, Any]]
-    evaluations: list[dict[str, Any]]  # {"file", "split", "accuracy", "n"} per eval-*.json
+    evaluations: list[
+        dict[str, Any]
+    ]  # {"file", "split", "accuracy", "n", "data", "tta", "classes", ...} per eval-*.json
     files: list[tuple[str, int]]  # (name, bytes)
     resume: str | None  # the command that continues an unfinished run
 
@@ -252,7 +254,24 @@ def _evaluation(path: Path) -> dict[str, Any] | None:
     accuracy, n, split = data.get("accuracy"), data.get("n"), data.get("split")
     if not isinstance(accuracy, int | float) or isinstance(accuracy, bool) or not isinstance(n, int):
         return None
-    return {"file": path.name, "split": str(split), "accuracy": accuracy, "n": n}
+    classes = data.get("classes") if "unrestricted_accuracy" in data else None  # a class subset
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) else None
+
+    return {
+        "file": path.name,
+        "split": str(split),
+        "accuracy": accuracy,
+        "n": n,
+        "data": text("data"),  # "<location> (<kind>)"; older reports have it too
+        "data_fingerprint": text("data_fingerprint"),
+        # None in reports written before it was recorded
+        "runs_own_data": data["runs_own_data"] if isinstance(data.get("runs_own_data"), bool) else None,
+        "tta": data.get("tta") is True,
+        "classes": [str(c) for c in classes] if isinstance(classes, list) else None,
+    }
 
 
 def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
@@ -347,13 +366,14 @@ def compare(refs: list[str], *, plot: Path | None = None) -> Comparison:
     keys = sorted({k for c in configs for k in c} - _NOT_RECIPE)
     differences = {k: [c.get(k) for c in configs] for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1}
     curves = {r.name: r.read_metrics() for r in chosen}
+    summaries = [summarize(r) for r in chosen]
     written = None
     if plot is not None:
-        path = report.plot_compare(curves, plot)
+        path = report.plot_compare(curves, plot, splits={s.name: s.split for s in summaries})
         if path is None:
             raise CifarNetError(report.PLOT_HINT.replace("curves.png in the run folder", "the comparison plot"))
         written = str(path)
-    return Comparison([summarize(r) for r in chosen], differences, curves, written)
+    return Comparison(summaries, differences, curves, written)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -407,9 +407,27 @@ def default_name(arch: str) -> str:
     return f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+#: What a run name may be, in words: a folder name that is the same on every file system and shell, never
+#: read as an option (`--resume -x`) and never hidden (`.x`).
+NAME_RULE = (
+    "a run name is 1 to 100 characters: ASCII letters (a-z, A-Z), digits, '.', '_' and '-', starting with a "
+    "letter or a digit"
+)
+
+
 def check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise UsageError(f"--run {name!r}: use letters, digits, '.', '_' and '-' (up to 100 characters).")
+    if _NAME.fullmatch(name):
+        return
+    if not name:
+        broken = "it is empty"
+    elif len(name) > 100:
+        broken = f"it has {len(name)} characters"
+    elif not re.fullmatch(r"[A-Za-z0-9._-]*", name):
+        others = sorted({c for c in name if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
+        broken = "it contains " + ", ".join(repr(c) for c in others)
+    else:
+        broken = f"it starts with {name[0]!r}"
+    raise UsageError(f"--run {name!r}: {NAME_RULE}; {broken}.")
 
 
 def _exists_message(run: Run) -> str:

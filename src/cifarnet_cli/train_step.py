@@ -1,7 +1,8 @@
 """One training step — forward, backward, optimizer update — run eagerly or replayed as a CUDA graph.
 
 On a GPU the ResNet-20 step at batch 512 is mostly kernel-launch overhead: 42,000 images/s eager against
-111,000 replayed as a CUDA graph on one H200 (../PERFORMANCE.md). A graph replays fixed kernels on fixed
+111,000 replayed as a CUDA graph on one H200 (the project's reference measurement, with a pipeline of the
+same design). A graph replays fixed kernels on fixed
 memory, so everything that changes from one step to the next lives in device tensors the graph reads: the
 batch (copied into static buffers), each parameter group's learning rate and the accumulation weight. The
 gradients keep their storage (a replay adds into them; the update zeroes them), and so do the momentum

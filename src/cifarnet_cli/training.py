@@ -38,7 +38,7 @@ from cifarnet_cli.autobatch import data_bytes_on_device, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
-from cifarnet_cli.data.split import stratified_split
+from cifarnet_cli.data.split import SPLIT_IDS, SplitRecord, stratified_split
 from cifarnet_cli.devices import Precision, describe, is_integrated, resolve_device, resolve_precision
 from cifarnet_cli.engine import (
     FitResult,
@@ -90,7 +90,15 @@ def open_data(
     if find_source(location) is None and config_data_dir is None:
         on_event(Notice(f"No CIFAR-10 at {location}; downloading it (cifarnet download cifar10)."))
         notify, progress_cb = download_callbacks("cifar10", on_event)
-        download.fetch_cifar10(location, notify=notify, progress=progress_cb)
+        try:
+            download.fetch_cifar10(location, notify=notify, progress=progress_cb)
+        except CifarNetError as exc:  # offline, a proxy, ...: data already on disk is the other way
+            raise CifarNetError(
+                f"{exc} If CIFAR-10 (or your own images) are already on disk, point --data-dir (or CIFARNET_DATA) "
+                "at them: a cifar-10-batches-py folder, cifar-10-python.tar.gz, or an image folder with "
+                "train/<class>/*.png.",
+                exit_code=exc.exit_code,
+            ) from exc
 
     def progress(done: int, total: int) -> None:
         on_event(DecodeProgress(done, total))
@@ -150,6 +158,11 @@ def build_model(config: TrainConfig, num_classes: int, *, load_weights: bool, on
     if config.image_size is not None:
         kwargs["image_size"] = config.image_size
     model = get_model(config.arch, **kwargs)
+    if load_weights and (config.weights or "").lower() == "none" and config.arch == "resnet50":
+        from cifarnet_cli.models.resnet50 import ResNet50Transfer
+
+        assert isinstance(model, ResNet50Transfer)
+        model.zero_init_residual()  # a random ResNet-50 body: its blocks start as the identity
     if load_weights and config.weights and config.weights.lower() != "none":
         notify, progress = download_callbacks(config.weights, on_event)
         message = pretrained.load_weights(model, config.weights, notify=notify, progress=progress)
@@ -212,6 +225,15 @@ def _extend_refusal(run: runs.Run, config: TrainConfig, done: int, wanted: int) 
         f"{done} done). Finish it with `{_command(config)} --resume {run.name}`, then train further from its "
         f"weights: {command}"
     )
+
+
+def _reopen_if_patience_allows(config: TrainConfig, fit_state: dict[str, Any]) -> None:
+    """A run --patience stopped continues when resumed with a --patience that would not have stopped it
+    (larger than the epochs without improvement so far, or 0 = off)."""
+    stopped = int(fit_state.get("stopped_early") or 0)
+    waited = stopped - int(fit_state.get("best_epoch") or 0)
+    if stopped and (config.patience == 0 or config.patience > waited):
+        fit_state["stopped_early"] = 0
 
 
 def _finished_result(run: runs.Run, ckpt: dict[str, Any]) -> TrainResult:
@@ -358,6 +380,8 @@ def train(
                 )
             if changed:  # --device, --patience, ...: checked like a new run's options
                 config = config.replace(**_resume_micro_batch(config, changed)).validate()
+            if "patience" in changed:
+                _reopen_if_patience_allows(config, ckpt["fit_state"])
             if done >= config.epochs or ckpt["fit_state"].get("stopped_early"):
                 return relay.send(_finished_result(run, ckpt))
         else:
@@ -424,7 +448,7 @@ def _train(
     device, precision = _device_and_precision(config, world)
     config = _fit_world(config, world, device, split_given, on_event)
     _warn_if_slow(config, device, on_event)
-    config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, on_event))
+    config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, resumed, on_event))
     model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
     step_mode = _step_mode(config, device, precision, world, on_event)
     config = _fit_micro_batch(config, model, device, precision, on_event, step_mode=step_mode, data=data, world=world)
@@ -667,13 +691,13 @@ def _device_words(device: torch.device, world: distributed.World) -> str:
 
 
 def _prepare_data(
-    config: TrainConfig, ckpt: dict[str, Any] | None, on_event: EventCallback
+    config: TrainConfig, ckpt: dict[str, Any] | None, resumed: runs.Run | None, on_event: EventCallback
 ) -> tuple[TrainConfig, _Data]:
     """Open the data, fix a new run's validation split (10% by default) and split it, refusing data a
     classifier cannot be trained on."""
     source = open_data(config.data_dir, on_event=on_event)
-    if ckpt is not None and ckpt.get("meta", {}).get("data_fingerprint") not in (None, source.fingerprint):
-        on_event(Notice("The data differs from the data this run started with; continuing anyway."))
+    if ckpt is not None and resumed is not None:
+        _check_resumed_data(resumed, config, ckpt, source)
     val_split_given = config.val_split is not None
     if ckpt is None:
         n_val = config.val_split if config.val_split is not None else default_val_split(len(source.train))
@@ -687,6 +711,21 @@ def _prepare_data(
             "needs at least 2 (BatchNorm normalises over a batch)."
         )
     return config, _Data(source, train_set, eval_set, eval_split)
+
+
+def _check_resumed_data(run: runs.Run, config: TrainConfig, ckpt: dict[str, Any], source: DataSource) -> None:
+    """A resumed run continues on the data it started with, wherever it lies now (the fingerprint is of the
+    content). Other data would draw the recorded --val-split again from other images and mix them with those
+    it trained on; a new run from its weights is the way to train on other data."""
+    meta = ckpt.get("meta")
+    recorded = meta.get("data_fingerprint") if isinstance(meta, dict) else None
+    if recorded is None or recorded == source.fingerprint:
+        return
+    command = f"{config.command} --init-from {shlex.quote(run.name)} --data-dir {shlex.quote(str(source.location))}"
+    raise UsageError(
+        f"--resume continues run {run.name!r} on the images it started with, and {display(source.location)} holds "
+        f"other images (added, removed or changed); to train on these, start a new run from its weights: {command}"
+    )
 
 
 def _prepare_model(
@@ -757,6 +796,11 @@ def _run_meta(config: TrainConfig, model: Classifier, data: _Data, precision: Pr
         "split_seed": config.seed,
         "eval_split": data.eval_split,
         "precision": precision.name,  # evaluate/predict run in it by default, to reproduce the run's figures
+        # Which images it trained on and held out, by identity: evaluate finds its validation images in
+        # changed data, and never counts a training image as held out. Tensors: checkpoints only.
+        SPLIT_IDS: SplitRecord.of(
+            data.train_set.images, data.eval_set.images if data.eval_split == "val" and data.eval_set else None
+        ).to_meta(),
     }
 
 
@@ -774,7 +818,7 @@ def _write_run_config(
     run.write_config(
         {
             "config": config.to_dict(),
-            "meta": meta,
+            "meta": {k: v for k, v in meta.items() if k != SPLIT_IDS},  # 8 bytes an image: kept in checkpoints
             "created": (run.read_config().get("created") if resumed else None) or now,
             "updated": now,
             "device": _device_words(device, world),
@@ -839,7 +883,13 @@ def _fit_with_views(
     fit = engine_fit if world.size == 1 else partial(ddp.fit, world=world)
     if not world.is_main:
         return fit(model, config, run=run, on_event=on_event, **fit_kwargs)
-    curves = report.CurvesWriter(run, epochs=config.epochs, lr_schedule=partial(scheduled_lrs, config))
+    curves = report.CurvesWriter(
+        run,
+        epochs=config.epochs,
+        lr_schedule=partial(scheduled_lrs, config),
+        eval_split=str(fit_kwargs["meta"].get("eval_split", "val")),
+        patience=config.patience,
+    )
     consumers: list[EventCallback] = [curves] + ([monitor] if monitor is not None else [])
     board: TensorBoardLogger | None = None
     if tensorboard_log.wanted(tensorboard):

@@ -4,6 +4,7 @@ not (CI logs, pipes), nothing but errors with --quiet. The library never prints;
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from cifarnet_cli.errors import EXIT_BROKEN_PIPE
 from cifarnet_cli.events import (
@@ -37,7 +41,7 @@ from cifarnet_cli.events import (
     StepProgress,
     TrainResult,
 )
-from cifarnet_cli.text import safe
+from cifarnet_cli.text import printable, safe
 
 
 class _Console(Console):
@@ -58,20 +62,25 @@ err_console = _Console(stderr=True)
 out_console = _Console()
 
 
+def _line(text: str) -> None:
+    """One message on stderr: whole on one line in a file or a pipe, wrapped between words in a terminal."""
+    err_console.print(text, soft_wrap=not err_console.is_terminal)
+
+
 def error(message: str) -> None:
-    err_console.print(f"[bold red]Error:[/] {safe(message)}", soft_wrap=True)
+    _line(f"[bold red]Error:[/] {safe(message)}")
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]{safe(message)}[/]", soft_wrap=True)
+    _line(f"[yellow]{safe(message)}[/]")
 
 
 def info(message: str) -> None:
-    err_console.print(safe(message), soft_wrap=True)
+    _line(safe(message))
 
 
 def success(message: str) -> None:
-    err_console.print(f"[green]✓[/] {safe(message)}", soft_wrap=True)
+    _line(f"[green]✓[/] {safe(message)}")
 
 
 def _pct(x: float | None) -> str:
@@ -79,29 +88,47 @@ def _pct(x: float | None) -> str:
 
 
 class _TrainProgress(Progress):
-    """Bars that fit the terminal: as it narrows, the metrics go first (the full set, then all but accuracy),
-    then the elapsed time; the bar, the counts and the ETA stay. Columns are chosen at every refresh, so a
-    resized terminal is followed."""
+    """Bars that fit the terminal: as it narrows, the metrics shrink (all of them, then loss, accuracy and
+    speed, then loss and accuracy alone) and the elapsed time goes; the bar, the counts and the ETA stay.
+    Columns are chosen at every refresh from the widths of what is shown, so a resized terminal is followed."""
+
+    #: (field of the task holding the metrics, whether the elapsed time is shown), richest first.
+    TIERS = (("stats", True), ("short", True), ("tiny", False))
 
     def __init__(self, *, console: Console, **kwargs: Any) -> None:
         self._term = console  # Progress asks for its renderables before its own console is set up
         super().__init__(console=console, **kwargs)
 
+    def _fixed(self, field: str | None, elapsed: bool) -> int:
+        """Columns taken by everything but the bar (a space between columns)."""
+        tasks = self.tasks or []
+        label = max((cell_len(t.description) for t in tasks), default=10)
+        counts = max((2 * len(str(int(t.total or 0))) + 1 for t in tasks), default=7)
+        stats = max((cell_len(str(t.fields.get(field, ""))) for t in tasks), default=0) if field else 0
+        width = label + 1 + counts + 1 + len("eta") + 1 + 7
+        if field:
+            width += stats + 1
+        if elapsed:
+            width += 7 + 1
+        return width + 1
+
     def get_renderables(self) -> Any:
         width = self._term.width
-        if width >= 110:
-            stats, fixed = "{task.fields[stats]}", 11 + 7 + 48 + 7 + 11 + 6
-        elif width >= 80:
-            stats, fixed = "{task.fields[short]}", 11 + 7 + 24 + 7 + 11 + 6
-        else:
-            stats, fixed = None, 11 + 7 + 11 + 4
+        field: str | None = None
+        elapsed = False
+        for name, with_time in self.TIERS:
+            if width - self._fixed(name, with_time) >= 8:
+                field, elapsed = name, with_time
+                break
         columns: list[Any] = [
             TextColumn("[bold blue]{task.description}"),
-            BarColumn(bar_width=max(8, min(40, width - fixed))),
+            BarColumn(bar_width=max(8, min(40, width - self._fixed(field, elapsed)))),
             MofNCompleteColumn(),
         ]
-        if stats is not None:
-            columns += [TextColumn(stats), TimeElapsedColumn()]
+        if field is not None:
+            columns.append(TextColumn("{task.fields[" + field + "]}"))
+        if elapsed:
+            columns.append(TimeElapsedColumn())
         columns += [TextColumn("eta"), TimeRemainingColumn()]
         self.columns = tuple(columns)
         yield self.make_tasks_table(self.tasks)
@@ -143,8 +170,16 @@ class _NoEcho:
 class TrainView:
     """Turns engine events into bars (TTY), log lines (no TTY) or silence (--quiet)."""
 
-    def __init__(self, *, quiet: bool = False, live: bool | None = None, log_every_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        quiet: bool = False,
+        live: bool | None = None,
+        log_every_s: float = 10.0,
+        batch_size_auto: bool = False,
+    ) -> None:
         self.quiet = quiet
+        self.batch_size_auto = batch_size_auto  # the user asked for --batch-size auto
         self.live = err_console.is_terminal if live is None else live
         self.log_every_s = log_every_s
         self._last_log = 0.0
@@ -235,7 +270,8 @@ class TrainView:
             err_console.print(f"Decoded {e.total:,} images", soft_wrap=True)
 
     def _print(self, text: str) -> None:
-        (self._progress.console if self._progress is not None else err_console).print(text, soft_wrap=True)
+        console = self._progress.console if self._progress is not None else err_console
+        console.print(text, soft_wrap=not console.is_terminal)  # a terminal wraps a long notice between words
 
     def _run_started(self, e: RunStarted) -> None:
         verb = f"Resuming run {e.run} after epoch {e.start_epoch}" if e.start_epoch else f"Run {e.run}"
@@ -256,19 +292,28 @@ class TrainView:
             + f"; batch {e.batch_size}{accum} = effective batch {e.effective_batch}, peak lr {e.peak_lr:g}, "
             f"{e.epochs} epoch{'s' if e.epochs != 1 else ''}"
         )
+        if self.batch_size_auto and not e.device.startswith("cuda"):
+            self._print(
+                f"--batch-size auto fits the micro-batch to a GPU's free memory; on {safe(e.device.split(' (')[0])} "
+                f"it is the recipe's: {e.batch_size} × accum {e.accum} = effective batch {e.effective_batch}."
+            )
         self._epochs = e.epochs
         if self.live:
             self._no_echo.__enter__()
             # The run's ETA comes from its fractional progress (epochs + steps), averaged over a minute.
             self._progress = _TrainProgress(console=err_console, transient=False, speed_estimate_period=60)
             self._progress.start()
-            self._run_task = self._progress.add_task("run", total=e.epochs, completed=e.start_epoch, stats="", short="")
+            self._run_task = self._progress.add_task(
+                "run", total=e.epochs, completed=e.start_epoch, stats="", short="", tiny=""
+            )
 
     def _epoch_started(self, e: EpochStarted) -> None:
         if self._progress is not None:
             if self._epoch_task is not None:
                 self._progress.remove_task(self._epoch_task)
-            self._epoch_task = self._progress.add_task(f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="", short="")
+            self._epoch_task = self._progress.add_task(
+                f"epoch {e.epoch}/{e.epochs}", total=e.steps, stats="", short="", tiny=""
+            )
 
     def _gpu(self) -> str:
         """A Jetson's GPU temperature, and whether it throttles (BoardStatus, every few seconds)."""
@@ -281,8 +326,9 @@ class TrainView:
         gpu = self._gpu()
         stats = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  lr {e.lr:.4g}  {e.images_per_second:,.0f} img/s{gpu}"
         if self._progress is not None and self._epoch_task is not None:
-            short = f"loss {e.loss:.3f}  {e.images_per_second:,.0f} img/s{gpu}"
-            self._progress.update(self._epoch_task, completed=e.step, stats=stats, short=short)
+            short = f"loss {e.loss:.3f}  acc {_pct(e.accuracy)}  {e.images_per_second:,.0f} img/s{gpu}"
+            tiny = f"loss {e.loss:.2f} acc {100 * e.accuracy:.1f}%"
+            self._progress.update(self._epoch_task, completed=e.step, stats=stats, short=short, tiny=tiny)
             if self._run_task is not None:
                 self._progress.update(self._run_task, completed=e.epoch - 1 + e.step / max(e.steps, 1))
             return
@@ -294,9 +340,10 @@ class TrainView:
     def _epoch_ended(self, e: EpochEnded) -> None:
         m = e.metrics
         best = " [green]best[/]" if e.is_best else ""
+        on = self.started.eval_split if self.started is not None else "val"  # "test" with --val-split 0
         line = (
             f"epoch {m['epoch']:>3}/{self._epochs}  train loss {m['train_loss']:.4f} acc {_pct(m['train_accuracy'])}"
-            f"  val loss {m['val_loss'] if m['val_loss'] is not None else float('nan'):.4f}"
+            f"  {on} loss {m['val_loss'] if m['val_loss'] is not None else float('nan'):.4f}"
             f" acc {_pct(m['val_accuracy'])}  lr {m['lr']:.4g}  {m['images_per_second']:,.0f} img/s"
             f"  {m['epoch_seconds']:.1f}s{best}"
         )
@@ -305,14 +352,14 @@ class TrainView:
             self._best = m["val_accuracy"]
         if self._progress is not None and self._run_task is not None:
             best = f"best {_pct(self._best)}" if self._best is not None else ""
-            self._progress.update(self._run_task, completed=m["epoch"], stats=best, short=best)
+            self._progress.update(self._run_task, completed=m["epoch"], stats=best, short=best, tiny=best)
 
 
 def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
     table = Table(
         title="Training finished" if not result.already_finished else "Run already finished", show_header=False
     )
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     table.add_column("")
     label = f" ({eval_split})" if eval_split else ""
     table.add_row("run", safe(result.run))
@@ -320,8 +367,8 @@ def train_summary(result: TrainResult, eval_split: str | None = None) -> None:
     table.add_row(f"best accuracy{label}", _pct(result.best_accuracy))
     table.add_row(f"final accuracy{label}", _pct(result.final_accuracy))
     table.add_row("training speed", f"{result.images_per_second:,.0f} images/s")
-    table.add_row("checkpoint", safe(result.checkpoint))
-    err_console.print(table)
+    table.add_row("checkpoint", PathCell(result.checkpoint))
+    print_fitted(err_console, lambda _d: table, wrap=True)
 
 
 class DownloadView:
@@ -369,6 +416,52 @@ class DownloadView:
         self._progress.update(self._task, completed=done, total=total)
 
 
+class PathCell:
+    """A path in a table cell that a narrow column breaks after its separators ("runs/ref/" + "best.pt") or
+    a space, not in the middle of a name; a single name longer than the column is folded. Plain text: no
+    markup is read from it."""
+
+    def __init__(self, path: object, style: str = "") -> None:
+        self.path = printable(path)  # the one rule for text from data (cifarnet_cli.text), without markup
+        self.style = style
+
+    def _pieces(self) -> list[str]:
+        pieces = re.findall(r"[^/\\\s]*(?:[/\\]|\s+)|[^/\\\s]+$", self.path)
+        return pieces or [self.path]
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        longest = max(cell_len(piece) for piece in self._pieces())
+        return Measurement(min(longest, options.max_width), min(cell_len(self.path), options.max_width))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Any:
+        width = max(1, options.max_width)
+        lines: list[str] = []
+        line = ""
+        for piece in self._pieces():
+            if line and cell_len((line + piece).rstrip()) > width:
+                lines.append(line.rstrip())
+                line = ""
+            line += piece
+            while cell_len(line.rstrip()) > width:  # one name longer than the column
+                lines.append(line[:width])
+                line = line[width:]
+        lines.append(line.rstrip())
+        yield Text("\n".join(lines), style=self.style, no_wrap=True, overflow="fold")
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """``table`` with its title on a line of its own: Rich would centre the title over the table, wrap it to
+    the table's width (a narrow table's title took several lines) and pad it with spaces to that width
+    (trailing spaces in a file)."""
+    title, table.title = table.title, None
+    if title:
+        # emoji=False as on every console of ours: ":smile:" in a run folder's name stays as typed
+        text = Text.from_markup(title, emoji=False) if isinstance(title, str) else Text(printable(title))
+        text.stylize("table.title")
+        console.print(text, soft_wrap=True)
+    console.print(table)
+
+
 #: Wider than any table: printed through a console this wide, a table takes its natural width.
 _UNLIMITED = 10_000
 
@@ -392,7 +485,7 @@ def print_fitted(
             dropped.add(name)
             table = build(dropped)
     if wrap and console.is_terminal and _natural_width(console, table) > console.width:
-        console.print(table)  # the table's wrapping columns (a state, a recipe value) take the lines it needs
+        _print_table(console, table)  # its wrapping columns (a state, a recipe value) take the lines they need
         return
     _print_wide(console, table)
 
@@ -410,7 +503,7 @@ def _print_wide(console: Console, table: Table) -> None:
             force_terminal=console.is_terminal,
             color_system=console.color_system,
         )
-    console.print(table)
+    _print_table(console, table)
 
 
 def abbreviations(names: Sequence[str], *, shortest: int = 3) -> list[str]:
@@ -472,7 +565,8 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
 
     print_fitted(console, matrix, droppable=["full row names"])
     if short != list(report.classes):
-        console.print("  ".join(f"{safe(a)}={safe(c)}" for a, c in zip(short, report.classes, strict=True)))
+        legend = "  ".join(f"{safe(a)}={safe(c)}" for a, c in zip(short, report.classes, strict=True))
+        console.print(legend, soft_wrap=not console.is_terminal)  # a file gets it on one line, never cut at 80
     if getattr(report, "files", None):
         err_console.print(
             f"Wrote {', '.join(safe(Path(f).name) for f in report.files)} to {safe(str(Path(report.files[0]).parent))}",
@@ -487,7 +581,7 @@ def prediction_table(predictions: list[Any], top_k: int, console: Console | None
     show_next = top_k > 1 and any(p.top and len(p.top) > 1 for p in predictions)
     show_error = any(p.error is not None for p in predictions)
     table = Table()
-    table.add_column("file", overflow="fold")
+    table.add_column("file")  # PathCell: a narrow terminal breaks a path after a "/", not inside a name
     # The answer is never cut: a narrow terminal folds the file, next and error columns instead.
     longest = max((len(safe(p.top[0][0])) for p in predictions if p.error is None and p.top), default=5)
     table.add_column("class", no_wrap=True, min_width=max(5, longest))
@@ -498,18 +592,19 @@ def prediction_table(predictions: list[Any], top_k: int, console: Console | None
     if show_error:
         table.add_column("error", overflow="fold")
     for p in predictions:
+        row: list[Any]
         if p.error is not None:
-            row = [safe(p.path), "[red]—[/]", ""] + ([""] if show_next else []) + [f"[red]{safe(p.error)}[/]"]
+            row = [PathCell(p.path), "[red]—[/]", ""] + ([""] if show_next else []) + [f"[red]{safe(p.error)}[/]"]
         else:
             (cls, prob), rest = p.top[0], p.top[1:]
-            row = [safe(p.path), safe(cls), f"{100 * prob:.1f}%"]
+            row = [PathCell(p.path), safe(cls), f"{100 * prob:.1f}%"]
             if show_next:
                 row.append("  ".join(f"{safe(c)} {100 * q:.1f}%" for c, q in rest))
             if show_error:
                 row.append("")
         table.add_row(*row)
     if console.is_terminal:
-        console.print(table)
+        _print_table(console, table)
     else:
         _print_wide(console, table)
 
@@ -555,7 +650,7 @@ def bench_tables(result: dict[str, Any]) -> None:
         eager, graph = rates.get(False), rates.get(True)
         speedup = f"{graph / eager:.2f}×" if eager and graph else "—"
         t.add_row(precision, f"{batch} × {accums[batch]}", _rate(eager), _rate(graph), speedup)
-    out_console.print(t)
+    print_fitted(out_console, lambda _d: t, wrap=True)
     full = result.get("full_epoch")
     if full:
         out_console.print(
@@ -577,7 +672,7 @@ def bench_tables(result: dict[str, Any]) -> None:
         s.add_row("finetune-resnet50 peak GPU memory", f"{f['peak_memory_bytes'] / 2**30:.2f} GiB")
     elif f.get("process_peak_rss_bytes") is not None:
         s.add_row("process peak resident memory", f"{f['process_peak_rss_bytes'] / 2**30:.2f} GiB")
-    out_console.print(s)
+    print_fitted(out_console, lambda _d: s, wrap=True)
     d = result.get("distributed")
     if d:
         what = f"ResNet-20, {d['processes']} processes (DDP), {d['batch_size']} × {d['accum']}, {d['precision']}"
@@ -600,11 +695,16 @@ def info_tables(data: dict[str, Any]) -> None:
     for key in ("cifarnet", "python", "platform", "torch", "torchvision"):
         t.add_row(key, safe(data[key]))
     t.add_row("CUDA build", f"yes (CUDA {data['cuda_version']})" if data["cuda_build"] else "no (CPU-only torch)")
+    gpus = sum(1 for dev in data["devices"] if dev["type"] == "cuda")
+    why = data.get("cuda_unavailable_reason")
+    t.add_row(
+        "CUDA", f"available ({gpus} GPU{'s' if gpus != 1 else ''})" if gpus else f"not available ({why or 'no GPU'})"
+    )
     if data["jetson"]:
         t.add_row("Jetson", safe(data["jetson"]))
     t.add_row("default device", safe(data["default_device"]))
     t.add_row("precisions", safe("; ".join(f"{k}: {', '.join(v)}" for k, v in data["precisions"].items())))
-    out_console.print(t)
+    print_fitted(out_console, lambda _d: t, wrap=True)
     d = Table(title="Devices")
     for col in ("device", "name", "memory", "compute capability", "--precision auto"):
         d.add_column(col)
@@ -621,15 +721,15 @@ def info_tables(data: dict[str, Any]) -> None:
             d.add_row(f"cuda:{dev['index']}", safe(dev["name"]), mem, safe(dev["compute_capability"]), safe(auto))
         else:
             d.add_row(safe(dev["type"]), safe(dev.get("name", "")), "", "", safe(auto))
-    out_console.print(d)
+    print_fitted(out_console, lambda _d: d, wrap=True)
     p = Table(title="Files", show_header=False)
-    p.add_column()
-    p.add_column(overflow="fold")
+    p.add_column(no_wrap=True)
+    p.add_column()  # PathCell: a narrow terminal breaks a path after a "/", never cuts it
     for key, value in data["directories"].items():
-        p.add_row(key, safe(value))
+        p.add_row(key, PathCell(value))
     for key, value in data["assets"].items():
-        p.add_row(key, safe(value) if value else f"[dim]not downloaded (cifarnet download {key})[/]")
-    out_console.print(p)
+        p.add_row(key, PathCell(value) if value else f"[dim]not downloaded (cifarnet download {key})[/]")
+    print_fitted(out_console, lambda _d: p, wrap=True)
 
 
 _DOCTOR_STYLE = {"ok": "green", "warning": "yellow", "problem": "bold red"}
@@ -649,7 +749,7 @@ def doctor_table(report: Any, console: Console | None = None) -> None:
         area = c.area
         row = [f"[{_DOCTOR_STYLE.get(c.status, '')}]{c.status}[/]", safe(c.name), safe(c.detail)]
         table.add_row(*row, *([safe(c.fix)] if fixes else []))
-    console.print(table)
+    _print_table(console, table)  # the title on a line of its own, like every other table's
     counts = f"{report.problems} problem{'s' * (report.problems != 1)}, {report.warnings} warning{'s' * (report.warnings != 1)}"
     (error if report.problems else warn if report.warnings else success)(
         f"{counts}; training runs on {report.training_device}"
@@ -714,14 +814,15 @@ def runs_table(summaries: list[Any], console: Console | None = None) -> None:
 def run_detail(d: Any, console: Console | None = None) -> None:
     console = console or out_console
     s = d.summary
-    console.print(f"[bold]{safe(s.name)}[/] → {safe(s.path)}", soft_wrap=True)
+    wrap_lines = not console.is_terminal  # a file gets each line whole; a terminal wraps them between words
+    console.print(f"[bold]{safe(s.name)}[/] → {safe(s.path)}", soft_wrap=wrap_lines)
     console.print(
         f"{s.command} {safe(s.arch)}, {s.epochs_done}/{s.epochs_planned} epochs, "
         f"[{_STATE_STYLE.get(s.state, 'dim')}]{safe(s.status)}[/]; best {_acc(s.best_accuracy)}"
         + (f" (epoch {s.best_epoch})" if s.best_epoch else "")
         + f", final {_acc(s.final_accuracy)} on {safe(s.split)}"
         + (f"; {safe(s.device)}" if s.device else ""),
-        soft_wrap=True,
+        soft_wrap=wrap_lines,
     )
 
     def recipe(_dropped: set[str]) -> Table:
@@ -741,8 +842,11 @@ def run_detail(d: Any, console: Console | None = None) -> None:
                 ("epoch", lambda r: str(r["epoch"])),
                 ("train loss", lambda r: _num(r.get("train_loss"))),
                 ("train acc", lambda r: _acc(r.get("train_accuracy"))),
-                ("val loss", lambda r: _num(r.get("val_loss"))),
-                ("val acc", lambda r: _acc(r.get("val_accuracy")) + (" *" if r["epoch"] == s.best_epoch else "  ")),
+                (f"{s.split} loss", lambda r: _num(r.get("val_loss"))),  # "test" with --val-split 0
+                (
+                    f"{s.split} acc",
+                    lambda r: _acc(r.get("val_accuracy")) + (" *" if r["epoch"] == s.best_epoch else "  "),
+                ),
                 ("lr", lambda r: f"{r['lr_first']:.3g}→{r['lr']:.3g}" if "lr_first" in r else _num(r.get("lr"))),
                 ("img/s", lambda r: f"{r.get('images_per_second') or 0:,.0f}"),
                 ("seconds", lambda r: _num(r.get("epoch_seconds"), ".1f")),
@@ -756,20 +860,51 @@ def run_detail(d: Any, console: Console | None = None) -> None:
 
         print_fitted(console, metrics, droppable=["seconds", "img/s", "train loss", "lr"])
     if d.evaluations:
-        ev = Table(title="Evaluations", title_justify="left")
-        for header in ("file", "split", "accuracy", "images"):
-            ev.add_column(header, no_wrap=True)
-        for e in d.evaluations:
-            ev.add_row(safe(e["file"]), safe(e["split"]), _acc(e["accuracy"]), safe(e["n"]))
-        print_fitted(console, lambda _d: ev)
+        print_fitted(console, lambda dropped: _evaluations_table(d.evaluations, dropped), ["file"], wrap=True)
     files = Table(title="Files", title_justify="left")
-    files.add_column("file", no_wrap=True)
+    files.add_column("file")  # PathCell: a narrow terminal breaks names after a "/"; the box stays whole
     files.add_column("size", justify="right", no_wrap=True)
     for name, size in d.files:
-        files.add_row(safe(name), _size(size))
-    print_fitted(console, lambda _d: files)
+        files.add_row(PathCell(name), _size(size))
+    print_fitted(console, lambda _d: files, wrap=True)
     if d.resume:
         console.print(f"Continue it with: [bold]{safe(d.resume)}[/]", soft_wrap=True)
+
+
+def _evaluations_table(evaluations: list[dict[str, Any]], dropped: set[str]) -> Table:
+    """One row per eval-*.json: what was evaluated (split, class subset, TTA), on which data, the result and
+    the file. In a narrow terminal the file column goes first (the Files table lists it), then the data
+    wraps after its "/"s; the figures never wrap."""
+    table = Table(title="Evaluations", title_justify="left")
+    table.add_column("split")
+    table.add_column("data")
+    table.add_column("accuracy", justify="right", no_wrap=True)
+    table.add_column("images", justify="right", no_wrap=True)
+    if "file" not in dropped:
+        table.add_column("file")
+    for e in evaluations:
+        what = str(e.get("split"))
+        subset = e.get("classes")
+        if subset:
+            what += f" ({', '.join(subset)})" if len(subset) <= 3 else f" ({len(subset)} classes)"
+        if e.get("tta"):
+            what += ", TTA"
+        data = str(e.get("data") or "—")
+        if e.get("runs_own_data"):
+            data += ", the run's own"
+        elif e.get("data_fingerprint"):  # two states of one folder differ here (and in the file name)
+            data += f", data {str(e['data_fingerprint'])[:8]}"
+        n = e.get("n")
+        cells: list[Any] = [
+            safe(what),
+            PathCell(data),
+            _acc(e.get("accuracy")),
+            f"{n:,}" if isinstance(n, int) else "—",
+        ]
+        if "file" not in dropped:
+            cells.append(PathCell(e["file"]))
+        table.add_row(*cells)
+    return table
 
 
 def compare_table(c: Any, console: Console | None = None) -> None:

@@ -2,7 +2,7 @@
 shuffled, cropped, flipped and scaled there, in one go (the approach of cifar10-airbench).
 
 On 2 CPU cores this augments ~60,000 images/s against ~7,700 for torchvision's PIL DataLoader with two
-workers (../PERFORMANCE.md); on a GPU it removes the input pipeline from the profile altogether.
+workers (measured with a pipeline of the same design); on a GPU it removes the input pipeline from the profile altogether.
 Randomness comes from a CPU generator seeded with (seed, epoch), drawn once per epoch and copied to the device
 in one transfer, so an epoch's batches are the same on any device and after a resume, and a batch costs no
 host-to-device copy of its own when the data is on the device.

@@ -35,6 +35,13 @@ class ResNet50Transfer(Classifier):
         # A new head, not a reshaped one: the ImageNet classifier is dropped entirely.
         self.body.fc = nn.Linear(self.num_features, num_classes)
 
+    def zero_init_residual(self) -> None:
+        """Start each bottleneck's last BatchNorm at zero, so that every residual block begins as the identity
+        (Goyal et al. 2017, §5.1): how a ResNet-50 trained from random weights stays stable in its first steps.
+        Pretrained weights replace these values."""
+        for block in (*self.body.layer1, *self.body.layer2, *self.body.layer3, *self.body.layer4):
+            nn.init.zeros_(block.bn3.weight)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
