@@ -111,12 +111,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Every test gets its own home, cache and data folders. A MonkeyPatch of its own: a test's
-    ``monkeypatch.undo()`` must not send the rest of that test to the user's real folders."""
-    monkeypatch = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("home")
+def isolate(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Home, cache, data and hub folders under ``home``; offline; no proxy or certificate settings of the user's."""
     monkeypatch.setenv("CIFARNET_HOME", str(home / "cifarnet"))
     monkeypatch.setenv("CIFARNET_CACHE", str(home / "cache"))
     monkeypatch.setenv("CIFARNET_DATA", str(home / "no-data-here"))
@@ -132,6 +128,14 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test gets its own home, cache and data folders. A MonkeyPatch of its own: a test's
+    ``monkeypatch.undo()`` must not send the rest of that test to the user's real folders."""
+    monkeypatch = pytest.MonkeyPatch()
+    isolate(monkeypatch, tmp_path_factory.mktemp("home"))
     torch.manual_seed(0)
     # Training on CUDA turns cuDNN's autotuning on for the process: each test starts with the flags as they were.
     cudnn = torch.backends.cudnn

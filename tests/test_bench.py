@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -12,11 +15,12 @@ from cifarnet_cli import benchmark
 from cifarnet_cli.cli import app
 from cifarnet_cli.config import FINETUNE_DEFAULTS, TrainConfig
 
+from .conftest import isolate
+
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _small(monkeypatch: pytest.MonkeyPatch) -> None:
+def _shrink(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(benchmark, "MICRO_BATCHES", (8, 16))
     monkeypatch.setattr(benchmark, "PREDICT_BATCH", 8)
     monkeypatch.setattr(benchmark, "RECIPE", TrainConfig(batch_size=16))
@@ -28,11 +32,49 @@ def _small(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_bench_json_has_every_figure(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["bench", "--device", "cpu", "--quick", "--json", "--output", str(tmp_path / "b.json")])
+@pytest.fixture(autouse=True)
+def _small(monkeypatch: pytest.MonkeyPatch) -> None:
+    _shrink(monkeypatch)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One real `bench --quick --json --output` run: what it printed, wrote, and the progress events it sent."""
+
+    stdout: str
+    written: str
+    result: dict[str, Any]
+    events: list[Any]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> Measured:
+    """The measurement runs once (it trains ResNet-20 and ResNet-50 on the CPU); the tables replay it."""
+    real = benchmark.run_bench
+    seen: list[Any] = []
+    results: list[dict[str, Any]] = []
+
+    def recording(device_spec: str, *, on_event: Any, **kwargs: Any) -> dict[str, Any]:
+        def both(event: Any) -> None:
+            seen.append(event)
+            on_event(event)
+
+        results.append(real(device_spec, on_event=both, **kwargs))
+        return results[-1]
+
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, tmp_path_factory.mktemp("home"))  # a module fixture comes before the per-test isolation
+        _shrink(mp)
+        mp.setattr(benchmark, "run_bench", recording)
+        result = runner.invoke(app, ["bench", "--device", "cpu", "--quick", "--json", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
-    assert out == json.loads((tmp_path / "b.json").read_text())
+    return Measured(result.stdout, out.read_text(), results[0], seen)
+
+
+def test_bench_json_has_every_figure(measured: Measured) -> None:
+    out = json.loads(measured.stdout)
+    assert out == json.loads(measured.written)
     assert out["environment"]["device"].startswith("cpu") and out["quick"] is True
     assert [(r["batch_size"], r["accum"], r["capture"]) for r in out["train"]] == [(8, 2, False), (16, 1, False)]
     assert all(r["images"] == 64 and r["images_per_second"] > 0 for r in out["train"])
@@ -42,11 +84,23 @@ def test_bench_json_has_every_figure(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("columns", ["120", "60"])
-def test_bench_tables(columns: str) -> None:
-    result = runner.invoke(app, ["bench", "--device", "cpu", "--quick"], env={"COLUMNS": columns})
+def test_bench_tables(columns: str, measured: Measured, monkeypatch: pytest.MonkeyPatch) -> None:
+    def replay(device_spec: str, *, on_event: Any, **kwargs: Any) -> dict[str, Any]:
+        for event in measured.events:
+            on_event(event)
+        return measured.result
+
+    from cifarnet_cli import ui
+
+    monkeypatch.setattr(benchmark, "run_bench", replay)
+    width = int(columns)
+    monkeypatch.setattr(ui, "out_console", ui._Console(width=width, force_terminal=True))
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--quick"])
     assert result.exit_code == 0, result.output
     for text in ("ResNet-20 training", "eager", "predict latency", "finetune-resnet50", "[1/4]"):
         assert text in result.output
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    assert max(len(line) for line in plain.splitlines()) <= width  # the tables fit the terminal
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_measuring(

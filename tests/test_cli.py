@@ -164,7 +164,7 @@ def test_module_entry_point_in_a_subprocess(image_folder: Callable[..., Path]) -
 
 
 def test_ctrl_c_saves_and_resume_continues(image_folder: Callable[..., Path]) -> None:
-    data = image_folder(per_class=30)
+    data = image_folder(per_class=10)
     home = Path(os.environ["CIFARNET_HOME"])
     cmd = [
         sys.executable,

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from cifarnet_cli.cli import app
 from cifarnet_cli.evaluation import confusion_matrix, metrics_from_logits
 
+from .conftest import isolate, write_image_folder
+
 runner = CliRunner()
 FAST = ["--epochs", "2", "--batch-size", "16", "--val-split", "40", "--warmup-epochs", "0.5", "--quiet", "--json"]
 
@@ -37,12 +39,28 @@ def test_subset_takes_the_argmax_over_the_subset_only() -> None:
     assert acc == 1.0
 
 
-@pytest.fixture
-def trained_run(image_folder: Callable[..., Path]) -> tuple[Path, dict[str, object]]:
-    data = image_folder(per_class=20, splits=("train", "test"))
-    result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "ev", *FAST])
+@pytest.fixture(scope="module")
+def _ev_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    """Run "ev" (2 epochs on 20 images per class, a test split beside): trained once for the tests below,
+    each of which gets a copy of it."""
+    root = tmp_path_factory.mktemp("ev")
+    data = write_image_folder(root / "images", per_class=20, splits=("train", "test"))
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, root / "home")  # a module fixture comes before the per-test isolation
+        result = runner.invoke(app, ["train", "--data-dir", str(data), "--run", "ev", *FAST])
     assert result.exit_code == 0, result.output
     return data, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def trained_run(_ev_once: tuple[Path, dict[str, object]]) -> tuple[Path, dict[str, object]]:
+    """A copy of run "ev" in this test's home (its data is shared: tests that change data make their own)."""
+    from cifarnet_cli import paths
+
+    data, reported = _ev_once
+    copy = paths.runs_dir() / "ev"
+    shutil.copytree(Path(str(reported["run_dir"])), copy)
+    return data, {**reported, "run_dir": str(copy)}
 
 
 def test_evaluate_val_reproduces_the_training_split(trained_run: tuple[Path, dict[str, object]]) -> None:
@@ -216,18 +234,14 @@ def test_a_split_record_sorts_images_by_what_the_run_did_with_them() -> None:
 def _trained_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One run (resnet20, 1 epoch) on a folder of class folders, 80 images, 30 held out: trained once for
     the tests below, each of which copies it."""
-    from tests.conftest import write_image_folder
-
     root = tmp_path_factory.mktemp("once")
     data = write_image_folder(root / "data", per_class=8, splits=("",))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFARNET_HOME", str(root / "home"))
-        mp.setenv("CIFARNET_CACHE", str(root / "cache"))
-        mp.setenv("CIFARNET_OFFLINE", "1")
+        isolate(mp, root)
         args = ["train", "--data-dir", str(data), "--run", "idr", "--epochs", "1", "--batch-size", "16"]
         result = runner.invoke(app, [*args, "--val-split", "30", "--warmup-epochs", "0", "--quiet"])
         assert result.exit_code == 0, result.output
-    return data, root / "home" / "runs" / "idr"
+    return data, root / "cifarnet" / "runs" / "idr"
 
 
 @pytest.fixture

@@ -449,25 +449,32 @@ class PathCell:
         yield Text("\n".join(lines), style=self.style, no_wrap=True, overflow="fold")
 
 
-def _print_table(console: Console, table: Table) -> None:
+def _print_table(console: Console, table: Table, *, wide: Console | None = None) -> None:
     """``table`` with its title on a line of its own: Rich would centre the title over the table, wrap it to
     the table's width (a narrow table's title took several lines) and pad it with spaces to that width
-    (trailing spaces in a file)."""
+    (trailing spaces in a file). The title wraps between words in a terminal and stays one line in a file;
+    the table itself goes through ``wide`` when it is wider than the terminal."""
     title, table.title = table.title, None
     if title:
         # emoji=False as on every console of ours: ":smile:" in a run folder's name stays as typed
         text = Text.from_markup(title, emoji=False) if isinstance(title, str) else Text(printable(title))
         text.stylize("table.title")
-        console.print(text, soft_wrap=True)
-    console.print(table)
+        console.print(text, soft_wrap=not console.is_terminal)
+    (wide or console).print(table)
 
 
 #: Wider than any table: printed through a console this wide, a table takes its natural width.
 _UNLIMITED = 10_000
 
 
-def _natural_width(console: Console, renderable: Any) -> int:
-    return console.measure(renderable, options=console.options.update(width=_UNLIMITED)).maximum
+def _natural_width(console: Console, table: Table) -> int:
+    """The width of ``table``'s cells and borders; not of its title, which :func:`_print_table` prints on
+    lines of its own."""
+    title, table.title = table.title, None
+    try:
+        return console.measure(table, options=console.options.update(width=_UNLIMITED)).maximum
+    finally:
+        table.title = title
 
 
 def print_fitted(
@@ -495,15 +502,16 @@ def _print_wide(console: Console, table: Table) -> None:
     measured first: a measurement is a whole pass over the cells (a quarter of the time of printing
     100,000 predictions), and a table never grows wider than its natural width anyway."""
     width = _natural_width(console, table) if console.is_terminal else _UNLIMITED
+    wide = None
     if width > console.width:
         # Console.print clamps its width argument to the console's: print through a wider twin instead.
-        console = _Console(
+        wide = _Console(
             file=console.file,
             width=width,
             force_terminal=console.is_terminal,
             color_system=console.color_system,
         )
-    _print_table(console, table)
+    _print_table(console, table, wide=wide)
 
 
 def abbreviations(names: Sequence[str], *, shortest: int = 3) -> list[str]:
