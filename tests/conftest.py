@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,6 +259,29 @@ def real_subset(dest: Path, per_class: int, offset: int = 0) -> Path:
         for f in sorted(cls_dir.iterdir())[offset : offset + per_class]:
             (out / f.name).symlink_to(f)
     return dest
+
+
+def train_once(
+    factory: pytest.TempPathFactory, run: str, train: Callable[[Path, str], None] = train_quick, **data: object
+) -> tuple[Path, Path]:
+    """For a module-scoped fixture: an image folder (``write_image_folder(**data)``) and run ``run`` trained on
+    it once by ``train(data, run)``, in a home of its own; returns the data and the run's folder. Each test
+    takes a copy of the run with :func:`copy_run` (training is the slow part of most tests that need a run)."""
+    root = factory.mktemp(run)
+    folder = write_image_folder(root / "images", **data)  # type: ignore[arg-type]
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, root / "home")  # a module fixture comes before the per-test isolation
+        train(folder, run)
+    return folder, root / "home" / "cifarnet" / "runs" / run
+
+
+def copy_run(run_dir: Path) -> Path:
+    """A copy of the run folder ``run_dir`` in this test's runs folder, under the same name."""
+    from cifarnet_cli import paths
+
+    copy = paths.runs_dir() / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
 
 
 @pytest.fixture

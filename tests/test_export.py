@@ -3,7 +3,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,21 @@ from cifarnet_cli.cli import app
 from cifarnet_cli.data.images import load_image
 from cifarnet_cli.export import read_metadata
 
-from .conftest import train_quick
+from .conftest import copy_run, train_once
 
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module")
+def _trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return train_once(tmp_path_factory, "x", per_class=6, splits=("train", "test"))
+
+
 @pytest.fixture
-def run(image_folder: Callable[..., Path]) -> Path:
-    data = image_folder(per_class=6, splits=("train", "test"))
-    train_quick(data, "x")
-    return data
+def run(_trained: tuple[Path, Path]) -> Path:
+    """The data of run "x" (one quick epoch), the run copied into this test's home."""
+    copy_run(_trained[1])
+    return _trained[0]
 
 
 def _real_batch(data: Path) -> tuple[list[Path], torch.Tensor]:

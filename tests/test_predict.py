@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,21 @@ from cifarnet_cli.cli import app
 from cifarnet_cli.data.classes import CIFAR10_CLASSES
 from cifarnet_cli.data.images import ImageDecodeError, load_image
 
-from .conftest import train_quick
+from .conftest import copy_run, train_once
 
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module")
+def _trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return train_once(tmp_path_factory, "p", per_class=8, splits=("train", "test"))
+
+
 @pytest.fixture
-def run(image_folder: Callable[..., Path]) -> Path:
-    data = image_folder(per_class=8, splits=("train", "test"))
-    train_quick(data, "p")
-    return data
+def run(_trained: tuple[Path, Path]) -> Path:
+    """The data of run "p" (one quick epoch), the run copied into this test's home."""
+    copy_run(_trained[1])
+    return _trained[0]
 
 
 def _images(folder: Path) -> dict[str, Path]:
