@@ -257,6 +257,16 @@ def test_help_names_options_as_typed() -> None:
     assert "another ResNet-50 run's weights" in finetune and "train takes" not in finetune
 
 
+def test_run_name_help_states_the_rule_the_check_applies() -> None:
+    """'-x' and 'ünï' are letters, digits and '-' as the help put it, yet refused: the help says ASCII and
+    how a name starts, as the refusal does."""
+    shown = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "ASCII letters, digits, '.', '_' and '-', starting with a letter or a digit" in shown
+    for name in ("-x", "ünï"):
+        refused = runner.invoke(app, ["train", "--run", name, "--epochs", "1"])
+        assert refused.exit_code == 2 and "starting with a letter or a digit" in refused.output
+
+
 def test_flags_show_no_value_type_in_help() -> None:
     """`--json <bool>` read as if the flag took a value (`--json true` is refused)."""
     for command in (["info"], ["export"], ["train"]):
