@@ -13,8 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cifarnet_cli import __version__
+from cifarnet_cli import __version__, paths, runs
 from cifarnet_cli.cli import app
+from cifarnet_cli.config import TrainConfig
 
 from .conftest import wait_until
 
@@ -225,6 +226,28 @@ def test_a_closed_pipe_is_not_reported_as_an_error(args: list[str]) -> None:
     proc.stderr.close()
 
 
+def test_a_reader_that_leaves_during_a_long_write_is_exit_141() -> None:
+    """`cifarnet predict photos/ | head -1` with more output than the pipe holds, printed in one write: the
+    reader leaves while the write waits, the operating system takes part of it, and Python dropped the rest
+    without an error (exit 0, the output cut short). The README's rule: 141."""
+    run = runs.Run("long", paths.runs_dir() / "long")
+    run.dir.mkdir(parents=True)
+    run.write_config({"config": TrainConfig(epochs=4000).to_dict(), "meta": {"arch": "resnet20"}, "device": "cpu"})
+    rows = [{"epoch": i + 1, "train_loss": 1.0, "val_accuracy": 0.5, "epoch_seconds": 2.0} for i in range(4000)]
+    run.write_metrics(rows)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifarnet_cli", "runs", "show", "long", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert os.read(proc.stdout.fileno(), 16)  # the one write of ~400 KB has begun, and fills the pipe
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 141
+    assert b"Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+
+
 def test_help_names_options_as_typed() -> None:
     """--run is shown alone (Typer printed "--run,--name"), and --name still works; finetune's --init-from
     speaks of fine-tuning, not of train."""
@@ -232,6 +255,16 @@ def test_help_names_options_as_typed() -> None:
     assert "--run " in shown and "--run,--name" not in shown and "--name works too" in shown
     finetune = runner.invoke(app, ["finetune-resnet50", "--help"], env={"COLUMNS": "200"}).output
     assert "another ResNet-50 run's weights" in finetune and "train takes" not in finetune
+
+
+def test_run_name_help_states_the_rule_the_check_applies() -> None:
+    """'-x' and 'ünï' are letters, digits and '-' as the help put it, yet refused: the help says ASCII and
+    how a name starts, as the refusal does."""
+    shown = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "ASCII letters, digits, '.', '_' and '-', starting with a letter or a digit" in shown
+    for name in ("-x", "ünï"):
+        refused = runner.invoke(app, ["train", "--run", name, "--epochs", "1"])
+        assert refused.exit_code == 2 and "starting with a letter or a digit" in refused.output
 
 
 def test_flags_show_no_value_type_in_help() -> None:

@@ -301,6 +301,22 @@ def test_val_on_changed_data_scores_only_the_images_the_run_held_out(id_run: tup
     assert out["n"] == found["found"] and out["runs_own_data"] is False
 
 
+def test_copies_of_held_out_images_are_counted_apart_from_the_images_found(id_run: tuple[Path, Path]) -> None:
+    """A class folder copied under other names holds some held-out images twice: the run's images found
+    never outnumber those it recorded ("the 28 of its 25" was said), and the copies are counted apart."""
+    data, _run_dir = id_run
+    for image in sorted((data / "cat").iterdir()):
+        shutil.copy(image, data / "cat" / f"copy-{image.name}")
+    result = runner.invoke(app, ["evaluate", "idr", "--data-dir", str(data), "--split", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    found = out["identities"]
+    assert found["recorded"] == 30 and found["found"] == 30 and found["missing"] == 0
+    assert found["copies"] >= 1 and out["n"] == 30 + found["copies"]
+    said = " ".join(result.stderr.split())
+    assert "the 30 of its 30 images held out" in said and f"{out['n']} images scored" in said
+
+
 def test_train_and_all_on_changed_data_say_which_images_were_trained_on(id_run: tuple[Path, Path]) -> None:
     data, run_dir = id_run
     _add_images(data / "airplane", 4, seed=8)

@@ -391,7 +391,8 @@ RunName = Annotated[
     _option(
         str,
         "--run",
-        help="Run name (the folder under runs/; --name works too): letters, digits, '.', '_', '-'. "
+        help="Run name (the folder under runs/; --name works too): 1 to 100 ASCII letters, digits, '.', '_' and '-', "
+        "starting with a letter or a digit. "
         "\\[default: <arch>-<date>-<time>]",
     ),
 ]

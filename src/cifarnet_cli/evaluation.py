@@ -206,10 +206,13 @@ def _by_identity(
             "--split all (which may include images it trained on)."
         )
     pool = source.train
-    found = identify(image_ids(pool.images), record)
+    ids = image_ids(pool.images)
+    found = identify(ids, record)
     index = found.held_out if split == "val" else found.trained
     recorded = record.held_out.size if split == "val" else record.trained.size
     missing = found.held_out_missing if split == "val" else found.trained_missing
+    distinct = int(np.unique(ids[index]).size)  # a copy of an image (another name or folder) is found twice
+    copies = int(index.size) - distinct
     others = len(pool) - index.size
     if index.size == 0:
         raise CifarNetError(
@@ -218,13 +221,17 @@ def _by_identity(
             "to score this data."
         )
     left_out = f"{found.trained.size:,} it trained on and {found.new:,} new" if split == "val" else f"{others:,} other"
+    more = f"{copies:,} more cop{'y' if copies == 1 else 'ies'} of them"
+    twice = f"; {more}, {index.size:,} images scored" if copies else ""
     on_event(
         Notice(
-            f"This data differs from the run's training data: scoring the {index.size:,} of its {recorded:,} images "
-            f"{what} that are still in it ({missing:,} missing); the {left_out} image(s) are left out."
+            f"This data differs from the run's training data: scoring the {distinct:,} of its {recorded:,} images "
+            f"{what} that are still in it ({missing:,} missing{twice}); the {left_out} image(s) are left out."
         )
     )
-    identities = {"recorded": int(recorded), "found": int(index.size), "missing": int(missing)}
+    identities = {"recorded": int(recorded), "found": distinct, "missing": int(missing)}
+    if copies:
+        identities["copies"] = copies
     if split == "val":
         identities.update(trained_left_out=int(found.trained.size), new_left_out=int(found.new))
     return pool.subset(index), identities

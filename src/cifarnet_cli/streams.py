@@ -11,6 +11,10 @@ show every character (``PYTHONIOENCODING=ascii``, a C locale).
 - A closed stdin reads as empty: a question (``runs rm`` without ``--yes``) is answered "no".
 - Characters the output encoding cannot represent are written as backslash escapes instead of raising
   UnicodeEncodeError.
+- A write to stdout is written whole or fails: when the reader of a pipe leaves while one long write waits
+  (`cifarnet predict photos/ | head -1`), Python's own stdout drops what the pipe did not take without an
+  error (CPython 3.11: the write returns the part written and the rest is lost), so the command would end
+  with 0 and its output cut short instead of the broken pipe's 141.
 """
 
 from __future__ import annotations
@@ -58,6 +62,51 @@ class _ClosedOutput(io.TextIOBase):
         return len(text)
 
 
+class _WholeWrites(io.RawIOBase):
+    """A file descriptor whose ``write`` writes every byte (the system call may take part of them) or raises
+    the error that stopped it (``BrokenPipeError`` when the reader left)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        return done
+
+
+def _whole_stdout(stream: Any) -> Any:
+    """``stream`` (Python's stdout on descriptor 1) over :class:`_WholeWrites`, with its encoding and
+    buffering; any other stream as it is."""
+    if not isinstance(stream, io.TextIOWrapper):
+        return stream
+    try:
+        if stream.fileno() != 1:
+            return stream
+        stream.flush()
+    except (OSError, ValueError):
+        return stream
+    return io.TextIOWrapper(
+        io.BufferedWriter(_WholeWrites(1)),
+        encoding=stream.encoding,
+        errors=stream.errors,
+        line_buffering=stream.line_buffering,
+        write_through=stream.write_through,
+    )
+
+
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -85,6 +134,8 @@ def prepare() -> None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")
     if 1 in closed or sys.stdout is None:
         sys.stdout = _ClosedOutput()
+    else:
+        sys.stdout = _whole_stdout(sys.stdout)
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
