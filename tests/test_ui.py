@@ -271,3 +271,29 @@ def test_redirected_tables_have_no_trailing_spaces_and_titles_do_not_wrap() -> N
     table.add_column("a")
     ui.print_fitted(terminal, lambda _d: table)
     assert terminal.file.getvalue().splitlines()[0] == "Confusion matrix (rows: true class, columns: predicted)"  # type: ignore[attr-defined]
+
+
+def test_an_evaluation_at_60_columns_wraps_between_words() -> None:
+    """The heading and the "checkpoint on data" line fit the terminal, broken at spaces: a terminal's own
+    wrapping cut "(image-folder)" into "(image" and "-folder)"."""
+    from cifarnet_cli.evaluation import EvalReport
+
+    classes = ["cat", "dog"]
+    report = EvalReport(
+        accuracy=0.5,
+        n=4,
+        classes=classes,
+        per_class={"cat": 0.5, "dog": 0.5},
+        per_class_n={"cat": 2, "dog": 2},
+        confusion=[[1, 1], [1, 1]],
+        split="val",
+        checkpoint="/home/someone/.local/share/cifarnet/runs/ref/best.pt",
+        data="/home/someone/data/added (image-folder)",
+        tta=True,
+        unrestricted_accuracy=0.25,
+    )
+    buf = io.StringIO()
+    ui.eval_tables(report, Console(file=buf, width=60, force_terminal=True, color_system=None, emoji=False))
+    lines = buf.getvalue().splitlines()
+    assert max(map(len, lines)) <= 60
+    assert any("(image-folder)" in line for line in lines) and "choosing among all classes" in buf.getvalue()

@@ -393,7 +393,7 @@ class DownloadView:
         # Warnings about verification are printed even with --quiet.
         if not self.quiet or message.startswith("WARNING"):
             console = self._progress.console if self._progress else err_console
-            console.print(f"[yellow]{safe(message)}[/]", soft_wrap=True)
+            console.print(f"[yellow]{safe(message)}[/]", soft_wrap=not console.is_terminal)
 
     def progress(self, done: int, total: int | None) -> None:
         if self.quiet or not err_console.is_terminal:
@@ -540,8 +540,9 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
         )
     if report.tta:
         head += ", flip TTA"
-    console.print(head, soft_wrap=True)
-    console.print(f"[dim]{safe(report.checkpoint)} on {safe(report.data)}[/]", soft_wrap=True)
+    # whole lines in a file; wrapped between words in a terminal (not cut mid-word by the terminal)
+    console.print(head, soft_wrap=not console.is_terminal)
+    console.print(f"[dim]{safe(report.checkpoint)} on {safe(report.data)}[/]", soft_wrap=not console.is_terminal)
 
     def per_class(_dropped: set[str]) -> Table:
         per = Table(title="Per-class accuracy")
@@ -578,7 +579,7 @@ def eval_tables(report: Any, console: Console | None = None) -> None:
     if getattr(report, "files", None):
         err_console.print(
             f"Wrote {', '.join(safe(Path(f).name) for f in report.files)} to {safe(str(Path(report.files[0]).parent))}",
-            soft_wrap=True,
+            soft_wrap=not err_console.is_terminal,
         )
 
 
@@ -629,7 +630,7 @@ class BenchView:
         if isinstance(event, BenchProgress):
             err_console.print(f"[dim][{event.index}/{event.total}][/] {safe(event.what)}", soft_wrap=True)
         elif isinstance(event, Notice):
-            err_console.print(f"[yellow]{safe(event.message)}[/]", soft_wrap=True)
+            err_console.print(f"[yellow]{safe(event.message)}[/]", soft_wrap=not err_console.is_terminal)
 
 
 def _rate(x: float | None) -> str:
