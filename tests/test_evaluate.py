@@ -230,6 +230,30 @@ def test_a_split_record_sorts_images_by_what_the_run_did_with_them() -> None:
     assert (found.new, found.held_out_missing, found.trained_missing) == (3, 0, 1)  # image 9 was never seen
 
 
+def test_a_run_started_from_another_holds_out_only_images_new_to_its_weights() -> None:
+    """--init-from: the source's training images (``inherited``) always train, are never held out, count as
+    trained on changed data, and are kept whole so that a resume draws the same split again."""
+    from cifarnet_cli.data.split import SplitRecord, identify, image_ids, split_unseen, unseen_mask
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(12) % 2
+    parent = SplitRecord.of(images[:8], images[8:10])  # 10 and 11 are new to the parent
+    unseen = unseen_mask(images, parent.seen)
+    assert np.flatnonzero(unseen).tolist() == [8, 9, 10, 11]
+    train_idx, val_idx = split_unseen(labels, unseen, 2, seed=3)
+    assert set(val_idx.tolist()) <= {8, 9, 10, 11} and sorted([*train_idx, *val_idx]) == list(range(12))
+    assert split_unseen(labels, unseen, 4, seed=3)[1].tolist() == [8, 9, 10, 11]
+    with pytest.raises(ValueError):
+        split_unseen(labels, unseen, 5, seed=3)
+    child = SplitRecord.of(images[train_idx], images[val_idx], parent.seen)
+    restored = SplitRecord.from_meta({"split_ids": child.to_meta()})
+    assert restored is not None and np.array_equal(restored.inherited, parent.seen)
+    assert np.array_equal(restored.seen, np.unique(image_ids(images[train_idx])))  # the parent's are among them
+    found = identify(image_ids(images[:8]), restored)  # the parent's images only: all seen by the child's weights
+    assert found.held_out.size == 0 and found.trained.size == 8
+
+
 @pytest.fixture(scope="module")
 def _trained_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One run (resnet20, 1 epoch) on a folder of class folders, 80 images, 30 held out: trained once for

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -88,9 +89,38 @@ def test_init_from_a_run_and_extending_a_finished_one(image_folder: Callable[...
     assert "cifarnet train --init-from" in resnet50.output and "--arch" not in resnet50.output  # finetune has none
     both = runner.invoke(app, ["finetune-resnet50", "--init-from", "a", "--weights", "none"])
     assert both.exit_code == 2 and "--weights and --init-from" in both.output
-    other_classes = image_folder("six", per_class=4, classes=("a", "b", "c", "d", "e", "f"))
+    other_classes = image_folder("six", per_class=4, classes=("a", "b", "c", "d", "e", "f"), seed=50)
     mismatch = runner.invoke(app, ["train", "--data-dir", str(other_classes), "--init-from", "a", *QUICK])
     assert mismatch.exit_code == 1 and "has 10 classes and this data has 6" in mismatch.output
+
+
+def test_a_run_from_another_validates_on_images_its_weights_never_trained_on(
+    image_folder: Callable[..., Path],
+) -> None:
+    """--init-from with another seed (or --val-split) on the same images would draw a validation split that
+    holds images the starting weights trained on: its figure would overstate the model. The child holds out
+    only images new to them, evaluate finds the same split again, and a larger --val-split is refused."""
+    from cifarnet_cli.checkpoint import read_model
+    from cifarnet_cli.data.split import SplitRecord
+
+    data = image_folder(per_class=4)
+    base = ["train", "--data-dir", str(data), "--epochs", "1", *QUICK]
+    assert runner.invoke(app, [*base, "--run", "p", "--seed", "4"]).exit_code == 0
+    parent = SplitRecord.from_meta(read_model(paths.runs_dir() / "p" / "best.pt").meta)
+    assert parent is not None and parent.held_out.size == 20
+
+    child_run = runner.invoke(app, [*base, "--run", "c", "--init-from", "p", "--json"])
+    assert child_run.exit_code == 0, child_run.output
+    child = SplitRecord.from_meta(read_model(paths.runs_dir() / "c" / "best.pt").meta)
+    assert child is not None and np.array_equal(child.held_out, parent.held_out)  # the only 20 it never saw
+    assert np.array_equal(child.inherited, parent.seen)
+    evaluated = runner.invoke(app, ["evaluate", "c", "--split", "val", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(_rows("c")[-1]["val_accuracy"], abs=1e-6)
+
+    too_many = runner.invoke(app, [*base, "--run", "c2", "--init-from", "p", "--val-split", "21"])
+    assert too_many.exit_code == 2 and "use --val-split 20 or less" in too_many.output.replace("\n", " ")
+    assert not (paths.runs_dir() / "c2").exists()
 
 
 def test_resume_of_an_unfinished_run_with_more_epochs_says_how() -> None:

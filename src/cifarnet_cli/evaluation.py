@@ -127,7 +127,7 @@ def _eval_set(
     source = open_data(_run_data_location(loaded, data_dir), classes=loaded.classes, on_event=on_event)
     desc = f"{display(source.location)} ({source.kind})"
     same_data = source.fingerprint == loaded.meta.get("data_fingerprint")
-    record = SplitRecord.from_meta(loaded.meta) if not same_data else None
+    record = SplitRecord.from_meta(loaded.meta)
     n_val = int(loaded.meta.get("val_split", 0) or 0)
     has_pool = "train" in source.splits or "images" in source.splits
     available = _splits_of(source)
@@ -151,7 +151,8 @@ def _eval_set(
 
         if not n_val:
             return result(source.train)
-        train_set, val_set, _ = split_data(source, n_val, int(loaded.meta.get("split_seed", 0)))
+        inherited = record.inherited if record is not None else None  # held out of what --init-from's weights saw
+        train_set, val_set, _ = split_data(source, n_val, int(loaded.meta.get("split_seed", 0)), seen=inherited)
         part = val_set if split == "val" else train_set
         assert part is not None
         return result(part)
@@ -209,7 +210,7 @@ def _by_identity(
     ids = image_ids(pool.images)
     found = identify(ids, record)
     index = found.held_out if split == "val" else found.trained
-    recorded = record.held_out.size if split == "val" else record.trained.size
+    recorded = record.held_out.size if split == "val" else record.seen.size
     missing = found.held_out_missing if split == "val" else found.trained_missing
     distinct = int(np.unique(ids[index]).size)  # a copy of an image (another name or folder) is found twice
     copies = int(index.size) - distinct
@@ -266,7 +267,7 @@ def _warn_of_training_images(
         return None
     from cifarnet_cli.data.split import image_ids
 
-    trained = int(np.isin(image_ids(chosen.images), record.trained).sum())
+    trained = int(np.isin(image_ids(chosen.images), record.seen).sum())
     if trained:
         on_event(
             Notice(f"{trained:,} of these {len(chosen):,} images ({split}) are images the run trained on, {overstates}")

@@ -38,7 +38,7 @@ from cifarnet_cli.autobatch import data_bytes_on_device, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
-from cifarnet_cli.data.split import SPLIT_IDS, SplitRecord, stratified_split
+from cifarnet_cli.data.split import SPLIT_IDS, SplitRecord, split_unseen, stratified_split, unseen_mask
 from cifarnet_cli.devices import Precision, describe, is_integrated, resolve_device, resolve_precision
 from cifarnet_cli.engine import (
     FitResult,
@@ -138,14 +138,23 @@ def default_val_split(n_train: int) -> int:
     return min(5000, n_train // 10)
 
 
-def split_data(source: DataSource, val_split: int, seed: int) -> tuple[ImageSet, ImageSet | None, str]:
-    """(train set, evaluation set, name of the evaluation split)."""
+def split_data(
+    source: DataSource, val_split: int, seed: int, *, seen: np.ndarray | None = None, unseen: np.ndarray | None = None
+) -> tuple[ImageSet, ImageSet | None, str]:
+    """(train set, evaluation set, name of the evaluation split). ``seen``: identities of images the starting
+    weights trained on (--init-from), which are never held out; ``unseen`` is the mask of the training images
+    not among them, where the caller has it already."""
     full = source.train
     if val_split == 0:
         if not source.has_test:
             raise UsageError(f"{source.location} has no test split to validate on; hold out images with --val-split N.")
         return full, source.split("test"), "test"
-    train_idx, val_idx = stratified_split(full.labels, val_split, seed)
+    if unseen is None and seen is not None and seen.size:
+        unseen = unseen_mask(full.images, seen)
+    if unseen is None:
+        train_idx, val_idx = stratified_split(full.labels, val_split, seed)
+    else:
+        train_idx, val_idx = split_unseen(full.labels, unseen, val_split, seed)
     return full.subset(train_idx), full.subset(val_idx), "val"
 
 
@@ -410,9 +419,11 @@ def _follow(
     message = distributed.receive_from_main()
     if isinstance(message, TrainResult):
         return message
-    config, ckpt, resumed = message
+    config, ckpt, resumed, seen = message
     run = ddp.FollowerRun(resumed.name, resumed.dir) if resumed is not None else None
-    return _train(config, ckpt, run, None, tensorboard, stack, on_event, world=world, split_given=split_given)
+    return _train(
+        config, ckpt, run, None, tensorboard, stack, on_event, world=world, split_given=split_given, seen=seen
+    )
 
 
 @dataclass(frozen=True)
@@ -437,18 +448,23 @@ def _train(
     world: distributed.World = distributed.World(),
     relay: distributed.MainRelay | None = None,
     split_given: bool = True,
+    seen: np.ndarray | None = None,
 ) -> TrainResult:
+    """Train a run opened by :func:`train`. ``seen`` (processes other than rank 0): identities of the images
+    the starting weights trained on, which rank 0 read (see :func:`_seen_by_start`)."""
     init: tuple[Path, dict[str, Any]] | None = None
     if ckpt is None and config.init_from and world.is_main:
         init = _load_init(config.init_from, config, on_event)
         config = config.replace(init_from=str(init[0].resolve()), weights=None)
+    if world.is_main:
+        seen = _seen_by_start(init, ckpt, on_event)
     if relay is not None:
-        relay.send((config, ckpt, resumed))  # the other processes start from here with rank 0's recipe
+        relay.send((config, ckpt, resumed, seen))  # the other processes start from here with rank 0's recipe
 
     device, precision = _device_and_precision(config, world)
     config = _fit_world(config, world, device, split_given, on_event)
     _warn_if_slow(config, device, on_event)
-    config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, resumed, on_event))
+    config, data = distributed.leader_first(partial(_prepare_data, config, ckpt, resumed, on_event, seen=seen))
     model = distributed.agree(partial(_prepare_world_model, config, data, ckpt, resumed, init, device, world, on_event))
     step_mode = _step_mode(config, device, precision, world, on_event)
     config = _fit_micro_batch(config, model, device, precision, on_event, step_mode=step_mode, data=data, world=world)
@@ -458,7 +474,7 @@ def _train(
     run = _open_run(config, resumed, run_name, stack, world, on_event)
 
     train_loader, eval_loader = _loaders(config, _share_eval(data, world), device)
-    meta = _run_meta(config, model, data, precision)
+    meta = _run_meta(config, model, data, precision, seen)
     start_step = _saved_step(ckpt, start_epoch)
     if world.is_main:
         _write_run_config(run, config, meta, device, precision, resumed=resumed is not None, world=world)
@@ -691,26 +707,90 @@ def _device_words(device: torch.device, world: distributed.World) -> str:
 
 
 def _prepare_data(
-    config: TrainConfig, ckpt: dict[str, Any] | None, resumed: runs.Run | None, on_event: EventCallback
+    config: TrainConfig,
+    ckpt: dict[str, Any] | None,
+    resumed: runs.Run | None,
+    on_event: EventCallback,
+    *,
+    seen: np.ndarray | None = None,
 ) -> tuple[TrainConfig, _Data]:
     """Open the data, fix a new run's validation split (10% by default) and split it, refusing data a
-    classifier cannot be trained on."""
+    classifier cannot be trained on. ``seen``: the images the starting weights trained on, never held out."""
     source = open_data(config.data_dir, on_event=on_event)
     if ckpt is not None and resumed is not None:
         _check_resumed_data(resumed, config, ckpt, source)
     val_split_given = config.val_split is not None
+    unseen = unseen_mask(source.train.images, seen) if seen is not None and seen.size else None
     if ckpt is None:
         n_val = config.val_split if config.val_split is not None else default_val_split(len(source.train))
+        if unseen is not None:
+            n_val = _val_split_of_unseen(config, source, n_val, int(unseen.sum()), val_split_given, on_event)
         config = config.replace(val_split=n_val)
     assert config.val_split is not None
     check_training_data(source, config.val_split, user_set_val_split=ckpt is not None or val_split_given)
-    train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed)
+    train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed, unseen=unseen)
     if len(train_set) < 2:
         raise CifarNetError(
             f"{source.location} has {len(train_set)} training image(s) after the validation split; training "
             "needs at least 2 (BatchNorm normalises over a batch)."
         )
     return config, _Data(source, train_set, eval_set, eval_split)
+
+
+def _seen_by_start(
+    init: tuple[Path, dict[str, Any]] | None, ckpt: dict[str, Any] | None, on_event: EventCallback
+) -> np.ndarray | None:
+    """Identities of the images the starting weights trained on: those of --init-from's run (and of its own
+    sources), or, on resume, those the run recorded when it started. None: not known, or none."""
+    if ckpt is not None:
+        meta = ckpt.get("meta")
+        record = SplitRecord.from_meta(meta) if isinstance(meta, dict) else None
+        return record.inherited if record is not None and record.inherited.size else None
+    if init is None:
+        return None
+    path, source = init
+    meta = source.get("meta")
+    record = SplitRecord.from_meta(meta) if isinstance(meta, dict) else None
+    if record is None:
+        on_event(
+            Notice(
+                f"{display(path)} does not record which images it trained on: if these data hold some of them, "
+                "validation may include them and overstate how the model does on new images."
+            )
+        )
+        return None
+    return record.seen
+
+
+def _val_split_of_unseen(
+    config: TrainConfig, source: DataSource, n_val: int, n_unseen: int, given: bool, on_event: EventCallback
+) -> int:
+    """A run started with --init-from holds out only images its starting weights never trained on (a
+    validation figure on images the model has seen overstates it): at most ``n_unseen``; the default is
+    cut to that, a larger --val-split refused."""
+    n = len(source.train)
+    if n_unseen == n:
+        return n_val
+    start = f"the weights of --init-from trained on {n - n_unseen:,} of these {n:,} images"
+    if given and n_val > n_unseen:
+        test = " (or --val-split 0 to validate on the test split)" if source.has_test else ""
+        raise UsageError(
+            f"--val-split {n_val}: {start}, so at most the {n_unseen:,} others can be held out as images new to "
+            f"the model; use --val-split {n_unseen} or less{test}."
+        )
+    n_val = min(n_val, n_unseen)
+    if n_val == 0 and not source.has_test and not given:
+        raise CifarNetError(
+            f"{start[0].upper()}{start[1:]}: none is left to validate on (a figure on images the model has seen "
+            "would overstate it). Add images it has not trained on, or a test/<class>/ folder."
+        )
+    validates = (
+        f"the {n_val:,} validation images are drawn from the {n_unseen:,} others"
+        if n_val
+        else "the run validates on the test split"
+    )
+    on_event(Notice(f"{start[0].upper()}{start[1:]}: they all train here, and {validates}."))
+    return n_val
 
 
 def _check_resumed_data(run: runs.Run, config: TrainConfig, ckpt: dict[str, Any], source: DataSource) -> None:
@@ -779,7 +859,9 @@ def _loaders(config: TrainConfig, data: _Data, device: torch.device) -> tuple[De
     return train_loader, eval_loader
 
 
-def _run_meta(config: TrainConfig, model: Classifier, data: _Data, precision: Precision) -> dict[str, Any]:
+def _run_meta(
+    config: TrainConfig, model: Classifier, data: _Data, precision: Precision, seen: np.ndarray | None
+) -> dict[str, Any]:
     """What every checkpoint carries besides the weights, so that evaluate/predict/export can rebuild the
     model and its data split from the file alone."""
     source = data.source
@@ -799,7 +881,9 @@ def _run_meta(config: TrainConfig, model: Classifier, data: _Data, precision: Pr
         # Which images it trained on and held out, by identity: evaluate finds its validation images in
         # changed data, and never counts a training image as held out. Tensors: checkpoints only.
         SPLIT_IDS: SplitRecord.of(
-            data.train_set.images, data.eval_set.images if data.eval_split == "val" and data.eval_set else None
+            data.train_set.images,
+            data.eval_set.images if data.eval_split == "val" and data.eval_set else None,
+            seen,
         ).to_meta(),
     }
 

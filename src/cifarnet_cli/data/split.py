@@ -5,7 +5,7 @@ be found again in changed data (and training images are never counted as held ou
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,22 +66,41 @@ def image_ids(images: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SplitRecord:
     """The identities of the images a run trained on and of those it held out for validation (sorted,
-    distinct). An image whose pixels also occur among the training images is not counted as held out:
-    the model has seen it."""
+    distinct), and of those its starting weights had already trained on (``inherited``: a run started with
+    --init-from inherits its source's ``seen``). An image whose pixels also occur among the images its
+    weights have seen is not counted as held out: the model has seen it."""
 
     trained: np.ndarray
     held_out: np.ndarray
+    inherited: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Every image the weights have trained on: this run's and, through --init-from, its sources'."""
+        return np.union1d(self.trained, self.inherited) if self.inherited.size else self.trained
 
     @classmethod
-    def of(cls, train_images: np.ndarray, held_out_images: np.ndarray | None) -> SplitRecord:
+    def of(
+        cls, train_images: np.ndarray, held_out_images: np.ndarray | None, inherited: np.ndarray | None = None
+    ) -> SplitRecord:
         trained = np.unique(image_ids(train_images))
         held = np.unique(image_ids(held_out_images)) if held_out_images is not None else np.zeros(0, np.int64)
-        return cls(trained, np.setdiff1d(held, trained, assume_unique=True))
+        return cls._made(trained, held, inherited)
+
+    @classmethod
+    def _made(cls, trained: np.ndarray, held: np.ndarray, inherited: np.ndarray | None) -> SplitRecord:
+        # ``inherited`` is kept whole (not less this run's own): a resume draws the same split from it again.
+        inherited = np.unique(inherited) if inherited is not None else np.zeros(0, np.int64)
+        seen = np.union1d(trained, inherited)
+        return cls(trained, np.setdiff1d(held, seen, assume_unique=True), inherited)
 
     def to_meta(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores (``meta[SPLIT_IDS]``): two int64 tensors, 8 bytes per image, which
+        """What a checkpoint stores (``meta[SPLIT_IDS]``): int64 tensors, 8 bytes per image, which
         ``torch.load(weights_only=True)`` reads back."""
-        return {"trained": torch.from_numpy(self.trained.copy()), "held_out": torch.from_numpy(self.held_out.copy())}
+        out = {"trained": torch.from_numpy(self.trained.copy()), "held_out": torch.from_numpy(self.held_out.copy())}
+        if self.inherited.size:
+            out["inherited"] = torch.from_numpy(self.inherited.copy())
+        return out
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> SplitRecord | None:
@@ -90,11 +109,34 @@ class SplitRecord:
         raw = meta.get(SPLIT_IDS)
         if not isinstance(raw, dict):
             return None
-        parts = [raw.get("trained"), raw.get("held_out")]
+        parts = [raw.get("trained"), raw.get("held_out"), raw.get("inherited", torch.zeros(0, dtype=torch.int64))]
         if not all(isinstance(p, torch.Tensor) and p.ndim == 1 and p.dtype == torch.int64 for p in parts):
             return None
-        trained, held = (np.unique(p.numpy()) for p in parts)  # type: ignore[union-attr]
-        return cls(trained, np.setdiff1d(held, trained, assume_unique=True))
+        trained, held, inherited = (np.unique(p.numpy()) for p in parts)
+        return cls._made(trained, held, inherited)
+
+
+def unseen_mask(images: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Which of ``images`` are not among the identities ``seen`` (True: new to the weights)."""
+    return ~np.isin(image_ids(images), seen)
+
+
+def split_unseen(labels_np: np.ndarray, unseen: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stratified_split` whose ``n_val`` held-out images are drawn from the ``unseen`` ones only (a
+    boolean mask): images the starting weights trained on (--init-from) always train, so that validation
+    measures images new to the model. The caller checks that ``n_val`` fits (at most ``unseen.sum()``)."""
+    candidates = np.flatnonzero(unseen)
+    if n_val > candidates.size:
+        raise ValueError(f"{n_val} held-out images asked of {candidates.size} unseen ones")
+    if n_val == candidates.size:
+        val = candidates
+    elif n_val == 0:
+        val = np.zeros(0, dtype=np.int64)
+    else:
+        _, picked = stratified_split(np.asarray(labels_np)[candidates], n_val, seed)
+        val = candidates[picked]
+    n = len(labels_np)
+    return np.setdiff1d(np.arange(n), val), np.sort(val)
 
 
 @dataclass(frozen=True)
@@ -109,13 +151,15 @@ class Identified:
 
 
 def identify(ids: np.ndarray, record: SplitRecord) -> Identified:
-    """Which of the images with identities ``ids`` a run trained on, held out, or never saw."""
-    trained = np.isin(ids, record.trained)
+    """Which of the images with identities ``ids`` a run's weights trained on (``seen``: also through
+    --init-from), held out, or never saw."""
+    seen = record.seen
+    trained = np.isin(ids, seen)
     held = np.isin(ids, record.held_out) & ~trained
     return Identified(
         held_out=np.flatnonzero(held),
         trained=np.flatnonzero(trained),
         new=int((~trained & ~held).sum()),
         held_out_missing=int((~np.isin(record.held_out, ids)).sum()),
-        trained_missing=int((~np.isin(record.trained, ids)).sum()),
+        trained_missing=int((~np.isin(seen, ids)).sum()),
     )
