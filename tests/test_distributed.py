@@ -452,3 +452,36 @@ def test_a_killed_rank_ends_the_others_with_a_message(reference: Reference, tmp_
     assert "Rank 1 of 2 ended without a word" in last and "cifarnet train --resume kill --nproc 2" in last, err
     assert "Lost contact with the other processes" in err  # rank 0's own line
     assert not [pid for pid in started if _alive(pid)]
+
+
+@needs_gloo
+def test_a_run_from_another_holds_out_the_same_new_images_on_two_processes(
+    reference: Reference, tmp_path: Path
+) -> None:
+    """--init-from on two processes: rank 0 sends the identities of the images the starting weights trained
+    on, so every process holds out the same images (those new to the weights) and trains on the same others:
+    the run trains as it does on one process."""
+    import shutil
+
+    grown = tmp_path / "grown"
+    shutil.copytree(reference.data, grown)
+    extra = write_image_folder(tmp_path / "extra", per_class=1, seed=77)
+    for image in extra.glob("train/*/*"):
+        shutil.copy(image, grown / "train" / image.parent.name / f"new-{image.name}")
+    parent = reference.data.parent / "home" / "runs" / "ref" / "best.pt"  # trained on all 40 images of data/train
+    child = ["train", "--data-dir", str(grown), "--init-from", str(parent), "--device", "cpu", *RECIPE[:4]]
+    child += ["--epochs", "1", "--val-split", "10", "--warmup-epochs", "0", "--lr", "0.05", "--seed", "3"]
+    with _one_thread():
+        one = runner.invoke(app, [*child, "--run", "one-child", "--quiet"])
+    assert one.exit_code == 0, one.output
+    two = subprocess.run(
+        _cifarnet(*child, "--run", "two-child", "--nproc", "2", "--quiet"),
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert two.returncode == 0, two.stderr
+    one_dir = paths.runs_dir() / "one-child"
+    expected = Reference(grown, _rows(one_dir), checkpoint.load(one_dir / "last.pt")["model"])
+    assert_trains_as_the_reference(paths.runs_dir() / "two-child", expected)

@@ -100,8 +100,9 @@ def test_a_run_from_another_validates_on_images_its_weights_never_trained_on(
     """--init-from with another seed (or --val-split) on the same images would draw a validation split that
     holds images the starting weights trained on: its figure would overstate the model. The child holds out
     only images new to them, evaluate finds the same split again, and a larger --val-split is refused."""
+    from cifarnet_cli import checkpoint
     from cifarnet_cli.checkpoint import read_model
-    from cifarnet_cli.data.split import SplitRecord
+    from cifarnet_cli.data.split import SplitRecord, image_ids
 
     data = image_folder(per_class=4)
     base = ["train", "--data-dir", str(data), "--epochs", "1", *QUICK]
@@ -114,6 +115,12 @@ def test_a_run_from_another_validates_on_images_its_weights_never_trained_on(
     child = SplitRecord.from_meta(read_model(paths.runs_dir() / "c" / "best.pt").meta)
     assert child is not None and np.array_equal(child.held_out, parent.held_out)  # the only 20 it never saw
     assert np.array_equal(child.inherited, parent.seen)
+    # A resume draws the same split again from the record (rank 0 sends it to the other processes).
+    saved = checkpoint.load(paths.runs_dir() / "c" / "last.pt")
+    seen = training._seen_by_start(None, saved, lambda _event: None)
+    resumed = TrainConfig.from_dict(saved["config"])
+    _, split = training._prepare_data(resumed, saved, None, lambda _event: None, seen=seen)
+    assert split.eval_set is not None and np.array_equal(np.unique(image_ids(split.eval_set.images)), child.held_out)
     evaluated = runner.invoke(app, ["evaluate", "c", "--split", "val", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(_rows("c")[-1]["val_accuracy"], abs=1e-6)
