@@ -6,6 +6,8 @@ cache, downloads): the bytes go to a temporary file in the destination's folder,
 and replace the destination with ``os.replace`` (atomic on POSIX and Windows), so a reader sees the old file
 or the new one. The temporary file is removed on any failure. Files are created with mode 0666 minus the
 user's umask, like every other file the user's programs write (``tempfile.mkstemp`` would force 0600).
+An output that exists and is a FIFO or a character device (``--save-csv /dev/stdout``, ``/dev/null``) is
+written into instead: a rename would replace the device with a regular file.
 
 Kept free of torch and numpy: the CLI imports it to word a stray ``OSError``.
 """
@@ -48,6 +50,10 @@ _PROBLEMS = {
 
 
 _WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: How long a write into a FIFO waits for its reader to open it (a reader started a moment later, as in
+#: ``cifarnet predict ... --save-csv fifo & cat fifo``) before it fails instead of waiting forever.
+FIFO_READER_WAIT_S = 5.0
 
 
 def display(path: str | os.PathLike[str]) -> str:
@@ -271,10 +277,15 @@ def atomic_writer(path: Path, *, within: Path | None = None) -> Iterator[Any]:
     :class:`CifarNetError` naming ``path``; anything else the writer raises (Ctrl-C, a network error)
     propagates unchanged. Either way the temporary file is gone and ``path`` is as it was.
 
-    ``within`` (a folder above ``path``) must exist already: folders below it are created, it never is. A
+    A ``path`` that is a FIFO or a character device is written into, not replaced (see
+    :func:`_stream_writer`). ``within`` (a folder above ``path``) must exist already: folders below it are created, it never is. A
     report written into a run folder that `runs rm` deleted meanwhile then fails instead of bringing the
     folder back. Temporary files of ``path`` left by a killed writer are removed first."""
     check_target(path, within=within)
+    if _is_stream(path):
+        with _stream_writer(path) as sink:
+            yield sink
+        return
     folder = path.parent
     remove_partials(folder, path.name)
     tmp = partial_path(path)
@@ -303,10 +314,62 @@ def atomic_writer(path: Path, *, within: Path | None = None) -> Iterator[Any]:
             tmp.unlink()
         if sink.error is not None:
             raise os_error(sink.error, path, "write") from exc
-        if isinstance(exc, OSError) and stage == "finish":
+        if isinstance(exc, OSError) and (stage == "finish" or exc.errno in _DISK_FULL):
             raise os_error(exc, path, "write") from exc
         raise
     _fsync_dir(folder)
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` exists as a FIFO or a character device (through links: /dev/stdout)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _open_stream(path: Path) -> int:
+    """A descriptor for writing into the FIFO or device ``path``, in blocking mode. O_NONBLOCK makes the open
+    of a FIFO without a reader fail (ENXIO) instead of waiting forever; it is retried for
+    :data:`FIFO_READER_WAIT_S`."""
+    import time
+
+    deadline = time.monotonic() + FIFO_READER_WAIT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise os_error(exc, path, "write") from exc
+            if time.monotonic() >= deadline:
+                raise CifarNetError(
+                    f"Cannot write {display(path)}: it is a named pipe (FIFO) and nobody reads it; start its "
+                    "reader first (e.g. cat) or give the path of a file."
+                ) from None
+            time.sleep(0.05)
+    os.set_blocking(fd, True)  # writes wait for a slow reader rather than fail with EAGAIN
+    return fd
+
+
+@contextlib.contextmanager
+def _stream_writer(path: Path) -> Iterator[Any]:
+    """Write straight into the FIFO or device ``path`` (it stays what it is; nothing to rename or sync)."""
+    fh = os.fdopen(_open_stream(path), "wb")
+    sink = _Sink(fh)
+    try:
+        yield sink
+        fh.flush()
+    except BaseException as exc:
+        if sink.error is None and isinstance(exc, OSError) and exc.errno in (*_DISK_FULL, errno.EPIPE):
+            sink.error = exc  # the final flush, or a full /dev/full-like device
+        if sink.error is not None:
+            raise os_error(sink.error, path, "write") from exc
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            fh.close()
 
 
 def write_bytes(path: Path, data: bytes, *, within: Path | None = None) -> None:
@@ -318,7 +381,7 @@ def write_bytes(path: Path, data: bytes, *, within: Path | None = None) -> None:
 def check_output(target: Path, inputs: Iterable[str | os.PathLike[str]] = (), *, option: str = "--output") -> Path:
     """Refuse an output file that would destroy what the command reads or what a run keeps: one of
     ``inputs`` (by path or as the same file through a link), or a run's checkpoint or record (best.pt,
-    last.pt, epoch-NNN.pt, config.json, metrics.*), or a folder. Call it before the work that produces the
+    last.pt, epoch-NNN.pt, config.json, metrics.*, .lock, curves.png, eval-*.json, confusion-*.png), or a folder. Call it before the work that produces the
     output."""
     target = Path(os.path.expanduser(target))
     check_target(target)
