@@ -5,6 +5,7 @@ a monkeypatched listing, files written by hand)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -244,6 +245,25 @@ def test_a_fifo_that_nobody_reads_is_one_line_not_a_hang(tmp_path: Path, monkeyp
     with pytest.raises(CifarNetError, match="nobody reads it"):
         fileio.write_bytes(fifo, b"a,b\n")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and _partials(tmp_path) == []
+
+
+def test_a_socket_or_block_device_as_output_is_refused(tmp_path: Path) -> None:
+    import socket
+
+    sock = tmp_path / "s.csv"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    outputs = [sock]
+    with contextlib.suppress(OSError):  # a block device node of a loop device that does not exist: never opened
+        os.mknod(tmp_path / "disk", stat.S_IFBLK | 0o600, os.makedev(7, 250))
+        outputs.append(tmp_path / "disk")
+    try:
+        for target in outputs:
+            with pytest.raises(CifarNetError, match="give the path of a file"):
+                fileio.write_bytes(target, b"a,b\n")
+            assert not stat.S_ISREG(os.lstat(target).st_mode)
+    finally:
+        server.close()
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path: Path) -> None:

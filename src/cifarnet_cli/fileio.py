@@ -118,11 +118,17 @@ def os_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: s
 
 
 def check_target(path: Path, *, within: Path | None = None) -> Path:
-    """Fail early, in words, when ``path`` cannot become a file: it is a folder, or its folder cannot be
-    created (a command that measures for a minute checks its ``--output`` before it starts). With
-    ``within``, that folder must exist and is not created (see :func:`atomic_writer`)."""
+    """Fail early, in words, when ``path`` cannot become a file: it is a folder, a block device or a socket,
+    or its folder cannot be created (a command that measures for a minute checks its ``--output`` before it
+    starts). With ``within``, that folder must exist and is not created (see :func:`atomic_writer`)."""
     if path.is_dir():
         raise CifarNetError(f"Cannot write {display(path)}: it is a folder; give the path of a file.")
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        # Neither written into (a disk's own bytes) nor replaced by a file (its node would be gone).
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else None
+        if kind is not None:
+            raise CifarNetError(f"Cannot write {display(path)}: it is {kind}; give the path of a file.")
     if within is None:
         ensure_dir(path.parent)
         return path
