@@ -286,6 +286,15 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path: Path) ->
     assert stat.S_ISCHR(os.lstat(full).st_mode) and _partials(tmp_path) == []
 
 
+def test_an_output_whose_name_is_near_the_limit_is_written(tmp_path: Path) -> None:
+    target = tmp_path / ("é" * 100 + "x" * 50 + ".csv")  # 254 bytes: its temporary file's name would be 272
+    assert len(os.fsencode(target.name)) == 254
+    leftover = fileio.partial_path(target)  # a killed writer's (no lock held): removed by the next write
+    leftover.write_bytes(b"half")
+    fileio.write_bytes(target, b"a,b\n")
+    assert target.read_bytes() == b"a,b\n" and _partials(tmp_path) == []
+
+
 @pytest.mark.parametrize("record", [".lock", "curves.png", "eval-val.json", "confusion-test-cat-dog.png"])
 def test_a_runs_lock_curves_and_reports_are_never_outputs(tmp_path: Path, record: str) -> None:
     run = _run("a", checkpoint=True)

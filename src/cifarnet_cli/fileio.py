@@ -221,10 +221,22 @@ def open_regular(path: Path) -> Any:
 # Temporary files: one name, one pattern
 
 
+#: The longest file name most file systems allow (ext4, XFS, APFS, NTFS), in bytes.
+NAME_MAX = 255
+
+
+def _partial_stem(name: str) -> str:
+    """``name``, cut at a byte where needed so that its temporary file's name fits :data:`NAME_MAX` (a
+    254-byte output is allowed; ``.<name>.<8 hex>.partial`` adds 18)."""
+    room = NAME_MAX - 2 - 8 - len(PARTIAL_SUFFIX)
+    raw = os.fsencode(name)
+    return name if len(raw) <= room else os.fsdecode(raw[:room])
+
+
 def partial_path(target: Path) -> Path:
     """The temporary file :func:`atomic_writer` writes ``target`` through: ``.<name>.<random>.partial`` in
     the same folder (hidden, and never mistaken for the file itself)."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    return target.with_name(f".{_partial_stem(target.name)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 def is_partial(name: str, target: str | None = None) -> bool:
@@ -232,7 +244,10 @@ def is_partial(name: str, target: str | None = None) -> bool:
     any file)."""
     if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
         return False
-    return target is None or (name.startswith(f".{target}.") and len(name) > len(target) + 2 + len(PARTIAL_SUFFIX))
+    if target is None:
+        return True
+    stem = _partial_stem(target)
+    return name.startswith(f".{stem}.") and len(name) > len(stem) + 2 + len(PARTIAL_SUFFIX)
 
 
 def _writer_is_gone(path: str) -> bool:
