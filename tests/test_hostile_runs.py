@@ -238,6 +238,19 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_into_never_replaced(tmp
     assert _partials(tmp_path) == []
 
 
+def test_an_output_that_is_standard_output_goes_to_it_and_the_link_stays(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/stdout redirected to a file (``> out.txt``) is a link to a regular file: a rename would replace
+    the link (in /dev, as root) and the bytes would never reach the output. The link here stands for it."""
+    link = tmp_path / "stdout"
+    link.symlink_to(f"/proc/{os.getpid()}/fd/1")  # fd 1 is pytest's capture file: a regular file
+    print("table", flush=True)
+    fileio.write_bytes(link, b"a,b\n")
+    assert capfd.readouterr().out == "table\na,b\n"
+    assert link.is_symlink() and _partials(tmp_path) == []
+
+
 def test_a_fifo_that_nobody_reads_is_one_line_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fileio, "FIFO_READER_WAIT_S", 0.2, raising=False)
     fifo = tmp_path / "out.csv"

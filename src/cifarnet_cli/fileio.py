@@ -20,6 +20,7 @@ import io
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def check_target(path: Path, *, within: Path | None = None) -> Path:
         mode = os.stat(path).st_mode
         # Neither written into (a disk's own bytes) nor replaced by a file (its node would be gone).
         kind = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else None
-        if kind is not None:
+        if kind is not None and _standard_stream(path) is None:
             raise CifarNetError(f"Cannot write {display(path)}: it is {kind}; give the path of a file.")
     if within is None:
         ensure_dir(path.parent)
@@ -303,8 +304,9 @@ def atomic_writer(path: Path, *, within: Path | None = None) -> Iterator[Any]:
     report written into a run folder that `runs rm` deleted meanwhile then fails instead of bringing the
     folder back. Temporary files of ``path`` left by a killed writer are removed first."""
     check_target(path, within=within)
-    if _is_stream(path):
-        with _stream_writer(path) as sink:
+    std = _standard_stream(path)
+    if std is not None or _is_stream(path):
+        with _stream_writer(path, std) as sink:
             yield sink
         return
     folder = path.parent
@@ -350,6 +352,23 @@ def _is_stream(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
+def _standard_stream(path: Path) -> int | None:
+    """1 or 2 when the link ``path`` leads to this process's standard output or error (/dev/stdout,
+    /dev/fd/2, /proc/self/fd/1): written through that descriptor, whatever it is (a file after ``> out``, a
+    pipe, a terminal, a socket). Renaming over the link would replace it (in /dev) and lose the bytes."""
+    try:
+        if not os.path.islink(path):
+            return None
+        st = os.stat(path)
+    except OSError:
+        return None
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(fd)):
+                return fd
+    return None
+
+
 def _open_stream(path: Path) -> int:
     """A descriptor for writing into the FIFO or device ``path``, in blocking mode. O_NONBLOCK makes the open
     of a FIFO without a reader fail (ENXIO) instead of waiting forever; it is retried for
@@ -375,9 +394,14 @@ def _open_stream(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _stream_writer(path: Path) -> Iterator[Any]:
-    """Write straight into the FIFO or device ``path`` (it stays what it is; nothing to rename or sync)."""
-    fh = os.fdopen(_open_stream(path), "wb")
+def _stream_writer(path: Path, std: int | None = None) -> Iterator[Any]:
+    """Write straight into the FIFO or device ``path``, or into the standard stream ``std`` it leads to (it
+    stays what it is; nothing to rename or sync)."""
+    if std is not None:  # after what the process has printed there so far
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    fh = os.fdopen(os.dup(std) if std is not None else _open_stream(path), "wb")
     sink = _Sink(fh)
     try:
         yield sink
