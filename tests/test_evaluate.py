@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cifarnet_cli.cli import app
 from cifarnet_cli.evaluation import confusion_matrix, metrics_from_logits
 
-from .conftest import isolate, write_image_folder
+from .conftest import copy_run, isolate, train_once, write_image_folder
 
 runner = CliRunner()
 FAST = ["--epochs", "2", "--batch-size", "16", "--val-split", "40", "--warmup-epochs", "0.5", "--quiet", "--json"]
@@ -391,3 +391,33 @@ def test_results_on_other_data_never_replace_earlier_ones(id_run: tuple[Path, Pa
     assert f"eval-all-{fingerprint[:8]}.json" in reports and f"eval-all-tta-{fingerprint[:8]}.json" in reports
     shown = detail("idr").evaluations
     assert {(e["data"].startswith(str(other)), e["tta"]) for e in shown} == {(a, b) for a in (0, 1) for b in (0, 1)}
+
+
+#: Class folder names of 120 characters: three of them in a report's name make it 380 bytes, past the
+#: 255 that file systems allow.
+LONG_CLASSES = tuple(f"{word}-" + "very-long-class-name-" * 5 + "x" * (120 - len(word) - 106) for word in "abcd")
+
+
+@pytest.fixture(scope="module")
+def _long_names_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return train_once(tmp_path_factory, "long", classes=LONG_CLASSES, per_class=4, splits=("train", "test"))
+
+
+def test_report_names_of_long_class_names_are_bounded_and_paired(_long_names_once: tuple[Path, Path]) -> None:
+    data, trained = _long_names_once
+    run_dir = copy_run(trained)
+    assert all(len(name) == 120 for name in LONG_CLASSES)
+    for subset in (LONG_CLASSES[:3], LONG_CLASSES[1:]):
+        result = runner.invoke(app, ["evaluate", "long", "--classes", ",".join(subset), "--json"])
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output and "not saved" not in result.output, result.output
+    reports = sorted(p.name for p in run_dir.glob("eval-*.json"))
+    assert len(reports) == 2, reports  # each subset keeps its own report
+    for name in reports:
+        assert len(name.encode()) <= 220 and name.startswith(("eval-test-a-very-long", "eval-test-b-very-long")), name
+    pytest.importorskip("matplotlib")
+    pictures = sorted(p.name for p in run_dir.glob("confusion-*.png"))
+    assert [n.replace("confusion-", "eval-").replace(".png", ".json") for n in pictures] == reports
+    shown = runner.invoke(app, ["runs", "show", "long", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert sorted(e["file"] for e in json.loads(shown.stdout)["evaluations"]) == reports

@@ -26,10 +26,10 @@ from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data import images
 from cifarnet_cli.data.classes import CIFAR10_CLASSES
 from cifarnet_cli.data.images import ImageDecodeError, load_image
-from cifarnet_cli.data.sources import load_source
+from cifarnet_cli.data.sources import load_image_folder, load_source
 from cifarnet_cli.models import get_model
 
-from .conftest import synthetic_images
+from .conftest import synthetic_images, write_image_folder
 
 runner = CliRunner()
 needs_ort = pytest.mark.skipif(
@@ -197,6 +197,44 @@ def test_fifos_and_link_loops_never_hang_predict_and_each_file_counts_once(tmp_p
     assert set(errors) == {"blocked.png", "pipe.jpg"}  # each special file said once, never opened
     assert all("named pipe (FIFO), not a regular file" in why for why in errors.values())
     assert len(rows) == 4, rows
+
+
+def test_links_to_an_ancestor_to_root_or_into_a_system_folder_are_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cifarnet_cli.data import walk
+    from cifarnet_cli.predict import Prediction, collect_inputs
+
+    system = tmp_path / "system"  # stands for /proc, /sys and /dev: the test never walks the real ones
+    _png(system / "inside" / "never.png")
+    monkeypatch.setattr(walk, "SYSTEM_FOLDERS", (str(system),), raising=False)
+    _png(tmp_path / "elsewhere" / "sibling.png")  # reached only through the link to the parent
+    photos = tmp_path / "photos"
+    _png(photos / "a.png")
+    (photos / "here").symlink_to(photos)  # the walked folder itself
+    (photos / "up").symlink_to(tmp_path)  # its parent: every sibling of the data
+    (photos / "root").symlink_to("/")
+    (photos / "sys").symlink_to(system / "inside")
+    items = collect_inputs([str(photos)])
+    found = [p.name for p in items if isinstance(p, Path)]
+    rows = {Path(p.path).name: p.error for p in items if isinstance(p, Prediction)}
+    assert found == ["a.png"], items
+    assert set(rows) == {"up", "root", "sys"}, rows  # one row per link out, saying why; "here" is a loop, ended
+    assert "folder being read" in str(rows["up"]) and "system folder" in str(rows["sys"]), rows
+    items = collect_inputs([str(photos / "**" / "*.png")])  # ** follows the same rules
+    assert [p.name for p in items if isinstance(p, Path)] == ["a.png"], items
+    assert {Path(p.path).name for p in items if isinstance(p, Prediction)} == {"up", "root", "sys"}, items
+
+    data = tmp_path / "data"
+    cls = ["airplane", "automobile"]
+    write_image_folder(data, per_class=2, classes=tuple(cls))
+    (data / "train" / "airplane" / "up").symlink_to(tmp_path)
+    (data / "train" / "airplane" / "root").symlink_to("/")
+    (data / "train" / "automobile" / "sys").symlink_to(system)
+    source = load_image_folder(data, classes=cls, use_cache=False)
+    said = [w for w in source.warnings if "not followed" in w]
+    assert len(said) == 1 and "3 symbolic link(s)" in said[0], source.warnings
+    assert sum(len(s) for s in source.splits.values()) == 4  # the walk took only the data's own images
 
 
 def test_a_folder_that_cannot_be_read_is_a_row_not_a_silent_gap(

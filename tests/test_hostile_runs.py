@@ -5,11 +5,15 @@ a monkeypatched listing, files written by hand)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -179,6 +183,147 @@ def test_predict_csv_compare_plot_and_bench_output_never_replace_inputs(
         _no_traceback(result)
         assert result.exit_code == 2, (args, result.output)
     assert {p: p.read_bytes() for p in kept} == kept
+
+
+def _device(path: Path, minor: int) -> Path:
+    """A character device made in the test's folder (major 1: minor 3 is null, 7 is full, as in /dev), so
+    that the real /dev/null and /dev/full are never written, renamed over or removed."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+    except OSError as exc:
+        pytest.skip(f"cannot make a device node here: {exc}")
+    return path
+
+
+def _read_fifo(fifo: Path) -> tuple[threading.Thread, list[bytes]]:
+    """A reader of ``fifo`` in a thread (a daemon: a writer that never opens the FIFO must not keep the
+    tests alive); what it read lands in the list."""
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as fh:
+            got.append(fh.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, got
+
+
+def _partials(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if fileio.is_partial(p.name)]
+
+
+def test_an_output_that_is_a_fifo_or_a_device_is_written_into_never_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    reader, got = _read_fifo(fifo)
+    fileio.write_bytes(fifo, b"a,b\n")
+    reader.join(timeout=20)
+    assert got == [b"a,b\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    _run("a", checkpoint=True)
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    reader, got = _read_fifo(fifo)
+    result = runner.invoke(app, ["predict", str(image), "--run", "a", "--save-csv", str(fifo)])
+    reader.join(timeout=20)
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert got and got[0].startswith(b"path") and b"cat.png" in got[0], got
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    null = _device(tmp_path / "null", 3)
+    fileio.write_bytes(null, b"x" * 200_000)
+    assert stat.S_ISCHR(os.lstat(null).st_mode) and os.lstat(null).st_rdev == os.makedev(1, 3)
+    assert _partials(tmp_path) == []
+
+
+def test_an_output_that_is_standard_output_goes_to_it_and_the_link_stays(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/stdout redirected to a file (``> out.txt``) is a link to a regular file: a rename would replace
+    the link (in /dev, as root) and the bytes would never reach the output. The link here stands for it."""
+    link = tmp_path / "stdout"
+    link.symlink_to(f"/proc/{os.getpid()}/fd/1")  # fd 1 is pytest's capture file: a regular file
+    print("table", flush=True)
+    fileio.write_bytes(link, b"a,b\n")
+    assert capfd.readouterr().out == "table\na,b\n"
+    assert link.is_symlink() and _partials(tmp_path) == []
+
+
+def test_a_fifo_that_nobody_reads_is_one_line_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fileio, "FIFO_READER_WAIT_S", 0.2, raising=False)
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(CifarNetError, match="nobody reads it"):
+        fileio.write_bytes(fifo, b"a,b\n")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and _partials(tmp_path) == []
+
+
+def test_a_socket_or_block_device_as_output_is_refused(tmp_path: Path) -> None:
+    import socket
+
+    sock = tmp_path / "s.csv"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    outputs = [sock]
+    with contextlib.suppress(OSError):  # a block device node of a loop device that does not exist: never opened
+        os.mknod(tmp_path / "disk", stat.S_IFBLK | 0o600, os.makedev(7, 250))
+        outputs.append(tmp_path / "disk")
+    try:
+        for target in outputs:
+            with pytest.raises(CifarNetError, match="give the path of a file"):
+                fileio.write_bytes(target, b"a,b\n")
+            assert not stat.S_ISREG(os.lstat(target).st_mode)
+    finally:
+        server.close()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    full = _device(tmp_path / "full", 7)  # every write: ENOSPC
+    with pytest.raises(CifarNetError, match="no space left on the device"):
+        fileio.write_bytes(full, b"x" * 200_000)
+    assert stat.S_ISCHR(os.lstat(full).st_mode)
+    target = tmp_path / "report.json"
+    with pytest.raises(CifarNetError, match="no space left on the device"), fileio.atomic_writer(target) as fh:
+        fh.write(b"{")  # then a library that writes by other means than the file it was given meets a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert not target.exists() and _partials(tmp_path) == []
+
+    _run("a", checkpoint=True)
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    result = runner.invoke(app, ["predict", str(image), "--run", "a", "--save-csv", str(full)])
+    _no_traceback(result)
+    assert result.exit_code == 1 and "no space left on the device" in result.output, result.output
+    assert stat.S_ISCHR(os.lstat(full).st_mode) and _partials(tmp_path) == []
+
+
+def test_an_output_whose_name_is_near_the_limit_is_written(tmp_path: Path) -> None:
+    target = tmp_path / ("é" * 100 + "x" * 50 + ".csv")  # 254 bytes: its temporary file's name would be 272
+    assert len(os.fsencode(target.name)) == 254
+    leftover = fileio.partial_path(target)  # a killed writer's (no lock held): removed by the next write
+    leftover.write_bytes(b"half")
+    fileio.write_bytes(target, b"a,b\n")
+    assert target.read_bytes() == b"a,b\n" and _partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("record", [".lock", "curves.png", "eval-val.json", "confusion-test-cat-dog.png"])
+def test_a_runs_lock_curves_and_reports_are_never_outputs(tmp_path: Path, record: str) -> None:
+    run = _run("a", checkpoint=True)
+    _run("b")
+    kept = run.dir / record
+    kept.write_bytes(b"the run's own record")
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    for args in (
+        ["predict", str(image), "--run", "a", "--save-csv", str(kept)],
+        ["runs", "compare", "a", "b", "--plot", str(kept)],
+    ):
+        result = runner.invoke(app, args)
+        _no_traceback(result)
+        assert result.exit_code == 2 and f"is the {record} of run 'a'" in result.output, (args, result.output)
+    assert kept.read_bytes() == b"the run's own record"
 
 
 # --------------------------------------------------------------------------------------------------

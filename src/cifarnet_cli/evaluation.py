@@ -440,13 +440,28 @@ def _restrict(data: ImageSet, class_ids: list[int], num_classes: int, on_event: 
 def report_suffix(split: str, classes: list[str] | None, tta: bool, data_id: str | None) -> str:
     """``<split>[-<classes>][-tta][-<data id>]``: one report per data, split, class subset and TTA, so that an
     evaluation never replaces another's. The data id (the first 8 hex digits of the data's content
-    fingerprint) is left out on the run's own data, whose reports keep their plain names (eval-val.json)."""
-    return (
-        split
-        + (_subset_suffix(classes) if classes else "")
-        + ("-tta" if tta else "")
-        + (f"-{data_id[:8]}" if data_id else "")
-    )
+    fingerprint) is left out on the run's own data, whose reports keep their plain names (eval-val.json).
+    Long class names are shortened (:func:`_bounded`) so that the file names fit the file system."""
+    subset = _subset_suffix(classes) if classes else ""
+    rest = ("-tta" if tta else "") + (f"-{data_id[:8]}" if data_id else "")
+    room = MAX_SUFFIX_BYTES - len(f"{split}{rest}".encode())
+    return split + _bounded(subset, room) + rest
+
+
+#: The longest report suffix, in bytes: "confusion-" + suffix + ".png" and atomic_writer's temporary name
+#: (".<name>.<8 hex>.partial", 18 bytes more) stay under the 255 bytes a file name may have (ext4, APFS).
+MAX_SUFFIX_BYTES = 200
+_KEPT_BYTES = 40  # of a shortened part: enough to recognise the first class
+
+
+def _bounded(part: str, limit: int) -> str:
+    """``part`` when it fits ``limit`` bytes (UTF-8); else its first 40 bytes and 8 hex digits of a hash of
+    the whole (a different subset keeps a different name; the report itself lists the classes)."""
+    raw = part.encode("utf-8", "surrogateescape")
+    if len(raw) <= limit:
+        return part
+    head = raw[:_KEPT_BYTES].decode("utf-8", "ignore").rstrip("-_.+")  # never half a character
+    return f"{head}-{hashlib.blake2b(raw, digest_size=4).hexdigest()}"
 
 
 def _save_report(report: EvalReport, run: Any, *, subset: bool, on_event: Callable[[object], None]) -> EvalReport:

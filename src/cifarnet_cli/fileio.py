@@ -6,6 +6,8 @@ cache, downloads): the bytes go to a temporary file in the destination's folder,
 and replace the destination with ``os.replace`` (atomic on POSIX and Windows), so a reader sees the old file
 or the new one. The temporary file is removed on any failure. Files are created with mode 0666 minus the
 user's umask, like every other file the user's programs write (``tempfile.mkstemp`` would force 0600).
+An output that exists and is a FIFO or a character device (``--save-csv /dev/stdout``, ``/dev/null``) is
+written into instead: a rename would replace the device with a regular file.
 
 Kept free of torch and numpy: the CLI imports it to word a stray ``OSError``.
 """
@@ -18,6 +20,7 @@ import io
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,10 @@ _PROBLEMS = {
 
 
 _WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: How long a write into a FIFO waits for its reader to open it (a reader started a moment later, as in
+#: ``cifarnet predict ... --save-csv fifo & cat fifo``) before it fails instead of waiting forever.
+FIFO_READER_WAIT_S = 5.0
 
 
 def display(path: str | os.PathLike[str]) -> str:
@@ -112,11 +119,17 @@ def os_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: s
 
 
 def check_target(path: Path, *, within: Path | None = None) -> Path:
-    """Fail early, in words, when ``path`` cannot become a file: it is a folder, or its folder cannot be
-    created (a command that measures for a minute checks its ``--output`` before it starts). With
-    ``within``, that folder must exist and is not created (see :func:`atomic_writer`)."""
+    """Fail early, in words, when ``path`` cannot become a file: it is a folder, a block device or a socket,
+    or its folder cannot be created (a command that measures for a minute checks its ``--output`` before it
+    starts). With ``within``, that folder must exist and is not created (see :func:`atomic_writer`)."""
     if path.is_dir():
         raise CifarNetError(f"Cannot write {display(path)}: it is a folder; give the path of a file.")
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        # Neither written into (a disk's own bytes) nor replaced by a file (its node would be gone).
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else None
+        if kind is not None and _standard_stream(path) is None:
+            raise CifarNetError(f"Cannot write {display(path)}: it is {kind}; give the path of a file.")
     if within is None:
         ensure_dir(path.parent)
         return path
@@ -209,10 +222,22 @@ def open_regular(path: Path) -> Any:
 # Temporary files: one name, one pattern
 
 
+#: The longest file name most file systems allow (ext4, XFS, APFS, NTFS), in bytes.
+NAME_MAX = 255
+
+
+def _partial_stem(name: str) -> str:
+    """``name``, cut at a byte where needed so that its temporary file's name fits :data:`NAME_MAX` (a
+    254-byte output is allowed; ``.<name>.<8 hex>.partial`` adds 18)."""
+    room = NAME_MAX - 2 - 8 - len(PARTIAL_SUFFIX)
+    raw = os.fsencode(name)
+    return name if len(raw) <= room else os.fsdecode(raw[:room])
+
+
 def partial_path(target: Path) -> Path:
     """The temporary file :func:`atomic_writer` writes ``target`` through: ``.<name>.<random>.partial`` in
     the same folder (hidden, and never mistaken for the file itself)."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    return target.with_name(f".{_partial_stem(target.name)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 def is_partial(name: str, target: str | None = None) -> bool:
@@ -220,7 +245,10 @@ def is_partial(name: str, target: str | None = None) -> bool:
     any file)."""
     if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
         return False
-    return target is None or (name.startswith(f".{target}.") and len(name) > len(target) + 2 + len(PARTIAL_SUFFIX))
+    if target is None:
+        return True
+    stem = _partial_stem(target)
+    return name.startswith(f".{stem}.") and len(name) > len(stem) + 2 + len(PARTIAL_SUFFIX)
 
 
 def _writer_is_gone(path: str) -> bool:
@@ -271,10 +299,16 @@ def atomic_writer(path: Path, *, within: Path | None = None) -> Iterator[Any]:
     :class:`CifarNetError` naming ``path``; anything else the writer raises (Ctrl-C, a network error)
     propagates unchanged. Either way the temporary file is gone and ``path`` is as it was.
 
-    ``within`` (a folder above ``path``) must exist already: folders below it are created, it never is. A
+    A ``path`` that is a FIFO or a character device is written into, not replaced (see
+    :func:`_stream_writer`). ``within`` (a folder above ``path``) must exist already: folders below it are created, it never is. A
     report written into a run folder that `runs rm` deleted meanwhile then fails instead of bringing the
     folder back. Temporary files of ``path`` left by a killed writer are removed first."""
     check_target(path, within=within)
+    std = _standard_stream(path)
+    if std is not None or _is_stream(path):
+        with _stream_writer(path, std) as sink:
+            yield sink
+        return
     folder = path.parent
     remove_partials(folder, path.name)
     tmp = partial_path(path)
@@ -303,10 +337,84 @@ def atomic_writer(path: Path, *, within: Path | None = None) -> Iterator[Any]:
             tmp.unlink()
         if sink.error is not None:
             raise os_error(sink.error, path, "write") from exc
-        if isinstance(exc, OSError) and stage == "finish":
+        if isinstance(exc, OSError) and (stage == "finish" or exc.errno in _DISK_FULL):
             raise os_error(exc, path, "write") from exc
         raise
     _fsync_dir(folder)
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` exists as a FIFO or a character device (through links: /dev/stdout)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _standard_stream(path: Path) -> int | None:
+    """1 or 2 when the link ``path`` leads to this process's standard output or error (/dev/stdout,
+    /dev/fd/2, /proc/self/fd/1): written through that descriptor, whatever it is (a file after ``> out``, a
+    pipe, a terminal, a socket). Renaming over the link would replace it (in /dev) and lose the bytes."""
+    try:
+        if not os.path.islink(path):
+            return None
+        st = os.stat(path)
+    except OSError:
+        return None
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(fd)):
+                return fd
+    return None
+
+
+def _open_stream(path: Path) -> int:
+    """A descriptor for writing into the FIFO or device ``path``, in blocking mode. O_NONBLOCK makes the open
+    of a FIFO without a reader fail (ENXIO) instead of waiting forever; it is retried for
+    :data:`FIFO_READER_WAIT_S`."""
+    import time
+
+    deadline = time.monotonic() + FIFO_READER_WAIT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise os_error(exc, path, "write") from exc
+            if time.monotonic() >= deadline:
+                raise CifarNetError(
+                    f"Cannot write {display(path)}: it is a named pipe (FIFO) and nobody reads it; start its "
+                    "reader first (e.g. cat) or give the path of a file."
+                ) from None
+            time.sleep(0.05)
+    os.set_blocking(fd, True)  # writes wait for a slow reader rather than fail with EAGAIN
+    return fd
+
+
+@contextlib.contextmanager
+def _stream_writer(path: Path, std: int | None = None) -> Iterator[Any]:
+    """Write straight into the FIFO or device ``path``, or into the standard stream ``std`` it leads to (it
+    stays what it is; nothing to rename or sync)."""
+    if std is not None:  # after what the process has printed there so far
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    fh = os.fdopen(os.dup(std) if std is not None else _open_stream(path), "wb")
+    sink = _Sink(fh)
+    try:
+        yield sink
+        fh.flush()
+    except BaseException as exc:
+        if sink.error is None and isinstance(exc, OSError) and exc.errno in (*_DISK_FULL, errno.EPIPE):
+            sink.error = exc  # the final flush, or a full /dev/full-like device
+        if sink.error is not None:
+            raise os_error(sink.error, path, "write") from exc
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            fh.close()
 
 
 def write_bytes(path: Path, data: bytes, *, within: Path | None = None) -> None:
@@ -318,7 +426,7 @@ def write_bytes(path: Path, data: bytes, *, within: Path | None = None) -> None:
 def check_output(target: Path, inputs: Iterable[str | os.PathLike[str]] = (), *, option: str = "--output") -> Path:
     """Refuse an output file that would destroy what the command reads or what a run keeps: one of
     ``inputs`` (by path or as the same file through a link), or a run's checkpoint or record (best.pt,
-    last.pt, epoch-NNN.pt, config.json, metrics.*), or a folder. Call it before the work that produces the
+    last.pt, epoch-NNN.pt, config.json, metrics.*, .lock, curves.png, eval-*.json, confusion-*.png), or a folder. Call it before the work that produces the
     output."""
     target = Path(os.path.expanduser(target))
     check_target(target)

@@ -81,7 +81,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
         elif os.path.lexists(path):
             items.extend(_file_items(walk, [path]))
         elif glob.has_magic(item):
-            before = len(walk.unreadable)
+            before = _mark(walk)
             matches = walk.glob(item)
             found = _problems(walk, before) + _file_items(walk, matches, skip_folders=True)
             if not found and all(m.is_dir() for m in matches):  # files already named elsewhere add no row
@@ -105,16 +105,25 @@ def _file_items(walk: ImageWalk, paths: Sequence[Path], *, skip_folders: bool = 
     return out
 
 
-def _problems(walk: ImageWalk, since: int) -> list[Path | Prediction]:
-    return [Prediction(str(where), error=why) for where, why in walk.unreadable[since:]]
+def _mark(walk: ImageWalk) -> tuple[int, int]:
+    return len(walk.unreadable), len(walk.refused)
+
+
+def _skipped(walk: ImageWalk, since: tuple[int, int]) -> list[tuple[Path, str]]:
+    """What the walk could not read or would not follow since ``since`` (a :func:`_mark`), in path order."""
+    return sorted([*walk.unreadable[since[0] :], *walk.refused[since[1] :]], key=lambda item: item[0])
+
+
+def _problems(walk: ImageWalk, since: tuple[int, int]) -> list[Path | Prediction]:
+    return [Prediction(str(where), error=why) for where, why in _skipped(walk, since)]
 
 
 def _folder_items(walk: ImageWalk, folder: Path, item: str) -> list[Path | Prediction]:
     """The images under ``folder`` and, in path order among them, the entries that cannot be read (a
-    folder without permission, a FIFO named like an image)."""
-    before = len(walk.unreadable)
+    folder without permission, a FIFO named like an image, a link out of the data not followed)."""
+    before = _mark(walk)
     files = walk.files(folder)
-    problems = walk.unreadable[before:]
+    problems = _skipped(walk, before)
     if not files and not problems:
         return [Prediction(item, error="no image files in this folder")]
     rows: list[tuple[Path, Path | Prediction]] = [(f, f) for f in files]

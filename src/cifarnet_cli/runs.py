@@ -53,6 +53,8 @@ TRASH_PREFIX = ".deleting-"
 #: The files a run's training writes, which no other command's output may replace.
 RECORD_NAMES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "metrics.csv")
 _EPOCH_CHECKPOINT = re.compile(r"epoch-\d+\.pt")
+#: What else a run folder keeps and no output may replace: its lock, its curves and evaluate's reports.
+_RECORD_FILES = re.compile(r"\.lock|curves\.png|eval-.+\.json|confusion-.+\.png")
 #: Longest metrics.jsonl line read (a row is about 250 bytes): a damaged file with a line of hundreds of
 #: megabytes is reported instead of read into memory.
 MAX_METRICS_LINE = 64 * 1024
@@ -68,7 +70,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def run_file(path: Path) -> str | None:
     """What ``path`` is to a run, when it is a checkpoint or record of one (words for a refusal), else None."""
     name = path.name
-    if name not in RECORD_NAMES and not _EPOCH_CHECKPOINT.fullmatch(name):
+    if name not in RECORD_NAMES and not (_EPOCH_CHECKPOINT.fullmatch(name) or _RECORD_FILES.fullmatch(name)):
         return None
     folder = path.parent
     try:
