@@ -224,6 +224,12 @@ def test_links_to_an_ancestor_to_root_or_into_a_system_folder_are_not_followed(
     items = collect_inputs([str(photos / "**" / "*.png")])  # ** follows the same rules
     assert [p.name for p in items if isinstance(p, Path)] == ["a.png"], items
     assert {Path(p.path).name for p in items if isinstance(p, Prediction)} == {"up", "root", "sys"}, items
+    # A RAM disk under a system folder (/dev/shm) holds users' data and is followed.
+    _png(system / "shm" / "fast.png")
+    monkeypatch.setattr(walk, "USER_FOLDERS", (str(system / "shm"),))
+    (photos / "ram").symlink_to(system / "shm")
+    assert sorted(p.name for p in collect_inputs([str(photos)]) if isinstance(p, Path)) == ["a.png", "fast.png"]
+    (photos / "ram").unlink()
 
     data = tmp_path / "data"
     cls = ["airplane", "automobile"]

@@ -190,6 +190,7 @@ def _device(path: Path, minor: int) -> Path:
     that the real /dev/null and /dev/full are never written, renamed over or removed."""
     try:
         os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+        os.close(os.open(path, os.O_WRONLY))  # a file system mounted nodev makes the node but refuses to open it
     except OSError as exc:
         pytest.skip(f"cannot make a device node here: {exc}")
     return path

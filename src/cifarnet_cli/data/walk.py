@@ -34,6 +34,8 @@ def _key(st: os.stat_result) -> _FileKey:
 #: Folders of the operating system that a link never leads the walk into: they hold no images, and /proc and
 #: /sys are huge (a process's view of the whole machine, again per process).
 SYSTEM_FOLDERS: tuple[str, ...] = ("/proc", "/sys", "/dev")
+#: Folders under those that hold users' files: /dev/shm is a RAM disk where data is put for speed.
+USER_FOLDERS: tuple[str, ...] = ("/dev/shm",)
 
 
 def _lineage(folder: str | os.PathLike[str]) -> set[_FileKey]:
@@ -52,11 +54,14 @@ def _link_refused(link: str | os.PathLike[str], key: _FileKey, lineage: set[_Fil
     target = display(os.path.realpath(link))
     if key in lineage:
         return f"a symbolic link to {target}, the folder being read or one above it: not followed"
-    system = set()
-    for folder in SYSTEM_FOLDERS:
-        with contextlib.suppress(OSError):
-            system.add(_key(os.stat(folder)))
-    if system & _lineage(link):  # compared by identity: /proc reached under any name
+    system: set[_FileKey] = set()
+    users: set[_FileKey] = set()
+    for folders, keys in ((SYSTEM_FOLDERS, system), (USER_FOLDERS, users)):
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                keys.add(_key(os.stat(folder)))
+    lineage_of_target = _lineage(link)
+    if system & lineage_of_target and not users & lineage_of_target:  # by identity: /proc under any name
         return f"a symbolic link into a system folder ({target}): not followed"
     return None
 
