@@ -99,3 +99,17 @@ def test_a_subset_confusion_picture_names_its_classes(tmp_path: Path) -> None:
     ]
     fig_path = report.plot_confusion(subset.confusion, ["$cat$", "dog"], tmp_path / "c.png", title=title)
     assert fig_path is not None and fig_path.stat().st_size > 10_000  # a "$" in a class name is not maths
+
+
+def test_a_confusion_picture_of_long_class_names_keeps_its_matrices(tmp_path: Path) -> None:
+    """Class folders of 120 characters squeezed the matrices to nothing (matplotlib warned on stderr that
+    it could not lay the figure out): the axes show each name's start, with an ellipsis."""
+    import warnings
+
+    names = [f"{kind}-" + "a-very-long-class-name-" * 5 for kind in ("cat", "dog", "fox", "owl")]
+    confusion = [[3, 1, 0, 0], [0, 4, 0, 0], [1, 0, 2, 1], [0, 0, 0, 4]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = report.plot_confusion(confusion, names, tmp_path / "c.png", title="long names")
+    assert drawn is not None and drawn.stat().st_size > 10_000
+    assert report._label(names[0], report.TICK_LABEL_LIMIT) == names[0][:23] + "\u2026"

@@ -53,10 +53,19 @@ def _save(fig: Any, target: Path, within: Path | None = None) -> Path:
     return target
 
 
-def _label(text: str) -> str:
-    """A class or run name as a plot label: printable (cifarnet_cli.text), and a "$" is a dollar sign, not
-    the start of matplotlib's math markup (an unbalanced one fails the whole drawing)."""
-    return printable(text).replace("$", r"\$")
+def _label(text: str, limit: int | None = None) -> str:
+    """A class or run name as a plot label: printable (cifarnet_cli.text), at most ``limit`` characters (an
+    ellipsis ends a cut one), and a "$" is a dollar sign, not the start of matplotlib's math markup (an
+    unbalanced one fails the whole drawing)."""
+    shown = printable(text)
+    if limit is not None and len(shown) > limit:
+        shown = shown[: limit - 1] + "\u2026"
+    return shown.replace("$", r"\$")
+
+
+#: The longest class name a confusion matrix's axes show whole: longer ones (120 characters) squeezed the
+#: matrices to nothing ("constrained_layout not applied") and the picture was unreadable.
+TICK_LABEL_LIMIT = 24
 
 
 def _integer_epochs(ax: Any) -> None:
@@ -309,7 +318,7 @@ def plot_confusion(
 ) -> Path | None:
     """Counts and row-normalised confusion matrices side by side (rows: true class)."""
     n = len(classes)
-    classes = [_label(c) for c in classes]
+    classes = [_label(c, TICK_LABEL_LIMIT) for c in classes]
     # Room for the rotated class names under each matrix and for every line of the title; a gap between the
     # panels so the first colour bar's label stays clear of the second matrix's class names.
     extra = 0.25 * title.count("\n")
