@@ -426,6 +426,18 @@ def test_a_closed_stdout_is_one_line_and_never_a_silent_success() -> None:
     assert not (paths.runs_dir() / "r").exists()
 
 
+def test_runs_path_of_a_folder_not_named_in_utf8_is_written_as_its_bytes(tmp_path: Path) -> None:
+    folder = os.fsencode(paths.runs_dir()) + b"/r\xff\xfe-old"  # written on a system with another encoding
+    os.makedirs(folder)
+    with open(folder + b"/config.json", "w") as fh:
+        fh.write("{}")
+    out = tmp_path / "path.txt"
+    proc = _cli("runs", "--path", "last", shell_tail=f"> '{out}'")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == folder + b"\n"  # what `cd "$(cifarnet runs --path last)"` needs
+    assert os.path.isdir(out.read_bytes().rstrip(b"\n"))
+
+
 def test_a_closed_stdin_answers_no() -> None:
     run = _run("r")
     proc = _cli("runs", "rm", "r", shell_tail="<&-")
