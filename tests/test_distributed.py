@@ -142,6 +142,15 @@ def test_device_lists_and_nproc(monkeypatch: pytest.MonkeyPatch) -> None:
     assert launch.plan("cuda:0,1", None) is None
 
 
+@pytest.mark.parametrize("spec", ["garbage", "gpu", "cuda0", "cpu:0", "cuda;1"])
+def test_a_device_of_no_known_form_is_refused_before_any_process_starts(spec: str) -> None:
+    with pytest.raises(UsageError, match=f"Unknown --device '{spec}'.*Choose one of: auto, cpu, cuda, cuda:N"):
+        launch.plan(spec, 2)
+    result = runner.invoke(app, ["train", "--device", spec, "--nproc", "2", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Choose one of" in result.output
+
+
 def test_gpus_under_a_users_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cifarnet_cli import choices
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 LAUNCH_DIR_ENV = "CIFARNET_LAUNCH_DIR"
@@ -78,6 +79,7 @@ def plan(device_spec: str | None, nproc: int | None) -> LaunchPlan | None:
     already one of torchrun's processes)."""
     if nproc is not None and nproc < 1:
         raise UsageError(f"--nproc must be at least 1 (got {nproc}).")
+    _check_device_form(device_spec)
     if in_torchrun():
         if nproc is not None and nproc > 1:
             raise UsageError("--nproc starts processes itself; under torchrun, give torchrun's --nproc-per-node.")
@@ -92,6 +94,13 @@ def plan(device_spec: str | None, nproc: int | None) -> LaunchPlan | None:
         _check_distributed(cuda=False)
         return LaunchPlan(nproc or 1, "cpu", None, f" --nproc {nproc}")
     return _cuda_plan(spec, nproc)
+
+
+def _check_device_form(device_spec: str | None) -> None:
+    """Refuse a --device of no known form before anything starts (a list's GPUs are checked later)."""
+    spec = (device_spec or "auto").strip().lower()
+    if spec not in ("auto", "cpu", "mps", "cuda") and not spec.startswith("cuda:"):
+        raise UsageError(choices.unknown("--device", device_spec or "", choices.DEVICES))
 
 
 def _cuda_plan(spec: str, nproc: int | None) -> LaunchPlan | None:
