@@ -135,8 +135,8 @@ def test_device_lists_and_nproc(monkeypatch: pytest.MonkeyPatch) -> None:
             launch.plan("cuda:0,1", None)
     with pytest.raises(UsageError, match="several GPUs"):
         devices.resolve_device("cuda:0,1")  # evaluate, predict, export run on one device
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match="--nproc-per-node"):
         launch.plan("cpu", 2)  # under a user's torchrun nothing is relaunched
     assert launch.plan("cuda:0,1", None) is None
@@ -149,6 +149,39 @@ def test_a_device_of_no_known_form_is_refused_before_any_process_starts(spec: st
     result = runner.invoke(app, ["train", "--device", spec, "--nproc", "2", "--epochs", "1"])
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Choose one of" in result.output
+
+
+_GARBAGE_WORLDS = [
+    ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE='0'", ""),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "3"}, "RANK='3'", "Rank 3: "),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1'", "Rank -1: "),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x'", "Rank 1: "),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "abc"}, "MASTER_PORT='abc'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "", "MASTER_PORT": "29500"}, "MASTER_ADDR=''", ""),
+]
+
+
+@pytest.mark.parametrize(("env", "named", "prefix"), _GARBAGE_WORLDS)
+def test_a_garbage_torchrun_environment_is_one_usage_line_on_every_rank(
+    env: dict[str, str], named: str, prefix: str, tmp_path: Path
+) -> None:
+    data = write_image_folder(tmp_path / "data", per_class=2)
+    clean = {k: v for k, v in _env(tmp_path).items() if k not in launch.TORCHRUN_ENV}
+    done = subprocess.run(
+        _cifarnet("train", "--data-dir", str(data), "--device", "cpu", "--epochs", "1"),
+        env={**clean, "CIFARNET_DIST_TIMEOUT": "5", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"Error: {prefix}"), done.stderr
+    assert named in done.stderr and "torchrun" in done.stderr, done.stderr
+    assert not paths.runs_dir().exists() or not any(paths.runs_dir().iterdir())
 
 
 def test_gpus_under_a_users_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,64 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+#: The variables torchrun sets in each process's environment.
+TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TorchrunEnvError(UsageError):
+    """An environment torchrun would not have set: each process's own, so every process says it (a rank
+    outside the world may be the only one wrong)."""
+
+
+def check_torchrun_env() -> None:
+    """Under torchrun (RANK and WORLD_SIZE set), refuse an environment torchrun would not have set (a count of
+    processes below 1, a rank outside the world, a port that is no port) with one usage line, before any
+    data is read or any process group is joined; they would end in a ZeroDivisionError or a silent exit."""
+    if not in_torchrun():
+        return
+    why = _torchrun_env_problem(os.environ)
+    if why is not None:
+        raise TorchrunEnvError(
+            f"The torchrun environment is not one torchrun sets: {why}. Start the processes with torchrun (or "
+            "--nproc N), or unset RANK and WORLD_SIZE to train in one process."
+        )
+
+
+def _torchrun_env_problem(env: Any) -> str | None:
+    def number(name: str, low: int, high: int, what: str) -> tuple[int | None, str | None]:
+        text = env.get(name)
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not low <= value <= high:
+            return None, f"{name}={text!r} is not {what}"
+        return value, None
+
+    size, why = number("WORLD_SIZE", 1, 1 << 20, "a number of processes (1 or more)")
+    if size is None:
+        return why
+    _rank, why = number("RANK", 0, size - 1, f"a rank of WORLD_SIZE={size} (0 to {size - 1})")
+    if why is not None:
+        return why
+    local_size: int | None = size
+    if "LOCAL_WORLD_SIZE" in env:
+        local_size, why = number("LOCAL_WORLD_SIZE", 1, size, f"a number of processes from 1 to WORLD_SIZE={size}")
+    if local_size is None:
+        return why
+    if "LOCAL_RANK" in env:
+        _local, why = number("LOCAL_RANK", 0, local_size - 1, f"a local rank from 0 to {local_size - 1}")
+        if why is not None:
+            return why
+    if size > 1:  # the processes meet at MASTER_ADDR:MASTER_PORT (PyTorch's env:// rendezvous)
+        if not env.get("MASTER_ADDR", "").strip():
+            return f"MASTER_ADDR={env.get('MASTER_ADDR', '')!r} is not a host name or address"
+        _port, why = number("MASTER_PORT", 1, 65535, "a port (1 to 65535)")
+        if why is not None:
+            return why
+    return None
+
+
 def worker_rank() -> int | None:
     """This process's rank under torchrun; None for a plain process (read without importing torch)."""
     if not in_torchrun():
@@ -80,6 +138,7 @@ def plan(device_spec: str | None, nproc: int | None) -> LaunchPlan | None:
     if nproc is not None and nproc < 1:
         raise UsageError(f"--nproc must be at least 1 (got {nproc}).")
     _check_device_form(device_spec)
+    check_torchrun_env()
     if in_torchrun():
         if nproc is not None and nproc > 1:
             raise UsageError("--nproc starts processes itself; under torchrun, give torchrun's --nproc-per-node.")
@@ -371,6 +430,8 @@ def speaks(exc: BaseException) -> bool:
         return True
     if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrainingInterrupted":
         return False
+    if isinstance(exc, TorchrunEnvError):
+        return True
     from cifarnet_cli.distributed import is_agreed
 
     return not is_agreed(exc)
