@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -246,6 +247,44 @@ def test_the_launcher_reports_each_way_the_processes_end(tmp_path: Path) -> None
     assert launch._outcome(own, 1, plan) == (1, None)  # rank 1 printed its own error
     code, message = launch._outcome(folder("none", {}), 1, plan)
     assert message is not None and "torchrun could not start" in message
+
+
+@pytest.mark.skipif(not LINUX, reason="file locks and kill -9 as on Linux")
+def test_the_folders_of_killed_launchers_are_removed_by_the_next_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of the launcher skips its cleanup: the next launch removes such folders, not a live one's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    holder = (
+        "import fcntl, os, sys, tempfile, time\n"
+        f"folder = tempfile.mkdtemp(prefix='cifarnet-launch-', dir={str(tmp_path)!r})\n"
+        "fd = os.open(os.path.join(folder, 'launcher.lock'), os.O_WRONLY | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint(folder, flush=True)\ntime.sleep(120)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout is not None and alive.stdout is not None
+        stale, live = Path(killed.stdout.readline().strip()), Path(alive.stdout.readline().strip())
+        killed.kill()  # kill -9: its folder stays behind
+        killed.wait()
+        assert stale.is_dir()
+        unlocked_new = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))  # being created by another launcher
+        unlocked_old = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))  # an older version's leftover
+        os.utime(unlocked_old, (time.time() - 7200, time.time() - 7200))
+        other = tmp_path / "cifarnet-launch-notes.txt"
+        other.write_text("not a launcher's folder")
+        code, _message = launch.run(launch.LaunchPlan(1, "cpu", None, ""), ["--no-python", "true"])
+        assert code == 0
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cifarnet-launch-"))
+        assert left == sorted([live.name, unlocked_new.name, other.name])  # and its own folder is gone
+        assert not stale.exists() and not unlocked_old.exists()
+    finally:
+        for proc in (killed, alive):
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def test_only_rank_0_speaks_for_what_every_rank_shares(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,13 +21,16 @@ error it prints).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,10 +38,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cifarnet_cli import choices
+from cifarnet_cli import choices, fileio
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 LAUNCH_DIR_ENV = "CIFARNET_LAUNCH_DIR"
+#: The launcher's folder: ``<temporary folder>/cifarnet-launch-<random>``, locked through :data:`OWNER_FILE`
+#: while the launcher runs (a launcher killed with -9 leaves it; the next launch removes it).
+FOLDER_PREFIX = "cifarnet-launch-"
+OWNER_FILE = "launcher.lock"
+#: A launcher's folder without its lock file (an older version's, or one killed as it created it) is taken
+#: for a leftover once it is this old.
+UNLOCKED_STALE_S = 3600.0
 RESUME_OPTIONS_ENV = "CIFARNET_RESUME_OPTIONS"
 ARGUMENTS_ENV = "CIFARNET_LAUNCH_ARGS"
 
@@ -222,7 +232,9 @@ def run(plan: LaunchPlan, argv: list[str], *, arguments: list[str] | None = None
     over in the environment (:func:`launched_arguments`), out of reach of torchrun's own parser, which takes an
     abbreviation of its options for its own (``--run`` for ``--run-path``). Returns the exit code to end with
     and a line to print (None when the processes said everything themselves)."""
-    folder = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))
+    remove_stale_folders()
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
+    owner = fileio.hold_lock(folder / OWNER_FILE)
     try:
         env = dict(os.environ)
         env[LAUNCH_DIR_ENV] = str(folder)
@@ -254,6 +266,33 @@ def run(plan: LaunchPlan, argv: list[str], *, arguments: list[str] | None = None
         return _outcome(folder, code, plan)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if owner is not None:
+            os.close(owner)
+
+
+def remove_stale_folders() -> list[Path]:
+    """Remove this user's launcher folders whose launcher is gone (``kill -9`` skips its cleanup): their lock
+    is free, or they have none and are older than :data:`UNLOCKED_STALE_S`. A live launcher's stays."""
+    root = tempfile.gettempdir()
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(FOLDER_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            lock = os.path.join(entry.path, OWNER_FILE)
+            if os.path.lexists(lock):
+                gone = fileio.owner_is_gone(lock)
+            else:
+                gone = time.time() - info.st_mtime > UNLOCKED_STALE_S
+            if gone:
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _wait(proc: subprocess.Popen[bytes]) -> int:
