@@ -285,6 +285,7 @@ _RECORD_EDITS: dict[str, tuple[dict[str, Any], str]] = {
     "meta-text": ({"meta": "x"}, "config and meta must be JSON objects"),
     "config-number": ({"config": 3}, "config and meta must be JSON objects"),
     "world-bool": ({"world_size": True}, "world_size is True"),
+    "base-batch-0": ({"config": {"base_batch": 0}}, "config.base_batch is 0, not a whole number of at least 1"),
 }
 _ROW_EDITS: dict[str, tuple[str, str]] = {
     "acc-5": ('{"epoch": 1, "val_accuracy": 5.0}', "val_accuracy is 5.0, not from 0 to 1"),

@@ -196,9 +196,11 @@ class TrainConfig:
                 value = reprlib.repr(data[field.name])
                 return f"config.{field.name} is {value}, not {_TYPE_WORDS[str(field.type).removesuffix(' | None')]}"
         try:
-            cls.from_dict(data).validate()
+            config = cls.from_dict(data).validate()
         except UsageError as exc:
             return f"recorded {exc}"
+        if config.base_batch < 1:  # no option sets it, so validate() does not check it; peak_lr divides by it
+            return f"config.base_batch is {config.base_batch}, not a whole number of at least 1"
         return None
 
     def replace(self, **changes: Any) -> TrainConfig:
