@@ -334,6 +334,11 @@ def test_wrong_types_and_impossible_figures_show_the_run_as_damaged() -> None:
     table = runner.invoke(app, ["runs"], env={"COLUMNS": "200"})
     _no_traceback(table)
     assert table.exit_code == 0 and "healthy" in table.output
+    # a figure left out (null) is no damage, and is shown as missing
+    _run("lr-null", rows=0).metrics_file.write_text('{"epoch": 1, "val_accuracy": 0.5, "lr_first": 0.1, "lr": null}\n')
+    shown = runner.invoke(app, ["runs", "show", "lr-null"], env={"COLUMNS": "100"})
+    _no_traceback(shown)
+    assert shown.exit_code == 0 and "damaged" not in shown.output, shown.output
 
 
 def test_init_from_a_run_with_a_damaged_record_takes_nothing_from_it() -> None:

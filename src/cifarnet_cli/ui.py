@@ -856,7 +856,14 @@ def run_detail(d: Any, console: Console | None = None) -> None:
                     f"{s.split} acc",
                     lambda r: _acc(r.get("val_accuracy")) + (" *" if r["epoch"] == s.best_epoch else "  "),
                 ),
-                ("lr", lambda r: f"{r['lr_first']:.3g}→{r['lr']:.3g}" if "lr_first" in r else _num(r.get("lr"))),
+                (
+                    "lr",
+                    lambda r: (
+                        f"{_num(r.get('lr_first'), '.3g')}→{_num(r.get('lr'), '.3g')}"
+                        if "lr_first" in r
+                        else _num(r.get("lr"))
+                    ),
+                ),
                 ("img/s", lambda r: f"{r.get('images_per_second') or 0:,.0f}"),
                 ("seconds", lambda r: _num(r.get("epoch_seconds"), ".1f")),
             ]
