@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,11 +136,53 @@ def test_device_lists_and_nproc(monkeypatch: pytest.MonkeyPatch) -> None:
             launch.plan("cuda:0,1", None)
     with pytest.raises(UsageError, match="several GPUs"):
         devices.resolve_device("cuda:0,1")  # evaluate, predict, export run on one device
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match="--nproc-per-node"):
         launch.plan("cpu", 2)  # under a user's torchrun nothing is relaunched
     assert launch.plan("cuda:0,1", None) is None
+
+
+@pytest.mark.parametrize("spec", ["garbage", "gpu", "cuda0", "cpu:0", "cuda;1"])
+def test_a_device_of_no_known_form_is_refused_before_any_process_starts(spec: str) -> None:
+    with pytest.raises(UsageError, match=f"Unknown --device '{spec}'.*Choose one of: auto, cpu, cuda, cuda:N"):
+        launch.plan(spec, 2)
+    result = runner.invoke(app, ["train", "--device", spec, "--nproc", "2", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Choose one of" in result.output
+
+
+_GARBAGE_WORLDS = [
+    ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE='0'", ""),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "3"}, "RANK='3'", "Rank 3: "),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1'", "Rank -1: "),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x'", "Rank 1: "),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "abc"}, "MASTER_PORT='abc'", ""),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "", "MASTER_PORT": "29500"}, "MASTER_ADDR=''", ""),
+]
+
+
+@pytest.mark.parametrize(("env", "named", "prefix"), _GARBAGE_WORLDS)
+def test_a_garbage_torchrun_environment_is_one_usage_line_on_every_rank(
+    env: dict[str, str], named: str, prefix: str, tmp_path: Path
+) -> None:
+    data = write_image_folder(tmp_path / "data", per_class=2)
+    clean = {k: v for k, v in _env(tmp_path).items() if k not in launch.TORCHRUN_ENV}
+    done = subprocess.run(
+        _cifarnet("train", "--data-dir", str(data), "--device", "cpu", "--epochs", "1"),
+        env={**clean, "CIFARNET_DIST_TIMEOUT": "5", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"Error: {prefix}"), done.stderr
+    assert named in done.stderr and "torchrun" in done.stderr, done.stderr
+    assert not paths.runs_dir().exists() or not any(paths.runs_dir().iterdir())
 
 
 def test_gpus_under_a_users_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,6 +247,44 @@ def test_the_launcher_reports_each_way_the_processes_end(tmp_path: Path) -> None
     assert launch._outcome(own, 1, plan) == (1, None)  # rank 1 printed its own error
     code, message = launch._outcome(folder("none", {}), 1, plan)
     assert message is not None and "torchrun could not start" in message
+
+
+@pytest.mark.skipif(not LINUX, reason="file locks and kill -9 as on Linux")
+def test_the_folders_of_killed_launchers_are_removed_by_the_next_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of the launcher skips its cleanup: the next launch removes such folders, not a live one's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    holder = (
+        "import fcntl, os, sys, tempfile, time\n"
+        f"folder = tempfile.mkdtemp(prefix='cifarnet-launch-', dir={str(tmp_path)!r})\n"
+        "fd = os.open(os.path.join(folder, 'launcher.lock'), os.O_WRONLY | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint(folder, flush=True)\ntime.sleep(120)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout is not None and alive.stdout is not None
+        stale, live = Path(killed.stdout.readline().strip()), Path(alive.stdout.readline().strip())
+        killed.kill()  # kill -9: its folder stays behind
+        killed.wait()
+        assert stale.is_dir()
+        unlocked_new = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))  # being created by another launcher
+        unlocked_old = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))  # an older version's leftover
+        os.utime(unlocked_old, (time.time() - 7200, time.time() - 7200))
+        other = tmp_path / "cifarnet-launch-notes.txt"
+        other.write_text("not a launcher's folder")
+        code, _message = launch.run(launch.LaunchPlan(1, "cpu", None, ""), ["--no-python", "true"])
+        assert code == 0
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cifarnet-launch-"))
+        assert left == sorted([live.name, unlocked_new.name, other.name])  # and its own folder is gone
+        assert not stale.exists() and not unlocked_old.exists()
+    finally:
+        for proc in (killed, alive):
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def test_only_rank_0_speaks_for_what_every_rank_shares(monkeypatch: pytest.MonkeyPatch) -> None:

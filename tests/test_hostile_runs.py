@@ -418,6 +418,118 @@ def test_a_huge_metrics_line_is_not_read_into_memory() -> None:
     assert peak < 1_000_000, peak  # the 8 MB line is skipped in 64 KB pieces
 
 
+#: config.json edits, metrics.jsonl lines and eval-*.json reports that no run of cifarnet writes, and the
+#: reason each damaged run's status gives.
+_RECORD_EDITS: dict[str, tuple[dict[str, Any], str]] = {
+    "epochs-word": ({"config": {"epochs": "many"}}, "config.epochs is 'many', not a whole number"),
+    "lr-word": ({"config": {"lr": "fast"}}, "config.lr is 'fast', not a finite number"),
+    "batch-list": ({"config": {"batch_size": [1]}}, "config.batch_size is [1], not a whole number"),
+    "arch-number": ({"config": {"arch": 5}}, "config.arch is 5, not text"),
+    "epochs-bool": ({"config": {"epochs": True}}, "config.epochs is True, not a whole number"),
+    "lr-bool": ({"config": {"lr": True}}, "config.lr is True, not a finite number"),
+    "epochs-huge": ({"config": {"epochs": 10**12}}, "recorded --epochs must be at least 1 and at most 100000"),
+    "meta-text": ({"meta": "x"}, "config and meta must be JSON objects"),
+    "config-number": ({"config": 3}, "config and meta must be JSON objects"),
+    "world-bool": ({"world_size": True}, "world_size is True"),
+    "base-batch-0": ({"config": {"base_batch": 0}}, "config.base_batch is 0, not a whole number of at least 1"),
+}
+_ROW_EDITS: dict[str, tuple[str, str]] = {
+    "acc-5": ('{"epoch": 1, "val_accuracy": 5.0}', "val_accuracy is 5.0, not from 0 to 1"),
+    "acc-neg": ('{"epoch": 1, "val_accuracy": -1}', "val_accuracy is -1, not from 0 to 1"),
+    "acc-nan": ('{"epoch": 1, "val_accuracy": NaN}', "val_accuracy is nan, not a number"),
+    "loss-inf": ('{"epoch": 1, "val_accuracy": 0.5, "train_loss": Infinity}', "train_loss is inf, not a number"),
+    "acc-true": ('{"epoch": 1, "val_accuracy": true}', "val_accuracy is True, not a number"),
+    "epoch-huge": ('{"epoch": 1000000000000, "val_accuracy": 0.5}', "epoch is 1000000000000, not a whole number"),
+}
+_EVAL_EDITS: dict[str, tuple[str, str]] = {
+    "eval-5": ('{"accuracy": 5.0, "n": 10, "split": "test"}', "eval-test.json: accuracy is 5.0, not a number from 0"),
+    "eval-nan": ('{"accuracy": NaN, "n": 10, "split": "test"}', "eval-test.json: accuracy is nan"),
+    "eval-n": ('{"accuracy": 0.5, "n": true, "split": "test"}', "eval-test.json: n is True, not a count of images"),
+    "eval-junk": ("{not json", "eval-test.json is not valid JSON"),
+}
+
+
+def test_wrong_types_and_impossible_figures_show_the_run_as_damaged() -> None:
+    _run("healthy", rows=2)
+    for name, (edit, _why) in _RECORD_EDITS.items():
+        run = _run(name)
+        record = json.loads(run.config_file.read_text())
+        for key, value in edit.items():
+            record[key] = {**record[key], **value} if isinstance(value, dict) else value
+        run.config_file.write_text(json.dumps(record))
+    for name, (line, _why) in _ROW_EDITS.items():
+        _run(name, rows=0).metrics_file.write_text(line + "\n")
+    for name, (report, _why) in _EVAL_EDITS.items():
+        (_run(name).dir / "eval-test.json").write_text(report)
+    listed = _listed()
+    assert listed["healthy"]["state"] == "finished"
+    for name, (_edit, why) in {**_RECORD_EDITS, **_ROW_EDITS}.items():
+        assert listed[name]["state"] == "damaged" and why in listed[name]["status"], listed[name]
+        assert listed[name]["best_accuracy"] is None and listed[name]["epochs_planned"] == 0  # no figure shown
+    for name in (*_RECORD_EDITS, *_ROW_EDITS, *_EVAL_EDITS):
+        shown = runner.invoke(app, ["runs", "show", name], env={"COLUMNS": "100"})
+        _no_traceback(shown)
+        assert shown.exit_code == 0, shown.output
+        assert "damaged: " in shown.output.replace("\n", " "), (name, shown.output)
+        cells = " ".join(line for line in shown.output.splitlines() if line.startswith("│"))
+        for figure in ("500.00%", "-100.00%", "nan", "inf"):
+            assert figure not in cells and f" {figure}%" not in shown.output, (name, shown.output)
+    for name, (_report, why) in _EVAL_EDITS.items():
+        summary = json.loads(runner.invoke(app, ["runs", "show", name, "--json"]).stdout)["summary"]
+        assert summary["state"] == "damaged" and why in summary["status"], summary
+    table = runner.invoke(app, ["runs"], env={"COLUMNS": "200"})
+    _no_traceback(table)
+    assert table.exit_code == 0 and "healthy" in table.output
+    # a figure left out (null) is no damage, and is shown as missing
+    _run("lr-null", rows=0).metrics_file.write_text('{"epoch": 1, "val_accuracy": 0.5, "lr_first": 0.1, "lr": null}\n')
+    shown = runner.invoke(app, ["runs", "show", "lr-null"], env={"COLUMNS": "100"})
+    _no_traceback(shown)
+    assert shown.exit_code == 0 and "damaged" not in shown.output, shown.output
+
+
+def test_init_from_a_run_with_a_damaged_record_takes_nothing_from_it() -> None:
+    from cifarnet_cli import training
+
+    run = _run("meta-text")
+    run.config_file.write_text(json.dumps({"config": {}, "meta": "x"}))
+    assert training.init_defaults("meta-text") == {}  # the checkpoint's own check decides
+
+
+def test_an_unreadable_run_folder_is_that_run_damaged(monkeypatch: pytest.MonkeyPatch) -> None:
+    _run("healthy", rows=2)
+    locked = _run("locked")
+    _unreadable(locked.dir, monkeypatch)
+    try:
+        shown = runner.invoke(app, ["runs", "show", "locked", "--json"])
+        path = runner.invoke(app, ["runs", "--path", "locked"])
+        compared = runner.invoke(app, ["runs", "compare", "healthy", "locked"], env={"COLUMNS": "150"})
+    finally:
+        locked.dir.chmod(0o755)
+    for result in (shown, path, compared):
+        _no_traceback(result)
+        assert result.exit_code == 0, result.output
+    summary = json.loads(shown.stdout)["summary"]
+    assert summary["name"] == "locked" and summary["state"] == "damaged"
+    assert "permission denied" in summary["status"]
+    assert path.stdout.strip() == str(locked.dir)
+    assert "permission denied" in compared.output.replace("\n", " ")
+
+
+def test_oversized_values_are_cut_in_the_listing() -> None:
+    run = _run("r" * 200)
+    record = json.loads(run.config_file.read_text())
+    record["meta"]["arch"] = "a" * 10_000
+    run.config_file.write_text(json.dumps(record))
+    _run("healthy")
+    table = runner.invoke(app, ["runs"], env={"COLUMNS": "400"})
+    _no_traceback(table)
+    assert table.exit_code == 0
+    assert "a" * 79 + "…" in table.output and "a" * 80 not in table.output
+    assert "r" * 79 + "…" in table.output and "r" * 80 not in table.output
+    assert max(len(line) for line in table.output.splitlines()) < 400
+    assert _listed()["r" * 200]["arch"] == "a" * 10_000  # --json keeps the values whole
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. leftovers and odd streams
 
@@ -464,6 +576,18 @@ def test_a_closed_stdout_is_one_line_and_never_a_silent_success() -> None:
     proc = _cli("runs", "rm", "r", "--yes", shell_tail=">&-")  # prints nothing on stdout: works
     assert proc.returncode == 0 and "Deleted r" in proc.stderr, proc.stderr
     assert not (paths.runs_dir() / "r").exists()
+
+
+def test_runs_path_of_a_folder_not_named_in_utf8_is_written_as_its_bytes(tmp_path: Path) -> None:
+    folder = os.fsencode(paths.runs_dir()) + b"/r\xff\xfe-old"  # written on a system with another encoding
+    os.makedirs(folder)
+    with open(folder + b"/config.json", "w") as fh:
+        fh.write("{}")
+    out = tmp_path / "path.txt"
+    proc = _cli("runs", "--path", "last", shell_tail=f"> '{out}'")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == folder + b"\n"  # what `cd "$(cifarnet runs --path last)"` needs
+    assert os.path.isdir(out.read_bytes().rstrip(b"\n"))
 
 
 def test_a_closed_stdin_answers_no() -> None:

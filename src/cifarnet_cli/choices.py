@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+#: The forms of --device: train and finetune-resnet50 start one process per GPU of a list.
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "cuda:N,M", "cuda:all", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CAPTURE = ("auto", "on", "off")
 SCHEDULES = ("cosine", "multistep")

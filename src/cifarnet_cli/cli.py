@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -1323,8 +1324,10 @@ def runs_main(
                 _print_json({"path": folder})
             elif sys.stdout.isatty():  # a person reads it: control characters shown, not acted on
                 _ui().out_console.print(_ui().safe(folder), soft_wrap=True)
-            else:  # `cd "$(cifarnet runs --path NAME)"` needs the path as it is
-                typer.echo(folder)
+            else:  # `cd "$(cifarnet runs --path NAME)"` needs the path as it is, byte for byte
+                from cifarnet_cli.streams import write_raw_line
+
+                write_raw_line(os.fsencode(folder))
             return
         _list_runs(as_json)
 

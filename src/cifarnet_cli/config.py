@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -182,8 +183,59 @@ class TrainConfig:
             kwargs["milestones"] = tuple(int(m) for m in kwargs["milestones"])
         return cls(**kwargs)
 
+    @classmethod
+    def recorded_problem(cls, data: Any) -> str | None:
+        """What makes a recorded config (config.json's ``config``) unusable, in words, or None: a value of the
+        wrong type (``"epochs": "many"``, a boolean where a number belongs), a number that is not finite, a
+        value :meth:`validate` refuses. Unknown keys (an option of a later version) are ignored and missing
+        ones take their defaults, as in :meth:`from_dict`."""
+        if not isinstance(data, dict):
+            return f"config is {reprlib.repr(data)}, not a JSON object"
+        for field in fields(cls):
+            if field.name in data and not _has_type(data[field.name], str(field.type)):
+                value = reprlib.repr(data[field.name])
+                return f"config.{field.name} is {value}, not {_TYPE_WORDS[str(field.type).removesuffix(' | None')]}"
+        try:
+            config = cls.from_dict(data).validate()
+        except UsageError as exc:
+            return f"recorded {exc}"
+        if config.base_batch < 1:  # no option sets it, so validate() does not check it; peak_lr divides by it
+            return f"config.base_batch is {config.base_batch}, not a whole number of at least 1"
+        return None
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+#: The field types of :class:`TrainConfig` in words, for :meth:`TrainConfig.recorded_problem`.
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "text",
+    "tuple[int, ...]": "a list of whole numbers",
+}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON ``value`` is of a TrainConfig field's type (its annotation as written); a boolean is
+    no number, and a float must be finite."""
+    if value is None:
+        return annotation.endswith(" | None")
+    kind = annotation.removesuffix(" | None")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, int | float) and math.isfinite(value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "tuple[int, ...]":
+        return isinstance(value, list | tuple) and all(_has_type(v, "int") for v in value)
+    raise TypeError(f"TrainConfig field type {annotation!r} has no check")  # a new field's type: add it above
 
 
 def parse_milestones(text: str | None) -> tuple[int, ...]:

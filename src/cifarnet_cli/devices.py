@@ -13,7 +13,7 @@ import torch
 from cifarnet_cli import choices
 from cifarnet_cli.errors import CifarNetError, UsageError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "cuda:N,M", "cuda:all", "mps")
+DEVICE_CHOICES = choices.DEVICES
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 

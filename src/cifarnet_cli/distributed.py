@@ -87,6 +87,9 @@ def env_world() -> World:
     """The world torchrun's environment describes; one process when it is not there."""
     if not launched_by_torchrun():
         return World()
+    from cifarnet_cli import launch
+
+    launch.check_torchrun_env()
     size = _env_int("WORLD_SIZE")
     return World(
         rank=_env_int("RANK"),

@@ -251,9 +251,25 @@ def is_partial(name: str, target: str | None = None) -> bool:
     return name.startswith(f".{stem}.") and len(name) > len(stem) + 2 + len(PARTIAL_SUFFIX)
 
 
-def _writer_is_gone(path: str) -> bool:
-    """Whether no process is writing the temporary file ``path`` any more (its writer was killed): the
-    writer holds a lock on it for as long as it writes."""
+def hold_lock(path: Path) -> int | None:
+    """Create ``path`` and lock it for as long as the returned descriptor stays open (it is not inherited by
+    child processes), so that :func:`owner_is_gone` tells another process whether its owner still runs;
+    None where the file system has no locks."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            pass
+    os.close(fd)
+    return None
+
+
+def owner_is_gone(path: str) -> bool:
+    """Whether no process holds the lock on ``path`` any more (its owner ended, however it ended): a writer
+    holds its temporary file's for as long as it writes (:func:`atomic_writer`), a process the file of
+    :func:`hold_lock` for as long as it runs."""
     if fcntl is None:  # pragma: no cover - Windows
         import time
 
@@ -281,7 +297,7 @@ def remove_partials(folder: Path, target: str | None = None, *, legacy: bool = F
         if not (is_partial(entry.name, target) or (legacy and entry.name.endswith(PARTIAL_SUFFIX))):
             continue
         with contextlib.suppress(OSError):
-            if entry.is_symlink() or (entry.is_file(follow_symlinks=False) and _writer_is_gone(entry.path)):
+            if entry.is_symlink() or (entry.is_file(follow_symlinks=False) and owner_is_gone(entry.path)):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed

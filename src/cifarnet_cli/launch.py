@@ -21,13 +21,16 @@ error it prints).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,9 +38,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cifarnet_cli import choices, fileio
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 LAUNCH_DIR_ENV = "CIFARNET_LAUNCH_DIR"
+#: The launcher's folder: ``<temporary folder>/cifarnet-launch-<random>``, locked through :data:`OWNER_FILE`
+#: while the launcher runs (a launcher killed with -9 leaves it; the next launch removes it).
+FOLDER_PREFIX = "cifarnet-launch-"
+OWNER_FILE = "launcher.lock"
+#: A launcher's folder without its lock file (an older version's, or one killed as it created it) is taken
+#: for a leftover once it is this old.
+UNLOCKED_STALE_S = 3600.0
 RESUME_OPTIONS_ENV = "CIFARNET_RESUME_OPTIONS"
 ARGUMENTS_ENV = "CIFARNET_LAUNCH_ARGS"
 
@@ -59,6 +70,64 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+#: The variables torchrun sets in each process's environment.
+TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TorchrunEnvError(UsageError):
+    """An environment torchrun would not have set: each process's own, so every process says it (a rank
+    outside the world may be the only one wrong)."""
+
+
+def check_torchrun_env() -> None:
+    """Under torchrun (RANK and WORLD_SIZE set), refuse an environment torchrun would not have set (a count of
+    processes below 1, a rank outside the world, a port that is no port) with one usage line, before any
+    data is read or any process group is joined; they would end in a ZeroDivisionError or a silent exit."""
+    if not in_torchrun():
+        return
+    why = _torchrun_env_problem(os.environ)
+    if why is not None:
+        raise TorchrunEnvError(
+            f"The torchrun environment is not one torchrun sets: {why}. Start the processes with torchrun (or "
+            "--nproc N), or unset RANK and WORLD_SIZE to train in one process."
+        )
+
+
+def _torchrun_env_problem(env: Any) -> str | None:
+    def number(name: str, low: int, high: int, what: str) -> tuple[int | None, str | None]:
+        text = env.get(name)
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not low <= value <= high:
+            return None, f"{name}={text!r} is not {what}"
+        return value, None
+
+    size, why = number("WORLD_SIZE", 1, 1 << 20, "a number of processes (1 or more)")
+    if size is None:
+        return why
+    _rank, why = number("RANK", 0, size - 1, f"a rank of WORLD_SIZE={size} (0 to {size - 1})")
+    if why is not None:
+        return why
+    local_size: int | None = size
+    if "LOCAL_WORLD_SIZE" in env:
+        local_size, why = number("LOCAL_WORLD_SIZE", 1, size, f"a number of processes from 1 to WORLD_SIZE={size}")
+    if local_size is None:
+        return why
+    if "LOCAL_RANK" in env:
+        _local, why = number("LOCAL_RANK", 0, local_size - 1, f"a local rank from 0 to {local_size - 1}")
+        if why is not None:
+            return why
+    if size > 1:  # the processes meet at MASTER_ADDR:MASTER_PORT (PyTorch's env:// rendezvous)
+        if not env.get("MASTER_ADDR", "").strip():
+            return f"MASTER_ADDR={env.get('MASTER_ADDR', '')!r} is not a host name or address"
+        _port, why = number("MASTER_PORT", 1, 65535, "a port (1 to 65535)")
+        if why is not None:
+            return why
+    return None
+
+
 def worker_rank() -> int | None:
     """This process's rank under torchrun; None for a plain process (read without importing torch)."""
     if not in_torchrun():
@@ -78,6 +147,8 @@ def plan(device_spec: str | None, nproc: int | None) -> LaunchPlan | None:
     already one of torchrun's processes)."""
     if nproc is not None and nproc < 1:
         raise UsageError(f"--nproc must be at least 1 (got {nproc}).")
+    _check_device_form(device_spec)
+    check_torchrun_env()
     if in_torchrun():
         if nproc is not None and nproc > 1:
             raise UsageError("--nproc starts processes itself; under torchrun, give torchrun's --nproc-per-node.")
@@ -92,6 +163,13 @@ def plan(device_spec: str | None, nproc: int | None) -> LaunchPlan | None:
         _check_distributed(cuda=False)
         return LaunchPlan(nproc or 1, "cpu", None, f" --nproc {nproc}")
     return _cuda_plan(spec, nproc)
+
+
+def _check_device_form(device_spec: str | None) -> None:
+    """Refuse a --device of no known form before anything starts (a list's GPUs are checked later)."""
+    spec = (device_spec or "auto").strip().lower()
+    if spec not in ("auto", "cpu", "mps", "cuda") and not spec.startswith("cuda:"):
+        raise UsageError(choices.unknown("--device", device_spec or "", choices.DEVICES))
 
 
 def _cuda_plan(spec: str, nproc: int | None) -> LaunchPlan | None:
@@ -154,7 +232,9 @@ def run(plan: LaunchPlan, argv: list[str], *, arguments: list[str] | None = None
     over in the environment (:func:`launched_arguments`), out of reach of torchrun's own parser, which takes an
     abbreviation of its options for its own (``--run`` for ``--run-path``). Returns the exit code to end with
     and a line to print (None when the processes said everything themselves)."""
-    folder = Path(tempfile.mkdtemp(prefix="cifarnet-launch-"))
+    remove_stale_folders()
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
+    owner = fileio.hold_lock(folder / OWNER_FILE)
     try:
         env = dict(os.environ)
         env[LAUNCH_DIR_ENV] = str(folder)
@@ -186,6 +266,33 @@ def run(plan: LaunchPlan, argv: list[str], *, arguments: list[str] | None = None
         return _outcome(folder, code, plan)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if owner is not None:
+            os.close(owner)
+
+
+def remove_stale_folders() -> list[Path]:
+    """Remove this user's launcher folders whose launcher is gone (``kill -9`` skips its cleanup): their lock
+    is free, or they have none and are older than :data:`UNLOCKED_STALE_S`. A live launcher's stays."""
+    root = tempfile.gettempdir()
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(FOLDER_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            lock = os.path.join(entry.path, OWNER_FILE)
+            if os.path.lexists(lock):
+                gone = fileio.owner_is_gone(lock)
+            else:
+                gone = time.time() - info.st_mtime > UNLOCKED_STALE_S
+            if gone:
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _wait(proc: subprocess.Popen[bytes]) -> int:
@@ -362,6 +469,8 @@ def speaks(exc: BaseException) -> bool:
         return True
     if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrainingInterrupted":
         return False
+    if isinstance(exc, TorchrunEnvError):
+        return True
     from cifarnet_cli.distributed import is_agreed
 
     return not is_agreed(exc)

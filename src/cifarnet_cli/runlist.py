@@ -5,6 +5,7 @@ opened and torch is never imported, so listing a hundred runs (or completing a r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import reprlib
@@ -27,6 +28,9 @@ _NOT_RECIPE = {"device", "precision", "save_every", "save_minutes"}
 
 #: Options that only mean something to finetune-resnet50 (``runs show`` hides them for train runs).
 _FINETUNE_ONLY = {"image_size", "weights", "freeze_backbone", "unfreeze_at", "backbone_lr_scale"}
+
+#: Most processes a run's config.json may record (world_size): far beyond any machine's GPUs.
+_MAX_WORLD = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -70,19 +74,19 @@ def _record(run: runs.Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
     config, meta = record.get("config", {}), record.get("meta", {})
     if not isinstance(config, dict) or not isinstance(meta, dict):
         return record, {}, {}, problem or "config.json: config and meta must be JSON objects"
-    expected: list[tuple[str, Any, tuple[type, ...]]] = [
-        ("config.epochs", config.get("epochs"), (int,)),
-        ("config.patience", config.get("patience"), (int,)),
-        ("config.task", config.get("task"), (str,)),
-        ("config.arch", config.get("arch"), (str,)),
-        ("meta.arch", meta.get("arch"), (str,)),
-        ("meta.eval_split", meta.get("eval_split"), (str,)),
-        ("device", record.get("device"), (str,)),
-        ("created", record.get("created"), (str,)),
+    recipe = TrainConfig.recorded_problem(config)
+    if recipe is not None:
+        return record, config, meta, problem or f"config.json: {recipe}"
+    expected: list[tuple[str, Any, type]] = [
+        ("meta.arch", meta.get("arch"), str),
+        ("meta.eval_split", meta.get("eval_split"), str),
+        ("device", record.get("device"), str),
+        ("created", record.get("created"), str),
+        ("world_size", record.get("world_size"), int),
     ]
-    for key, value, types in expected:
-        wrong = not isinstance(value, types) or isinstance(value, bool) or (isinstance(value, int) and value < 0)
-        if value is not None and wrong:
+    for key, value, kind in expected:
+        wrong = not isinstance(value, kind) or isinstance(value, bool)
+        if value is not None and (wrong or (isinstance(value, int) and not 1 <= value <= _MAX_WORLD)):
             return record, config, meta, problem or f"config.json: {key} is {reprlib.repr(value)}"
     return record, config, meta, problem
 
@@ -212,10 +216,9 @@ class RunDetail:
     def recipe_rows(self) -> list[tuple[str, str]]:
         """The recipe as a reader wants it: option names as typed on the command line, the learning rate
         a default resolved to, options left unset omitted, and fine-tuning options only for fine-tuning."""
-        try:
-            config = TrainConfig.from_dict(self.config)
-        except (TypeError, ValueError):
+        if TrainConfig.recorded_problem(self.config) is not None:  # damaged: the values as recorded
             return [(k.replace("_", "-"), _shown(v)) for k, v in sorted(self.config.items()) if v is not None]
+        config = TrainConfig.from_dict(self.config)
         rows = []
         for key, value in sorted(self.config.items()):
             if key in _FINETUNE_ONLY and config.task != "finetune-resnet50":
@@ -241,19 +244,27 @@ def _shown(value: Any) -> str:
     return json.dumps(value)
 
 
-def _evaluation(path: Path) -> dict[str, Any] | None:
-    """One eval-*.json's summary; None for a file that is not one (damaged, edited, oversized)."""
+def _evaluation(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """One eval-*.json's summary, or what makes the file unusable (damaged, edited, oversized, a figure of
+    the wrong type or out of range)."""
     try:
         with fileio.open_regular(path) as fh:
             raw = fh.read(runs.MAX_CONFIG_BYTES + 1)
-        data = json.loads(raw.decode("utf-8", errors="replace")) if len(raw) <= runs.MAX_CONFIG_BYTES else None
-    except (OSError, ValueError, RecursionError):
-        return None
+    except OSError as exc:
+        return None, f"{path.name} cannot be read ({fileio.problem(exc, path)})"
+    if len(raw) > runs.MAX_CONFIG_BYTES:
+        return None, f"{path.name} is larger than {runs.MAX_CONFIG_BYTES // 1024 // 1024} MB"
+    try:
+        data = json.loads(raw.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        return None, f"{path.name} is not valid JSON"
     if not isinstance(data, dict):
-        return None
+        return None, f"{path.name} does not hold a JSON object"
     accuracy, n, split = data.get("accuracy"), data.get("n"), data.get("split")
-    if not isinstance(accuracy, int | float) or isinstance(accuracy, bool) or not isinstance(n, int):
-        return None
+    if not isinstance(accuracy, int | float) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
+        return None, f"{path.name}: accuracy is {reprlib.repr(accuracy)}, not a number from 0 to 1"  # NaN too
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None, f"{path.name}: n is {reprlib.repr(n)}, not a count of images"
     classes = data.get("classes") if "unrestricted_accuracy" in data else None  # a class subset
 
     def text(key: str) -> str | None:
@@ -271,15 +282,17 @@ def _evaluation(path: Path) -> dict[str, Any] | None:
         "runs_own_data": data["runs_own_data"] if isinstance(data.get("runs_own_data"), bool) else None,
         "tta": data.get("tta") is True,
         "classes": [str(c) for c in classes] if isinstance(classes, list) else None,
-    }
+    }, None
 
 
-def _evaluations(run: runs.Run) -> list[dict[str, Any]]:
+def _evaluations(run: runs.Run) -> tuple[list[dict[str, Any]], str | None]:
+    """The run's usable evaluation reports, and what is wrong with the first that is not one."""
     try:
         found = sorted(run.dir.glob("eval-*.json"))
     except OSError:
-        return []
-    return [e for e in map(_evaluation, found) if e is not None]
+        return [], None
+    read = [_evaluation(path) for path in found]
+    return [e for e, _ in read if e is not None], next((why for _, why in read if why is not None), None)
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:
@@ -306,18 +319,21 @@ def detail(ref: str) -> RunDetail:
     run = runs.resolve_run(ref)
     summary = summarize(run)
     _record_all, config, meta, _problem = _record(run)
+    evaluations, evaluation_problem = _evaluations(run)
     resume = None
     if summary.state in ("stopped", "untrained") and run.last.is_file():
         resume = f"cifarnet {summary.command} --resume {run.name}"
         device = str(config.get("device", "")) if isinstance(config, dict) else ""
         if summary.world_size > 1 and "," not in device and device != "cuda:all":
             resume += f" --nproc {summary.world_size}"  # its processes came from --nproc, not from a list of GPUs
+    if evaluation_problem is not None and summary.state != "damaged":  # its training records stay as read
+        summary = dataclasses.replace(summary, state="damaged", status=f"damaged: {evaluation_problem}")
     return RunDetail(
         summary=summary,
         config=config,
         meta=meta,
         metrics=run.read_metrics(),
-        evaluations=_evaluations(run),
+        evaluations=evaluations,
         files=_files(run.dir),
         resume=resume,
     )
@@ -346,10 +362,9 @@ def _recipe(run: runs.Run) -> dict[str, Any]:
     """The run's options with the current defaults filled in, so that a run recorded before an option
     existed does not differ from one that left it at its default."""
     recorded = run.read_config().get("config", {})
-    try:
-        config = TrainConfig.from_dict(recorded)
-    except (TypeError, ValueError):
+    if TrainConfig.recorded_problem(recorded) is not None:  # damaged: compared as recorded
         return recorded if isinstance(recorded, dict) else {}
+    config = TrainConfig.from_dict(recorded)
     # The rate a default resolved to (base-lr scaled to the effective batch): what the runs trained with.
     return {**config.to_dict(), "lr": float(f"{config.peak_lr:.6g}")}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import reprlib
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarnet_cli import fileio, paths
+from cifarnet_cli.config import MAX_EPOCHS
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 try:  # POSIX (Linux, macOS, Jetson): a lock the kernel releases when its process dies, however it dies
@@ -80,15 +82,35 @@ def run_file(path: Path) -> str | None:
     return f"the {name} of run {fileio.display(folder.name)!r}" if is_run else None
 
 
+#: The range of each metrics column: accuracies are fractions, losses, rates, speeds and times are not
+#: negative. Every figure must also be finite (Python's json reads NaN and Infinity).
+_METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "train_loss": (0.0, math.inf),
+    "train_accuracy": (0.0, 1.0),
+    "val_loss": (0.0, math.inf),
+    "val_accuracy": (0.0, 1.0),
+    "lr_first": (0.0, math.inf),
+    "lr": (0.0, math.inf),
+    "images_per_second": (0.0, math.inf),
+    "epoch_seconds": (0.0, math.inf),
+}
+
+
 def _metric_problem(row: dict[str, Any]) -> str | None:
-    """Why a metrics row cannot be used (a value of the wrong type), or None."""
+    """Why a metrics row cannot be used (a value of the wrong type, not finite or out of its range), or None."""
     epoch = row.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-        return f"epoch is {reprlib.repr(epoch)}, not a whole number of at least 1"
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= MAX_EPOCHS:
+        return f"epoch is {reprlib.repr(epoch)}, not a whole number from 1 to {MAX_EPOCHS:,}"
     for key in METRIC_COLUMNS[1:]:
         value = row.get(key)
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             return f"{key} is {reprlib.repr(value)}, not a number"
+        low, high = _METRIC_RANGES[key]
+        if not low <= value <= high:
+            within = f"from {low:g} to {high:g}" if math.isfinite(high) else f"at least {low:g}"
+            return f"{key} is {reprlib.repr(value)}, not {within}"
     return None
 
 
@@ -547,7 +569,7 @@ def resolve_run(ref: str | None, *, trained_only: bool = False) -> Run:
     if _is_run_dir(path):
         return Run(path.name, path)
     run = Run(ref, paths.runs_dir() / ref)
-    if "/" not in ref and not ref.startswith(TRASH_PREFIX) and _is_run_dir(run.dir):
+    if "/" not in ref and _listed(run.dir):  # one it cannot look into too: shown as damaged, with the reason
         return run
     if path.is_dir():
         raise CifarNetError(

@@ -143,3 +143,16 @@ def prepare() -> None:
                 reconfigure(errors="backslashreplace")
             except (OSError, ValueError):  # pragma: no cover - a stream that cannot change its error handler
                 pass
+
+
+def write_raw_line(data: bytes) -> None:
+    """``data`` and a newline on stdout exactly as they are, bypassing the text encoding: a path whose name
+    is not UTF-8 (bytes Python keeps as surrogate escapes) must reach `cd "$(cifarnet runs --path X)"` as
+    the same bytes, not as ``\\udcff`` (what the text layer's backslash escapes would make of it)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a closed stdout (_ClosedOutput) raises its own error; a text-only stream takes text
+        sys.stdout.write(os.fsdecode(data) + "\n")
+        return
+    sys.stdout.flush()
+    buffer.write(data + b"\n")
+    buffer.flush()

@@ -11,7 +11,8 @@ screen) or ``ESC]8;;`` (a hyperlink) must print as those characters, not act on 
   every console cifarnet prints through is created with ``emoji=False`` (ui.py).
 
 :func:`printable` is the rule for plain text; :func:`safe` adds Rich's markup escaping, for everything
-handed to Rich.
+handed to Rich; :func:`clipped` also cuts a long value (a 10,000-character arch in config.json) for a table
+cell.
 """
 
 from __future__ import annotations
@@ -54,3 +55,14 @@ def printable(text: object) -> str:
 def safe(text: object) -> str:
     """``text`` as inert Rich input: :func:`printable`, with Rich markup escaped."""
     return _escape_markup(printable(text))
+
+
+#: Longest value from data a table cell shows (:func:`clipped`).
+CELL_LIMIT = 80
+
+
+def clipped(text: object, limit: int = CELL_LIMIT) -> str:
+    """:func:`safe` for a table cell: what is shown cut to ``limit`` characters, the last an ellipsis, so one
+    run's oversized field does not widen a listing of every run."""
+    shown = printable(text)
+    return _escape_markup(shown if len(shown) <= limit else shown[: limit - 1] + "…")

@@ -274,7 +274,8 @@ def init_defaults(ref: str) -> dict[str, Any]:
             folder = runs.resolve_run(ref).dir
         except CifarNetError:
             return {}
-    arch = runs.Run(folder.name, folder).read_config().get("meta", {}).get("arch")
+    meta = runs.Run(folder.name, folder).read_config().get("meta")
+    arch = meta.get("arch") if isinstance(meta, dict) else None  # a damaged config.json: checkpoint's word
     return {"arch": arch} if isinstance(arch, str) else {}
 
 

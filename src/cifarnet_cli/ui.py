@@ -41,7 +41,7 @@ from cifarnet_cli.events import (
     StepProgress,
     TrainResult,
 )
-from cifarnet_cli.text import printable, safe
+from cifarnet_cli.text import CELL_LIMIT, clipped, printable, safe
 
 
 class _Console(Console):
@@ -789,17 +789,17 @@ def runs_table(summaries: list[Any], console: Console | None = None) -> None:
         err_console.print("No runs yet; train one with `cifarnet train`.")
         return
     columns: list[tuple[str, Callable[[Any], str], str]] = [
-        ("run", lambda s: safe(s.name), "left"),
+        ("run", lambda s: clipped(s.name), "left"),
         ("task", lambda s: s.command, "left"),
-        ("arch", lambda s: safe(s.arch), "left"),
+        ("arch", lambda s: clipped(s.arch), "left"),
         ("epochs", lambda s: f"{s.epochs_done}/{s.epochs_planned}", "right"),
         ("best", lambda s: _acc(s.best_accuracy) + (f" @{s.best_epoch}" if s.best_epoch else ""), "right"),
         ("final", lambda s: _acc(s.final_accuracy), "right"),
-        ("on", lambda s: safe(s.split), "left"),
+        ("on", lambda s: clipped(s.split), "left"),
         ("img/s", lambda s: f"{s.images_per_second:,.0f}" if s.images_per_second else "—", "right"),
-        ("device", lambda s: safe(s.device.split(" (")[0]), "left"),
+        ("device", lambda s: clipped(s.device.split(" (")[0]), "left"),
         ("updated", lambda s: safe(s.updated.replace("T", " ")[:16]), "left"),
-        ("state", lambda s: f"[{_STATE_STYLE.get(s.state, 'dim')}]{safe(s.status)}[/]", "left"),
+        ("state", lambda s: f"[{_STATE_STYLE.get(s.state, 'dim')}]{clipped(s.status, 2 * CELL_LIMIT)}[/]", "left"),
     ]
 
     def build(dropped: set[str]) -> Table:
@@ -826,11 +826,11 @@ def run_detail(d: Any, console: Console | None = None) -> None:
     wrap_lines = not console.is_terminal  # a file gets each line whole; a terminal wraps them between words
     console.print(f"[bold]{safe(s.name)}[/] → {safe(s.path)}", soft_wrap=wrap_lines)
     console.print(
-        f"{s.command} {safe(s.arch)}, {s.epochs_done}/{s.epochs_planned} epochs, "
+        f"{s.command} {clipped(s.arch)}, {s.epochs_done}/{s.epochs_planned} epochs, "
         f"[{_STATE_STYLE.get(s.state, 'dim')}]{safe(s.status)}[/]; best {_acc(s.best_accuracy)}"
         + (f" (epoch {s.best_epoch})" if s.best_epoch else "")
-        + f", final {_acc(s.final_accuracy)} on {safe(s.split)}"
-        + (f"; {safe(s.device)}" if s.device else ""),
+        + f", final {_acc(s.final_accuracy)} on {clipped(s.split)}"
+        + (f"; {clipped(s.device)}" if s.device else ""),
         soft_wrap=wrap_lines,
     )
 
@@ -856,7 +856,14 @@ def run_detail(d: Any, console: Console | None = None) -> None:
                     f"{s.split} acc",
                     lambda r: _acc(r.get("val_accuracy")) + (" *" if r["epoch"] == s.best_epoch else "  "),
                 ),
-                ("lr", lambda r: f"{r['lr_first']:.3g}→{r['lr']:.3g}" if "lr_first" in r else _num(r.get("lr"))),
+                (
+                    "lr",
+                    lambda r: (
+                        f"{_num(r.get('lr_first'), '.3g')}→{_num(r.get('lr'), '.3g')}"
+                        if "lr_first" in r
+                        else _num(r.get("lr"))
+                    ),
+                ),
                 ("img/s", lambda r: f"{r.get('images_per_second') or 0:,.0f}"),
                 ("seconds", lambda r: _num(r.get("epoch_seconds"), ".1f")),
             ]
@@ -923,11 +930,11 @@ def compare_table(c: Any, console: Console | None = None) -> None:
         table = Table(title="Runs compared (recipe options that differ, then results)", title_justify="left")
         table.add_column("", no_wrap=True)
         for s in c.summaries:
-            table.add_column(safe(s.name), justify="right", overflow="fold")  # narrow: values wrap, keys stay
+            table.add_column(clipped(s.name), justify="right", overflow="fold")  # narrow: values wrap, keys stay
         for key, values in c.differences.items():
             table.add_row(
                 safe(key.replace("_", "-")),
-                *["—" if v is None else safe(v if isinstance(v, str) else json.dumps(v)) for v in values],
+                *["—" if v is None else clipped(v if isinstance(v, str) else json.dumps(v)) for v in values],
             )
         if not c.differences:
             table.add_row("[dim](same recipe)[/]", *["" for _ in c.summaries])
@@ -937,9 +944,9 @@ def compare_table(c: Any, console: Console | None = None) -> None:
             "best", *[_acc(s.best_accuracy) + (f" @{s.best_epoch}" if s.best_epoch else "") for s in c.summaries]
         )
         table.add_row("final", *[_acc(s.final_accuracy) for s in c.summaries])
-        table.add_row("on", *[safe(s.split) for s in c.summaries])
+        table.add_row("on", *[clipped(s.split) for s in c.summaries])
         table.add_row("img/s", *[f"{s.images_per_second:,.0f}" if s.images_per_second else "—" for s in c.summaries])
-        table.add_row("state", *[safe(s.status) for s in c.summaries])
+        table.add_row("state", *[clipped(s.status, 2 * CELL_LIMIT) for s in c.summaries])
         return table
 
     print_fitted(console, build, wrap=True)
