@@ -216,6 +216,37 @@ def test_a_lost_peer_is_named_in_words() -> None:
     assert not distributed.is_collective_failure(RuntimeError("shape mismatch"))
 
 
+def test_a_worker_of_several_ends_without_finalizing_the_interpreter() -> None:
+    """gloo's threads, left by DDP, can hold tensors when the interpreter finalizes, and freeing them then
+    aborted finished runs (SIGABRT, "terminate called without an active exception": 2 of 18 two-process
+    runs). A worker of several ends as the interpreter would (threads joined, atexit run, streams flushed)
+    with its exit code, but skips finalization; a plain process ends as usual."""
+    code = """if True:
+        import atexit, sys, threading, time
+        from cifarnet_cli import launch
+
+        class Finalized:
+            def __del__(self):
+                print("finalized", flush=True)
+
+        kept = Finalized()  # freed only by the interpreter's finalization
+        atexit.register(lambda: print("atexit", flush=True))
+        threading.Thread(target=lambda: (time.sleep(0.2), print("thread", flush=True))).start()
+        print("output", end="")  # still buffered: flushed on the way out
+        launch.end_worker(3)
+        sys.exit(3)
+    """
+    for env, said in (
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "outputthread\natexit\n"),
+        ({}, "outputthread\natexit\nfinalized\n"),
+    ):
+        plain = {k: v for k, v in os.environ.items() if k not in launch.TORCHRUN_ENV}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**plain, **env}, capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout) == (3, said), done.stderr
+
+
 def test_a_second_signal_stops_at_once() -> None:
     stops = distributed.StopRequests()
     stops._on_signal(signal.SIGTERM, None)

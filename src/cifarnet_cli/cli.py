@@ -1448,6 +1448,7 @@ def main() -> None:
         if exc.code == 1 and watch.reader_left():
             quiet_stdout_after_broken_pipe()
             raise SystemExit(EXIT_BROKEN_PIPE) from None
+        _launch().end_worker(exc.code)  # one process of several: no interpreter finalization (see there)
         raise
 
 
