@@ -247,6 +247,42 @@ def test_a_worker_of_several_ends_without_finalizing_the_interpreter() -> None:
         assert (done.returncode, done.stdout) == (3, said), done.stderr
 
 
+@needs_gloo
+def test_a_process_waiting_for_peers_that_never_come_stops_on_sigterm(tmp_path: Path) -> None:
+    """torchrun's variables set by hand with no second process: torch waits in C++ for the peer (up to the
+    collective timeout, 30 minutes), where Python's signal handlers never run, and SIGTERM and Ctrl-C were
+    ignored all that time. While it waits, they end it at once."""
+    data = write_image_folder(tmp_path / "data", per_class=2, splits=("",))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lone = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.Popen(
+        _cifarnet("train", "--data-dir", str(data), "--epochs", "1", "--device", "cpu"),
+        env=_env(tmp_path, **lone),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def waiting() -> bool:  # rank 0 serves the store its peers join through
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(waiting, "the lone process waiting for its peer", proc=proc)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGTERM
+
+
 def test_a_second_signal_stops_at_once() -> None:
     stops = distributed.StopRequests()
     stops._on_signal(signal.SIGTERM, None)

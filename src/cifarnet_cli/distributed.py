@@ -148,7 +148,8 @@ def session() -> Iterator[World]:
     cuda = torch.cuda.is_available() and dist.is_nccl_available()
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"  # NCCL starts with the first CUDA collective
     try:
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_seconds()))
+        with _signals_end_the_wait():
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_seconds()))
     except (RuntimeError, ValueError) as exc:
         raise CifarNetError(
             f"Could not join the other processes ({_first_line(exc)}); check MASTER_ADDR/--rdzv-endpoint and that "
@@ -176,6 +177,22 @@ def session() -> Iterator[World]:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - leaving a group whose peers are gone must not hide the real error
             pass
+
+
+@contextmanager
+def _signals_end_the_wait() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the process at once while it waits for the others to join: torch waits in C++
+    (up to the collective timeout, 30 minutes) where Python's handlers never run, so a process whose peers
+    never come (torchrun's variables set by hand) ignored both for as long. Nothing is open yet to save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def is_collective_failure(exc: BaseException) -> bool:
