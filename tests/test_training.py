@@ -130,6 +130,32 @@ def test_a_run_from_another_validates_on_images_its_weights_never_trained_on(
     assert not (paths.runs_dir() / "c2").exists()
 
 
+def test_a_run_from_another_says_when_its_test_split_was_trained_on(image_folder: Callable[..., Path]) -> None:
+    """A test split the starting weights trained on is said, in train and in evaluate; with nothing new to hold
+    out, the refusal says what works (no --val-split advice that is refused in turn)."""
+    a = image_folder("a", per_class=2, splits=("train", "test"))
+    swapped = image_folder("b", per_class=2, splits=("test", "train"))  # b/test holds a/train's images
+    quick = ["--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0", "--device", "cpu"]
+    first = runner.invoke(app, ["train", "--data-dir", str(a), "--run", "all", "--val-split", "0", *quick, "--quiet"])
+    assert first.exit_code == 0, first.output
+    child = runner.invoke(
+        app, ["train", "--data-dir", str(swapped), "--init-from", "all", "--val-split", "0", "--run", "x", *quick]
+    )
+    assert child.exit_code == 0, child.output
+    said = " ".join(child.output.split())
+    assert "20 of the 20 test images are images the weights of --init-from trained on" in said
+    evaluated = runner.invoke(app, ["evaluate", "x"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "20 of these 20 images (test) are images the run trained on" in " ".join(evaluated.output.split())
+
+    args = ["--init-from", "all", "--val-split", "3", "--run", "y", *quick]
+    flat = runner.invoke(app, ["train", "--data-dir", str(a / "train"), *args])  # every image seen, no test split
+    assert flat.exit_code == 1 and "none is left to validate on" in " ".join(flat.output.split())
+    tested = runner.invoke(app, ["train", "--data-dir", str(a), *args])
+    assert tested.exit_code == 2
+    assert "use --val-split 0 to validate on the test split" in " ".join(tested.output.split())
+
+
 def test_resume_of_an_unfinished_run_with_more_epochs_says_how() -> None:
     run = runs.Run("u", paths.runs_dir() / "u")
     run.dir.mkdir(parents=True)

@@ -249,6 +249,15 @@ def _warn_of_training_images(
     """Say when the images to score include images the run trained on (the accuracy then overstates how the
     model does on new images); return the count when it is known."""
     overstates = "so the accuracy overstates how the model does on new images."
+    if same_data and split == "test" and record is not None and record.inherited.size:
+        from cifarnet_cli.data.split import image_ids
+
+        seen = int(np.isin(image_ids(chosen.images), record.seen).sum())  # through --init-from
+        if seen:
+            on_event(
+                Notice(f"{seen:,} of these {len(chosen):,} images (test) are images the run trained on, {overstates}")
+            )
+        return {"trained_included": seen}
     if same_data:
         if split == "all":
             on_event(

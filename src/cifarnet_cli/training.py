@@ -730,6 +730,8 @@ def _prepare_data(
     assert config.val_split is not None
     check_training_data(source, config.val_split, user_set_val_split=ckpt is not None or val_split_given)
     train_set, eval_set, eval_split = split_data(source, config.val_split, config.seed, unseen=unseen)
+    if eval_split == "test" and eval_set is not None and seen is not None and seen.size:
+        _warn_of_seen_test_images(eval_set, seen, on_event)
     if len(train_set) < 2:
         raise CifarNetError(
             f"{source.location} has {len(train_set)} training image(s) after the validation split; training "
@@ -763,6 +765,18 @@ def _seen_by_start(
     return record.seen
 
 
+def _warn_of_seen_test_images(test: ImageSet, seen: np.ndarray, on_event: EventCallback) -> None:
+    """A test split holding images the starting weights (--init-from) trained on: its figure overstates."""
+    trained = int((~unseen_mask(test.images, seen)).sum())
+    if trained:
+        on_event(
+            Notice(
+                f"{trained:,} of the {len(test):,} test images are images the weights of --init-from trained on: "
+                "the validation accuracy overstates how the model does on new images."
+            )
+        )
+
+
 def _val_split_of_unseen(
     config: TrainConfig, source: DataSource, n_val: int, n_unseen: int, given: bool, on_event: EventCallback
 ) -> int:
@@ -773,18 +787,24 @@ def _val_split_of_unseen(
     if n_unseen == n:
         return n_val
     start = f"the weights of --init-from trained on {n - n_unseen:,} of these {n:,} images"
+    nothing_left = CifarNetError(
+        f"{start[0].upper()}{start[1:]}: none is left to validate on (a figure on images the model has seen "
+        "would overstate it). Add images it has not trained on, or a test/<class>/ folder."
+    )
     if given and n_val > n_unseen:
-        test = " (or --val-split 0 to validate on the test split)" if source.has_test else ""
+        if n_unseen == 0 and not source.has_test:
+            raise nothing_left
+        if n_unseen == 0:
+            held, advice = "none of them", "use --val-split 0 to validate on the test split"
+        else:
+            test = " (or 0 to validate on the test split)" if source.has_test else ""
+            held, advice = f"at most the {n_unseen:,} others", f"use --val-split {n_unseen} or less{test}"
         raise UsageError(
-            f"--val-split {n_val}: {start}, so at most the {n_unseen:,} others can be held out as images new to "
-            f"the model; use --val-split {n_unseen} or less{test}."
+            f"--val-split {n_val}: {start}, so {held} can be held out as images new to the model; {advice}."
         )
     n_val = min(n_val, n_unseen)
     if n_val == 0 and not source.has_test and not given:
-        raise CifarNetError(
-            f"{start[0].upper()}{start[1:]}: none is left to validate on (a figure on images the model has seen "
-            "would overstate it). Add images it has not trained on, or a test/<class>/ folder."
-        )
+        raise nothing_left
     validates = (
         f"the {n_val:,} validation images are drawn from the {n_unseen:,} others"
         if n_val
