@@ -242,6 +242,16 @@ def test_links_to_an_ancestor_to_root_or_into_a_system_folder_are_not_followed(
     assert len(said) == 1 and "3 symbolic link(s)" in said[0], source.warnings
     assert sum(len(s) for s in source.splits.values()) == 4  # the walk took only the data's own images
 
+    # The same folders named as the input itself (directly or through a link): one row or one error, no walk.
+    named = collect_inputs([str(photos / "root"), str(system / "inside")])
+    rows = {p.path: p.error for p in named if isinstance(p, Prediction)}
+    assert len(rows) == len(named) == 2, named
+    assert "root of the file system" in str(rows[str(photos / "root")]), rows
+    assert "system folder" in str(rows[str(system / "inside")]), rows
+    for folder in (photos / "root", photos / "sys"):
+        with pytest.raises(runtime.CifarNetError, match="name the folder of the images"):
+            load_image_folder(folder, use_cache=False)
+
 
 def test_a_folder_that_cannot_be_read_is_a_row_not_a_silent_gap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -24,7 +24,7 @@ import numpy as np
 
 from cifarnet_cli import fileio
 from cifarnet_cli.data.images import ImageDecodeError, decode_workers, load_image
-from cifarnet_cli.data.walk import ImageWalk
+from cifarnet_cli.data.walk import ImageWalk, too_wide
 from cifarnet_cli.errors import UsageError
 from cifarnet_cli.runtime import ImageClassifier, is_exported, open_exported, softmax
 
@@ -75,7 +75,9 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path | Prediction]:
     items: list[Path | Prediction] = []
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if path.is_dir() and (why := too_wide(path)) is not None:
+            items.append(Prediction(item, error=why))
+        elif path.is_dir():
             if not walk.visited(path):  # a folder named twice (or inside one named before) adds nothing
                 items.extend(_folder_items(walk, path, item))
         elif os.path.lexists(path):

@@ -30,7 +30,7 @@ from cifarnet_cli import fileio
 from cifarnet_cli.data import cache
 from cifarnet_cli.data.classes import CIFAR10_CLASSES, classes_for_folders, match_classes
 from cifarnet_cli.data.images import IMAGE_SIZE, ImageDecodeError, decode_workers, is_image_file, load_image
-from cifarnet_cli.data.walk import ImageWalk
+from cifarnet_cli.data.walk import ImageWalk, too_wide
 from cifarnet_cli.errors import CifarNetError
 from cifarnet_cli.fileio import display
 
@@ -314,6 +314,9 @@ def load_image_folder(
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> DataSource:
+    wide = too_wide(root)
+    if wide is not None:
+        raise CifarNetError(f"Cannot read images from {display(root)}: {wide}.")
     scan = _scan_folder(root, classes)
     warnings = list(scan.warnings)
     entry_file = cache.entry_path(root, scan.classes)

@@ -48,21 +48,40 @@ def _lineage(folder: str | os.PathLike[str]) -> set[_FileKey]:
     return keys
 
 
+def _in_system_folder(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` (resolved) is one of :data:`SYSTEM_FOLDERS` or below one, and not a user folder
+    there; compared by identity, so /proc is recognised under any name."""
+    system: set[_FileKey] = set()
+    users: set[_FileKey] = set()
+    for folders, keys in ((SYSTEM_FOLDERS, system), (USER_FOLDERS, users)):
+        for name in folders:
+            with contextlib.suppress(OSError):
+                keys.add(_key(os.stat(name)))
+    lineage = _lineage(folder)
+    return bool(system & lineage) and not users & lineage
+
+
 def _link_refused(link: str | os.PathLike[str], key: _FileKey, lineage: set[_FileKey]) -> str | None:
     """Why the walk does not follow the link ``link`` (to the folder ``key``) from a walk whose folder and its
     ancestors are ``lineage``; None when it may."""
     target = display(os.path.realpath(link))
     if key in lineage:
         return f"a symbolic link to {target}, the folder being read or one above it: not followed"
-    system: set[_FileKey] = set()
-    users: set[_FileKey] = set()
-    for folders, keys in ((SYSTEM_FOLDERS, system), (USER_FOLDERS, users)):
-        for folder in folders:
-            with contextlib.suppress(OSError):
-                keys.add(_key(os.stat(folder)))
-    lineage_of_target = _lineage(link)
-    if system & lineage_of_target and not users & lineage_of_target:  # by identity: /proc under any name
+    if _in_system_folder(link):
         return f"a symbolic link into a system folder ({target}): not followed"
+    return None
+
+
+def too_wide(folder: str | os.PathLike[str]) -> str | None:
+    """Why a folder named to be read (predict's input, a --data-dir) is not walked, itself or through a
+    link: ``/`` (every file of the machine) or a system folder (/proc, /sys, /dev: no images, and /proc and
+    /sys are huge); None when it may be."""
+    real = os.path.realpath(folder)
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.stat(real), os.stat("/")):
+            return f"{display(real)} is the root of the file system (every file of this machine): name the folder of the images"
+    if _in_system_folder(real):
+        return f"{display(real)} is a system folder, which holds no images: name the folder of the images"
     return None
 
 
