@@ -461,8 +461,15 @@ def test_wrong_types_and_impossible_figures_show_the_run_as_damaged() -> None:
         _run(name, rows=0).metrics_file.write_text(line + "\n")
     for name, (report, _why) in _EVAL_EDITS.items():
         (_run(name).dir / "eval-test.json").write_text(report)
+    cut = _run("epochs-missing")  # a key every version records, gone: the listing said "1/0 epochs, stopped"
+    record = json.loads(cut.config_file.read_text())
+    del record["config"]["epochs"]
+    cut.config_file.write_text(json.dumps({**record}))
+    _run("config-junk").config_file.write_text(json.dumps({**record, "config": {"x": {"y": [1]}}}))
     listed = _listed()
     assert listed["healthy"]["state"] == "finished"
+    assert "config.epochs is missing" in listed["epochs-missing"]["status"], listed["epochs-missing"]
+    assert "config.epochs is missing" in listed["config-junk"]["status"], listed["config-junk"]
     for name, (_edit, why) in {**_RECORD_EDITS, **_ROW_EDITS}.items():
         assert listed[name]["state"] == "damaged" and why in listed[name]["status"], listed[name]
         assert listed[name]["best_accuracy"] is None and listed[name]["epochs_planned"] == 0  # no figure shown

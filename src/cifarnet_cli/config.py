@@ -191,6 +191,9 @@ class TrainConfig:
         ones take their defaults, as in :meth:`from_dict`."""
         if not isinstance(data, dict):
             return f"config is {reprlib.repr(data)}, not a JSON object"
+        missing = [key for key in _ALWAYS_RECORDED if key not in data]
+        if missing:  # every version has written these: the record was cut or edited
+            return f"config.{missing[0]} is missing"
         for field in fields(cls):
             if field.name in data and not _has_type(data[field.name], str(field.type)):
                 value = reprlib.repr(data[field.name])
@@ -206,6 +209,10 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
+
+#: A field every version of cifarnet has recorded in config.json, which the listing's epoch count rests on
+#: (later fields may be missing from older runs, and take their defaults).
+_ALWAYS_RECORDED = ("epochs",)
 
 #: The field types of :class:`TrainConfig` in words, for :meth:`TrainConfig.recorded_problem`.
 _TYPE_WORDS = {
