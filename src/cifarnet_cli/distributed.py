@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,15 +183,8 @@ def _signals_end_the_wait() -> Iterator[None]:
     """Ctrl-C and SIGTERM end the process at once while it waits for the others to join: torch waits in C++
     (up to the collective timeout, 30 minutes) where Python's handlers never run, so a process whose peers
     never come (torchrun's variables set by hand) ignored both for as long. Nothing is open yet to save."""
-    if threading.current_thread() is not threading.main_thread():
+    with interrupts.stop_signals_to(signal.SIG_DFL):
         yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -261,15 +253,10 @@ class StopRequests:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            yield
+            with interrupts.stop_signals_to(self._on_signal):
+                yield
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.code, self.signals, self.extra = 0, 0, lambda: 0
 
 

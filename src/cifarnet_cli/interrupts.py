@@ -31,6 +31,25 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+#: The signals that stop a command: Ctrl-C and a supervisor's SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_signals_to(handler: Any) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM go to ``handler`` (a function, or ``signal.SIG_DFL``); the
+    previous handlers come back after it. Main thread only (Python's rule); elsewhere a no-op."""
+    if not _main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (main thread only; a no-op elsewhere)."""

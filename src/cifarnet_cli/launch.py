@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cifarnet_cli import choices, fileio
+from cifarnet_cli import choices, fileio, interrupts
 from cifarnet_cli.errors import CifarNetError, UsageError
 
 LAUNCH_DIR_ENV = "CIFARNET_LAUNCH_DIR"
@@ -383,12 +383,8 @@ class _Forwarder:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with interrupts.stop_signals_to(self._on_signal):
             yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
