@@ -249,16 +249,9 @@ def _warn_of_training_images(
     """Say when the images to score include images the run trained on (the accuracy then overstates how the
     model does on new images); return the count when it is known."""
     overstates = "so the accuracy overstates how the model does on new images."
-    if same_data and split == "test" and record is not None and record.inherited.size:
-        from cifarnet_cli.data.split import image_ids
-
-        seen = int(np.isin(image_ids(chosen.images), record.seen).sum())  # through --init-from
-        if seen:
-            on_event(
-                Notice(f"{seen:,} of these {len(chosen):,} images (test) are images the run trained on, {overstates}")
-            )
-        return {"trained_included": seen}
-    if same_data:
+    # On its own data a run never trained on its test split, unless its starting weights did (--init-from).
+    inherited = record is not None and record.inherited.size > 0
+    if same_data and not (split == "test" and inherited):
         if split == "all":
             on_event(
                 Notice(f"These are the run's own data: --split all includes the images it trained on, {overstates}")
@@ -274,9 +267,9 @@ def _warn_of_training_images(
                 )
             )
         return None
-    from cifarnet_cli.data.split import image_ids
+    from cifarnet_cli.data.split import seen_count
 
-    trained = int(np.isin(image_ids(chosen.images), record.seen).sum())
+    trained = seen_count(chosen.images, record.seen)
     if trained:
         on_event(
             Notice(f"{trained:,} of these {len(chosen):,} images ({split}) are images the run trained on, {overstates}")

@@ -38,7 +38,14 @@ from cifarnet_cli.autobatch import data_bytes_on_device, fit_micro_batch
 from cifarnet_cli.config import TrainConfig
 from cifarnet_cli.data.loader import DeviceLoader
 from cifarnet_cli.data.sources import DataSource, ImageSet, find_source, load_source
-from cifarnet_cli.data.split import SPLIT_IDS, SplitRecord, split_unseen, stratified_split, unseen_mask
+from cifarnet_cli.data.split import (
+    SPLIT_IDS,
+    SplitRecord,
+    seen_count,
+    split_unseen,
+    stratified_split,
+    unseen_mask,
+)
 from cifarnet_cli.devices import Precision, describe, is_integrated, resolve_device, resolve_precision
 from cifarnet_cli.engine import (
     FitResult,
@@ -746,14 +753,12 @@ def _seen_by_start(
     """Identities of the images the starting weights trained on: those of --init-from's run (and of its own
     sources), or, on resume, those the run recorded when it started. None: not known, or none."""
     if ckpt is not None:
-        meta = ckpt.get("meta")
-        record = SplitRecord.from_meta(meta) if isinstance(meta, dict) else None
+        record = SplitRecord.from_meta(ckpt.get("meta"))
         return record.inherited if record is not None and record.inherited.size else None
     if init is None:
         return None
     path, source = init
-    meta = source.get("meta")
-    record = SplitRecord.from_meta(meta) if isinstance(meta, dict) else None
+    record = SplitRecord.from_meta(source.get("meta"))
     if record is None:
         on_event(
             Notice(
@@ -767,7 +772,7 @@ def _seen_by_start(
 
 def _warn_of_seen_test_images(test: ImageSet, seen: np.ndarray, on_event: EventCallback) -> None:
     """A test split holding images the starting weights (--init-from) trained on: its figure overstates."""
-    trained = int((~unseen_mask(test.images, seen)).sum())
+    trained = seen_count(test.images, seen)
     if trained:
         on_event(
             Notice(

@@ -103,10 +103,10 @@ class SplitRecord:
         return out
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> SplitRecord | None:
-        """The record a checkpoint holds; None for checkpoints written before runs recorded it (or with
-        a damaged one, which is then treated the same way)."""
-        raw = meta.get(SPLIT_IDS)
+    def from_meta(cls, meta: Any) -> SplitRecord | None:
+        """The record a checkpoint's ``meta`` holds; None for checkpoints written before runs recorded it (or
+        with a damaged one or meta, which is then treated the same way)."""
+        raw = meta.get(SPLIT_IDS) if isinstance(meta, dict) else None
         if not isinstance(raw, dict):
             return None
         parts = [raw.get("trained"), raw.get("held_out"), raw.get("inherited", torch.zeros(0, dtype=torch.int64))]
@@ -119,6 +119,11 @@ class SplitRecord:
 def unseen_mask(images: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """Which of ``images`` are not among the identities ``seen`` (True: new to the weights)."""
     return ~np.isin(image_ids(images), seen)
+
+
+def seen_count(images: np.ndarray, seen: np.ndarray) -> int:
+    """How many of ``images`` are among the identities ``seen`` (images the weights trained on)."""
+    return int(np.isin(image_ids(images), seen).sum())
 
 
 def split_unseen(labels_np: np.ndarray, unseen: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
